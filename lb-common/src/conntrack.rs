@@ -1,0 +1,133 @@
+//! Connection-tracking map types and the pure expiry rule both sides apply.
+//!
+//! Every translated flow has two entries in one LRU map: the *original* entry keyed by the
+//! client's tuple towards the Service (client -> VIP), giving the chosen backend; and the *reply*
+//! entry keyed by the backend's tuple towards the client (backend -> client), giving the VIP and
+//! port to restore as the reply's source. Each direction refreshes its own entry, so the LRU keeps
+//! exactly the flows that carry traffic.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::net::IPPROTO_TCP;
+
+/// `FlowKey::direction` of the client -> Service entry.
+pub const DIRECTION_ORIGINAL: u8 = 0;
+/// `FlowKey::direction` of the backend -> client entry.
+pub const DIRECTION_REPLY: u8 = 1;
+
+/// Key of `LB_CONNTRACK`. Written by the datapath (new flows), read by both sides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct FlowKey {
+    /// Source address as seen in the packet, network byte order.
+    pub src_addr: u32,
+    /// Destination address as seen in the packet, network byte order.
+    pub dst_addr: u32,
+    /// Source port, network byte order.
+    pub src_port: u16,
+    /// Destination port, network byte order.
+    pub dst_port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `DIRECTION_ORIGINAL` or `DIRECTION_REPLY`.
+    pub direction: u8,
+    /// Always zero: keys are compared bytewise.
+    pub _pad: [u8; 2],
+}
+
+/// `FlowState::tcp_flags`: a FIN was seen in either direction.
+pub const SEEN_FIN: u8 = 1;
+/// `FlowState::tcp_flags`: a RST was seen in either direction.
+pub const SEEN_RST: u8 = 2;
+
+/// Value of `LB_CONNTRACK`. Written by the datapath; userspace only reads (and may delete).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowState {
+    /// Original entry: the backend address to rewrite the destination to. Reply entry: the
+    /// Service address to rewrite the source to. Network byte order.
+    pub nat_addr: u32,
+    /// The port counterpart of `nat_addr`, network byte order.
+    pub nat_port: u16,
+    /// `SEEN_FIN` / `SEEN_RST` bits for TCP flows seen through this entry.
+    pub tcp_flags: u8,
+    /// Always zero.
+    pub _pad: u8,
+    /// Backend chosen for the flow; an original entry is only honoured while `LB_BACKENDS` still
+    /// holds this id with the same address and port.
+    pub backend_id: u32,
+    /// Service frontend of the flow (`ServiceValue::service_id`).
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was created.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet, refreshed at most every `REFRESH_INTERVAL_NS`.
+    pub last_seen_ns: u64,
+}
+
+const _: () = {
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<FlowState>() == 32);
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+/// Idle lifetime of an established TCP flow: kube-proxy's `--conntrack-tcp-timeout-established`
+/// default (24 h).
+pub const TCP_ESTABLISHED_LIFETIME_NS: u64 = 86_400 * NS_PER_SEC;
+/// Idle lifetime of a TCP flow after a FIN or RST (netfilter's TIME_WAIT, 120 s).
+pub const TCP_CLOSING_LIFETIME_NS: u64 = 120 * NS_PER_SEC;
+/// Idle lifetime of a UDP flow (netfilter's `nf_conntrack_udp_timeout_stream`, 120 s).
+pub const UDP_LIFETIME_NS: u64 = 120 * NS_PER_SEC;
+/// `last_seen_ns` is rewritten at most this often, so that a busy flow does not dirty its cache
+/// line on every packet from every CPU.
+pub const REFRESH_INTERVAL_NS: u64 = NS_PER_SEC;
+
+/// How long an entry may stay idle before it no longer pins its flow.
+#[inline(always)]
+pub const fn lifetime_ns(proto: u8, tcp_flags: u8) -> u64 {
+    if proto == IPPROTO_TCP {
+        if tcp_flags & (SEEN_FIN | SEEN_RST) != 0 {
+            TCP_CLOSING_LIFETIME_NS
+        } else {
+            TCP_ESTABLISHED_LIFETIME_NS
+        }
+    } else {
+        UDP_LIFETIME_NS
+    }
+}
+
+/// Whether an entry has been idle longer than its lifetime at `now_ns`.
+#[inline(always)]
+pub const fn is_expired(state: &FlowState, proto: u8, now_ns: u64) -> bool {
+    now_ns.saturating_sub(state.last_seen_ns) > lifetime_ns(proto, state.tcp_flags)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `#[repr(C)]` and `bytemuck::Pod` (no padding, any bit pattern valid).
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::IPPROTO_UDP;
+
+    #[test]
+    fn lifetimes_follow_protocol_and_tcp_state() {
+        let mut state = FlowState {
+            last_seen_ns: 10 * NS_PER_SEC,
+            ..FlowState::default()
+        };
+        let after = |secs: u64| 10 * NS_PER_SEC + secs * NS_PER_SEC + 1;
+        assert!(!is_expired(&state, IPPROTO_UDP, after(119)));
+        assert!(is_expired(&state, IPPROTO_UDP, after(120)));
+        assert!(!is_expired(&state, IPPROTO_TCP, after(86_399)));
+        assert!(is_expired(&state, IPPROTO_TCP, after(86_400)));
+        state.tcp_flags = SEEN_FIN;
+        assert!(is_expired(&state, IPPROTO_TCP, after(120)));
+        // A clock that seems to run backwards (entry written on another CPU a moment later)
+        // never expires an entry.
+        assert!(!is_expired(&state, IPPROTO_TCP, 0));
+    }
+}

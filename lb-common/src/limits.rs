@@ -1,0 +1,38 @@
+//! Map names and capacities, shared so that the kernel object and every userspace reader agree.
+//!
+//! Names are at most 15 bytes (the kernel's `BPF_OBJ_NAME_LEN` minus the NUL) and are also the
+//! file names under the pin directory.
+
+/// Default directory (on bpffs) where every map and XDP link is pinned.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// Subdirectory of the pin directory holding one pinned XDP link per attached interface.
+pub const LINKS_SUBDIR: &str = "links";
+
+/// Map: service frontends. See [`crate::service::ServiceKey`].
+pub const MAP_SERVICES: &str = "LB_SERVICES";
+/// Map: backend slots of each backend set. See [`crate::service::SlotKey`].
+pub const MAP_SLOTS: &str = "LB_SLOTS";
+/// Map: backends by id. See [`crate::service::Backend`].
+pub const MAP_BACKENDS: &str = "LB_BACKENDS";
+/// Map: human names of services, for inspection only. See [`crate::service::ServiceInfo`].
+pub const MAP_SERVICE_INFO: &str = "LB_SVC_INFO";
+/// Map: connection tracking. See [`crate::conntrack::FlowKey`].
+pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
+/// Map: per-CPU counters. See [`crate::stats::Counter`].
+pub const MAP_STATS: &str = "LB_STATS";
+/// Map: interfaces the program may redirect to (ifindex -> ifindex).
+pub const MAP_TX_PORTS: &str = "LB_TX_PORTS";
+
+/// Service frontends (one per Service address, port and protocol). 100,000 Services of a few
+/// ports each fit, which is beyond what the Kubernetes scalability SLOs test (10,000).
+pub const MAX_SERVICES: u32 = 1 << 18;
+/// Backend slots across all live backend sets. A set switch briefly holds the old and the new set,
+/// so this is sized at twice the backends.
+pub const MAX_SLOTS: u32 = MAX_BACKENDS * 2;
+/// Backends (one per Service frontend and endpoint). Ids index an array, 0 is never used.
+pub const MAX_BACKENDS: u32 = 1 << 19;
+/// Connection-tracking entries. Each flow takes two (original and reply direction); the map is an
+/// LRU, so when it is full the least recently used flows are forgotten, never new ones refused.
+pub const MAX_CONNTRACK: u32 = 1 << 20;
+/// Interfaces the program can redirect to.
+pub const MAX_TX_PORTS: u32 = 1024;

@@ -1,0 +1,115 @@
+//! Service, backend-set and backend map types.
+//!
+//! Lookup chain in the datapath (the layout Katran and Cilium converge on):
+//! `LB_SERVICES[ServiceKey] -> ServiceValue{backend_set, backend_count}`,
+//! `LB_SLOTS[SlotKey{backend_set, slot}] -> backend id`, `LB_BACKENDS[id] -> Backend`.
+//!
+//! A Service's backends are switched in one write (make-before-break): userspace writes the
+//! slots of a fresh `backend_set` first, then the `ServiceValue` pointing at it, and only then
+//! deletes the old set's slots. A packet never sees half a set.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Key of `LB_SERVICES`: one Service frontend. Written by userspace, read by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ServiceKey {
+    /// Virtual IPv4 address (ClusterIP), network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// IP protocol number (`IPPROTO_TCP` or `IPPROTO_UDP`).
+    pub proto: u8,
+    /// Always zero: keys are compared bytewise.
+    pub _pad: u8,
+}
+
+/// Value of `LB_SERVICES`. Written by userspace, read by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ServiceValue {
+    /// Stable id of this frontend, `< MAX_SERVICES`; keys `LB_SVC_INFO` and is copied into
+    /// conntrack entries.
+    pub service_id: u32,
+    /// Id of the backend set in `LB_SLOTS` currently serving this frontend. Changes on every
+    /// backend-set switch; never 0 once written.
+    pub backend_set: u32,
+    /// Number of slots (`0..backend_count`) in the backend set. 0 means no endpoints.
+    pub backend_count: u32,
+    /// Reserved for per-service policy bits; 0 today.
+    pub flags: u32,
+}
+
+/// Key of `LB_SLOTS`. Written by userspace, read by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SlotKey {
+    /// The backend set this slot belongs to (`ServiceValue::backend_set`).
+    pub backend_set: u32,
+    /// Position in the set, `0..backend_count`.
+    pub slot: u32,
+}
+
+/// `Backend::flags`: the entry describes a live backend. Cleared entries are all zero.
+pub const BACKEND_ACTIVE: u8 = 1;
+
+/// Value of `LB_BACKENDS` (an array indexed by backend id). Written by userspace, read by the
+/// datapath. A backend belongs to exactly one Service frontend, so removing an endpoint from one
+/// Service never disturbs another Service that happens to share the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Backend {
+    /// Endpoint IPv4 address, network byte order.
+    pub addr: u32,
+    /// Endpoint port (the resolved targetPort), network byte order.
+    pub port: u16,
+    /// `BACKEND_ACTIVE` when in use.
+    pub flags: u8,
+    /// Always zero.
+    pub _pad: u8,
+    /// The frontend this backend serves (`ServiceValue::service_id`), for inspection.
+    pub service_id: u32,
+}
+
+/// Longest namespace or Service name Kubernetes allows (a DNS label), plus a NUL.
+pub const NAME_LEN: usize = 64;
+/// Longest Service port name Kubernetes allows (an IANA service name), plus a NUL.
+pub const PORT_NAME_LEN: usize = 16;
+
+/// Value of `LB_SVC_INFO` (key: `service_id`). Written by userspace for inspection commands, so
+/// that `lb services` can name what the maps hold even while the agent is down. The datapath never
+/// reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceInfo {
+    /// Namespace, NUL-padded UTF-8.
+    pub namespace: [u8; NAME_LEN],
+    /// Service name, NUL-padded UTF-8.
+    pub name: [u8; NAME_LEN],
+    /// Service port name (may be empty), NUL-padded UTF-8.
+    pub port_name: [u8; PORT_NAME_LEN],
+}
+
+impl Default for ServiceInfo {
+    fn default() -> Self {
+        Zeroable::zeroed()
+    }
+}
+
+const _: () = {
+    assert!(size_of::<ServiceKey>() == 8);
+    assert!(size_of::<ServiceValue>() == 16);
+    assert!(size_of::<SlotKey>() == 8);
+    assert!(size_of::<Backend>() == 12);
+    assert!(size_of::<ServiceInfo>() == 2 * NAME_LEN + PORT_NAME_LEN);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are `#[repr(C)]` and `bytemuck::Pod` (no padding, any bit pattern valid).
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::SlotKey {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::ServiceInfo {}
+}

@@ -1,0 +1,123 @@
+//! The counters of `LB_STATS`, a per-CPU array of `u64` indexed by [`Counter`].
+//!
+//! Every packet the program sees bumps exactly one *verdict* counter (the `Pass*`, `Redirect*`,
+//! `Tx*`, `Stack*Service/Reply` and `Drop*` ones), so their sum is the number of packets
+//! processed. *Event* counters say why or what else happened (a flow was created, a rewritten
+//! packet went to the kernel stack because its neighbour is unresolved, ...) and may bump
+//! alongside a verdict.
+
+/// What a counter records; see the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterKind {
+    /// Exactly one per packet; the packet left the program with `XDP_PASS` untouched.
+    Pass,
+    /// Exactly one per packet; the packet was rewritten and left with `XDP_REDIRECT` or `XDP_TX`.
+    Forward,
+    /// Exactly one per packet; the packet was rewritten and left with `XDP_PASS` for the kernel
+    /// to route.
+    Stack,
+    /// Exactly one per packet; the packet was dropped.
+    Drop,
+    /// Any number per packet.
+    Event,
+}
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $variant:ident = $index:literal, $name:literal, $kind:ident;)*) => {
+        /// Index into `LB_STATS`.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[doc = $doc])* $variant = $index,)*
+        }
+
+        impl Counter {
+            /// Every counter, in index order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+
+            /// Stable snake_case name, used by the CLI and in metrics.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => $name,)*
+                }
+            }
+
+            /// What the counter records.
+            pub const fn kind(self) -> CounterKind {
+                match self {
+                    $(Counter::$variant => CounterKind::$kind,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Not IPv4 (ARP, IPv6, LLDP, ...).
+    PassNotIpv4 = 0, "pass_not_ipv4", Pass;
+    /// IPv4 but neither TCP nor UDP (ICMP, ...).
+    PassNotTcpUdp = 1, "pass_not_tcp_udp", Pass;
+    /// An IPv4 fragment; fragments are not translated yet.
+    PassFragment = 2, "pass_fragment", Pass;
+    /// TCP/UDP to no Service and not a reply of a tracked flow.
+    PassNoService = 3, "pass_no_service", Pass;
+    /// To a Service: translated and redirected to another interface.
+    RedirectService = 4, "redirect_service", Forward;
+    /// A backend's reply: translated and redirected to another interface.
+    RedirectReply = 5, "redirect_reply", Forward;
+    /// To a Service: translated and sent back out of the interface it came in on.
+    TxService = 6, "tx_service", Forward;
+    /// A backend's reply: translated and sent back out of the interface it came in on.
+    TxReply = 7, "tx_reply", Forward;
+    /// To a Service: translated and handed to the kernel to route (see the `stack_*` events).
+    StackService = 8, "stack_service", Stack;
+    /// A backend's reply: translated and handed to the kernel to route.
+    StackReply = 9, "stack_reply", Stack;
+    /// Truncated or invalid Ethernet, IPv4, TCP or UDP header.
+    DropMalformed = 10, "drop_malformed", Drop;
+    /// To a Service that has no endpoints.
+    DropNoBackend = 11, "drop_no_backend", Drop;
+    /// The Service's backend set points at a slot or backend that is not there (a set switch raced
+    /// with the packet, or the maps were edited by hand).
+    DropBackendMissing = 12, "drop_backend_missing", Drop;
+    /// A new flow was recorded in conntrack.
+    FlowCreated = 13, "flow_created", Event;
+    /// A tracked flow's entry was replaced: its backend was removed, it expired, or a new TCP
+    /// connection reused the tuple of a closed one.
+    FlowReselected = 14, "flow_reselected", Event;
+    /// Recording a new flow failed; the packet was still forwarded.
+    FlowInsertFailed = 15, "flow_insert_failed", Event;
+    /// A rewritten packet carried a partial checksum (sent by a local socket with offload): the
+    /// kernel must finish it, so the packet was not redirected.
+    StackPartialChecksum = 16, "stack_partial_checksum", Event;
+    /// A rewritten packet was VLAN-tagged; the kernel routes those.
+    StackVlan = 17, "stack_vlan", Event;
+    /// The FIB had no forwarding route (local, unreachable, forwarding disabled, ...).
+    StackNoRoute = 18, "stack_no_route", Event;
+    /// The next hop's neighbour entry is not resolved yet; the kernel resolves it.
+    StackNoNeighbour = 19, "stack_no_neighbour", Event;
+    /// The packet is larger than the egress MTU; the kernel fragments or answers ICMP.
+    StackFragNeeded = 20, "stack_frag_needed", Event;
+    /// TTL would expire; the kernel answers ICMP time exceeded.
+    StackTtlExceeded = 21, "stack_ttl_exceeded", Event;
+    /// The egress interface is not one the agent manages (not in `LB_TX_PORTS`).
+    StackNotTxPort = 22, "stack_not_tx_port", Event;
+}
+
+/// Number of entries in `LB_STATS`.
+pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_dense_and_names_unique() {
+        for (position, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*counter as u32 as usize, position, "{counter:?}");
+            for other in &Counter::ALL[position + 1..] {
+                assert_ne!(counter.name(), other.name());
+            }
+        }
+    }
+}

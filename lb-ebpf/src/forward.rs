@@ -1,0 +1,137 @@
+//! Forwarding a rewritten packet: straight to the next hop when the kernel's FIB knows it
+//! (`bpf_fib_lookup`, then `XDP_REDIRECT` or `XDP_TX`), otherwise to the kernel stack
+//! (`XDP_PASS`), which routes, resolves neighbours, fragments and answers ICMP as usual.
+//!
+//! A packet only bypasses the stack when that is safe: its L4 checksum is complete (a partial one
+//! would lose its offload state in a redirect), it is untagged, the FIB returned a next hop with a
+//! resolved neighbour within the MTU, its TTL survives the hop, and the egress interface is one the
+//! agent manages (`LB_TX_PORTS`). The program then acts as the router: TTL minus one, the
+//! next hop's MAC addresses.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup, xdp_action,
+    },
+    helpers::bpf_fib_lookup as fib_lookup,
+    programs::XdpContext,
+};
+use lb_common::{checksum::replace_u16, stats::Counter};
+
+use crate::{
+    maps::LB_TX_PORTS,
+    parse::Packet,
+    stats::{Verdict, count},
+};
+
+/// Which way the rewritten packet travels; selects the verdict counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to backend, after DNAT.
+    Service,
+    /// Backend to client, after reverse NAT.
+    Reply,
+}
+
+/// `AF_INET`, for `bpf_fib_lookup`.
+const AF_INET: u8 = 2;
+/// The lowest TTL that may still be forwarded (decremented to 1 or more).
+const MIN_FORWARD_TTL: u8 = 2;
+/// Offset of the TTL/protocol word in the IPv4 header (the unit the checksum update works on).
+const TTL_WORD_OFFSET: usize = 8;
+
+impl Direction {
+    const fn verdict(self, action: u32) -> Verdict {
+        let counter = match (self, action) {
+            (Direction::Service, xdp_action::XDP_REDIRECT) => Counter::RedirectService,
+            (Direction::Reply, xdp_action::XDP_REDIRECT) => Counter::RedirectReply,
+            (Direction::Service, xdp_action::XDP_TX) => Counter::TxService,
+            (Direction::Reply, xdp_action::XDP_TX) => Counter::TxReply,
+            (Direction::Service, _) => Counter::StackService,
+            (Direction::Reply, _) => Counter::StackReply,
+        };
+        Verdict { action, counter }
+    }
+
+    /// Hands the packet to the kernel stack, recording why.
+    #[inline(always)]
+    fn to_stack(self, reason: Counter) -> Verdict {
+        count(reason);
+        self.verdict(xdp_action::XDP_PASS)
+    }
+}
+
+/// Sends a rewritten packet on its way; see the module documentation.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, packet: &Packet, partial: bool, direction: Direction) -> Verdict {
+    if partial {
+        return direction.to_stack(Counter::StackPartialChecksum);
+    }
+    if packet.tagged {
+        return direction.to_stack(Counter::StackVlan);
+    }
+    let ip = packet.ip;
+    let ingress = ctx.ingress_ifindex() as u32;
+
+    // SAFETY: all-zero is a valid `bpf_fib_lookup` (plain integers and unions of them).
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = packet.proto;
+    params.ifindex = ingress;
+    // SAFETY: `parse` bounds-checked the IPv4 header and the L4 ports; `rewrite` already put the
+    // translated addresses and ports in the packet.
+    unsafe {
+        let ports = *packet.l4.cast::<[u16; 2]>();
+        params.sport = ports[0];
+        params.dport = ports[1];
+        params.__bindgen_anon_1.tot_len = u16::from_be((*ip).tot_len);
+        params.__bindgen_anon_2.tos = (*ip).tos;
+        params.__bindgen_anon_3.ipv4_src = (*ip).src;
+        params.__bindgen_anon_4.ipv4_dst = (*ip).dst;
+    }
+    // SAFETY: `params` is a valid, exclusively borrowed `bpf_fib_lookup` of the size passed.
+    let result = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    } as u32;
+    match result {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return direction.to_stack(Counter::StackNoNeighbour),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return direction.to_stack(Counter::StackFragNeeded),
+        _ => return direction.to_stack(Counter::StackNoRoute),
+    }
+
+    let ttl = unsafe { (*ip).ttl };
+    if ttl < MIN_FORWARD_TTL {
+        return direction.to_stack(Counter::StackTtlExceeded);
+    }
+    let egress = params.ifindex;
+    let action = if egress == ingress {
+        xdp_action::XDP_TX
+    } else {
+        // Records the target only; the frame leaves after the program returns, so the header
+        // edits below still make it out. A missing entry falls back to XDP_PASS untouched.
+        match LB_TX_PORTS.redirect(egress, xdp_action::XDP_PASS as u64) {
+            Ok(action) => action,
+            Err(_) => return direction.to_stack(Counter::StackNotTxPort),
+        }
+    };
+
+    // SAFETY: bounds-checked headers, see above.
+    unsafe {
+        let ttl_word = (ip as *mut u8).add(TTL_WORD_OFFSET).cast::<u16>();
+        let old_word = *ttl_word;
+        (*ip).ttl = ttl - 1;
+        (*ip).check = replace_u16((*ip).check, old_word, *ttl_word);
+        (*packet.eth).dst = params.dmac;
+        (*packet.eth).src = params.smac;
+    }
+    direction.verdict(action)
+}

@@ -1,0 +1,70 @@
+//! Every map the program uses. Capacities and names come from `lb_common::limits`; userspace pins
+//! each map under the pin directory by its name, so an agent restart keeps them all.
+//!
+//! These are BTF-described maps: `bpftool map dump name LB_SERVICES` prints typed keys and values.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    conntrack::{FlowKey, FlowState},
+    limits::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_TX_PORTS},
+    service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
+    stats::COUNTER_COUNT,
+};
+
+/// Maps written only by userspace allocate on insert: memory follows the cluster's size rather
+/// than the capacity.
+const USER_WRITTEN: usize = BPF_F_NO_PREALLOC as usize;
+
+/// Service frontends: `ServiceKey` (VIP, port, protocol) -> `ServiceValue`. Userspace writes;
+/// the program reads.
+#[btf_map]
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }, USER_WRITTEN> =
+    HashMap::new();
+
+/// Backend slots: `SlotKey` (backend set, slot) -> backend id. Userspace writes; the program
+/// reads.
+#[btf_map]
+pub static LB_SLOTS: HashMap<SlotKey, u32, { MAX_SLOTS as usize }, USER_WRITTEN> = HashMap::new();
+
+/// Backends: backend id -> `Backend` (address, port, flags). Userspace writes; the program reads.
+#[btf_map]
+pub static LB_BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Names of Service frontends: service id -> `ServiceInfo`. Userspace writes it for the
+/// inspection commands; the program never reads it.
+#[btf_map]
+pub static LB_SVC_INFO: HashMap<u32, ServiceInfo, { MAX_SERVICES as usize }, USER_WRITTEN> =
+    HashMap::new();
+
+/// Connection tracking: `FlowKey` -> `FlowState`, two entries per flow (original and reply).
+/// The program writes; userspace reads and may delete.
+#[btf_map]
+pub static LB_CONNTRACK: LruHashMap<FlowKey, FlowState, { MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Counters: `Counter` index -> packets, per CPU. The program writes; userspace sums the CPUs.
+#[btf_map]
+pub static LB_STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// Interfaces the program may redirect to: ifindex -> ifindex. Userspace writes the interfaces
+/// it attached to; a FIB result outside this set goes to the kernel stack instead.
+#[btf_map]
+pub static LB_TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
+
+/// Copies the frontend's value out of the map (a concurrent userspace update replaces the element
+/// rather than writing into it, so the copy is consistent).
+#[inline(always)]
+pub fn lookup_service(key: &ServiceKey) -> Option<ServiceValue> {
+    LB_SERVICES.get_ptr(key).map(|value| unsafe { *value })
+}
+
+/// Looks up the live backend `id`; `None` when the id is unused.
+#[inline(always)]
+pub fn lookup_backend(id: u32) -> Option<Backend> {
+    let backend = unsafe { *LB_BACKENDS.get_ptr(id)? };
+    (backend.flags & lb_common::service::BACKEND_ACTIVE != 0).then_some(backend)
+}

@@ -1,0 +1,87 @@
+//! Address and port rewriting with incremental checksum updates (RFC 1624).
+//!
+//! The IPv4 header checksum is always complete. The L4 checksum may be:
+//! - zero (UDP only): "no checksum"; it stays zero;
+//! - partial (the sender's socket left it to offload, `CHECKSUM_PARTIAL`): only the address change
+//!   is folded in, because the port is summed when the kernel or NIC completes the checksum;
+//! - complete: both the address and the port change are folded in; a UDP result of zero is sent
+//!   as 0xffff (RFC 768).
+//!
+//! The partial case is recognised by value, since XDP cannot see the socket buffer's
+//! `ip_summed`; see `lb_common::checksum::is_partial`.
+
+use lb_common::{
+    checksum::{is_partial, partial_replace_u32, pseudo_header_sum, replace_u16, replace_u32},
+    net::IPPROTO_UDP,
+};
+
+use crate::parse::{Packet, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET};
+
+/// Which end of the packet a rewrite replaces.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// DNAT: towards the backend.
+    Destination,
+    /// Reverse NAT: the reply's source becomes the Service again.
+    Source,
+}
+
+/// UDP's "checksum computed as zero" is transmitted as all ones.
+const UDP_ZERO_CHECKSUM_SENT_AS: u16 = 0xffff;
+
+/// Rewrites one side of `packet` to `addr:port`. Returns whether the L4 checksum is partial, in
+/// which case the packet must be finished by the kernel rather than redirected.
+#[inline(always)]
+pub fn rewrite(packet: &Packet, side: Side, addr: u32, port: u16) -> bool {
+    let ip = packet.ip;
+    let ports = packet.l4.cast::<[u16; 2]>();
+    let check_offset = if packet.proto == IPPROTO_UDP {
+        UDP_CHECK_OFFSET
+    } else {
+        TCP_CHECK_OFFSET
+    };
+    // SAFETY: `parse` bounds-checked the IPv4 header and the whole fixed L4 header, which holds
+    // the ports and the checksum field.
+    unsafe {
+        let l4_check = packet.l4.add(check_offset).cast::<u16>();
+        let old_check = *l4_check;
+        let partial = old_check != 0
+            && is_partial(
+                old_check,
+                pseudo_header_sum(
+                    packet.src_addr,
+                    packet.dst_addr,
+                    packet.proto,
+                    packet.l4_len,
+                ),
+            );
+
+        let (old_addr, old_port) = match side {
+            Side::Destination => {
+                (*ip).dst = addr;
+                (*ports)[1] = port;
+                (packet.dst_addr, packet.dst_port)
+            }
+            Side::Source => {
+                (*ip).src = addr;
+                (*ports)[0] = port;
+                (packet.src_addr, packet.src_port)
+            }
+        };
+        (*ip).check = replace_u32((*ip).check, old_addr, addr);
+
+        if old_check == 0 && packet.proto == IPPROTO_UDP {
+            // No checksum: nothing to update.
+        } else if partial {
+            *l4_check = partial_replace_u32(old_check, old_addr, addr);
+        } else {
+            let check = replace_u16(replace_u32(old_check, old_addr, addr), old_port, port);
+            *l4_check = if check == 0 && packet.proto == IPPROTO_UDP {
+                UDP_ZERO_CHECKSUM_SENT_AS
+            } else {
+                check
+            };
+        }
+        partial
+    }
+}

@@ -1,0 +1,215 @@
+//! Header parsing: Ethernet with up to two VLAN tags (802.1Q, 802.1ad), IPv4, TCP and UDP.
+//!
+//! Invariants of a returned [`Packet`]:
+//! - every pointer has been bounds-checked against `data_end` for the whole fixed header it
+//!   points to (for TCP, the 20-byte base header; for UDP, all 8 bytes);
+//! - the IPv4 total length fits in the frame and covers the IPv4 header and the whole L4 header
+//!   (Ethernet padding after the datagram is allowed and ignored);
+//! - addresses and ports are copied raw (network byte order), `l4_len` is in host order.
+//!
+//! Header structs are `packed(2)`: packet data is only 2-byte aligned after a 14-byte Ethernet
+//! header, so 32-bit fields are loaded as two halves rather than by a misaligned word load.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::net::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::stats::Drop;
+
+#[repr(C, packed(2))]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// EtherType, network byte order.
+    pub ether_type: u16,
+}
+
+#[repr(C, packed(2))]
+struct VlanHdr {
+    _tci: u16,
+    /// Encapsulated EtherType, network byte order.
+    ether_type: u16,
+}
+
+#[repr(C, packed(2))]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    /// Network byte order.
+    pub tot_len: u16,
+    pub id: u16,
+    /// Flags and fragment offset, network byte order.
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
+}
+
+/// The fixed part of a TCP header, up to and including the checksum.
+#[repr(C, packed(2))]
+struct TcpHdr {
+    _src_port: u16,
+    _dst_port: u16,
+    _seq: u32,
+    _ack: u32,
+    /// Data offset in the high nibble.
+    data_offset: u8,
+    flags: u8,
+    _window: u16,
+    _check: u16,
+    _urgent: u16,
+}
+
+#[repr(C, packed(2))]
+struct UdpHdr {
+    _src_port: u16,
+    _dst_port: u16,
+    /// Network byte order.
+    len: u16,
+    _check: u16,
+}
+
+const ETH_HLEN: usize = size_of::<EthHdr>();
+const VLAN_HLEN: usize = size_of::<VlanHdr>();
+const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
+const TCP_MIN_HLEN: usize = size_of::<TcpHdr>();
+const UDP_HLEN: usize = size_of::<UdpHdr>();
+const IP_VERSION_4: u8 = 4;
+/// Mask of the IPv4 "more fragments" flag and the fragment offset, host order.
+const IP_FRAGMENT_MASK: u16 = 0x3fff;
+/// IHL and TCP data offset count 32-bit words.
+const WORD: usize = 4;
+
+/// Offset of the checksum field in a TCP header.
+pub const TCP_CHECK_OFFSET: usize = 16;
+/// Offset of the checksum field in a UDP header.
+pub const UDP_CHECK_OFFSET: usize = 6;
+
+/// TCP flag bits (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A parsed IPv4 TCP or UDP packet that is not a fragment.
+pub struct Packet {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    /// Start of the TCP or UDP header; see the module invariants.
+    pub l4: *mut u8,
+    pub proto: u8,
+    /// The frame carries at least one VLAN tag.
+    pub tagged: bool,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// TCP or UDP header plus payload, host order (IPv4 total length minus the IPv4 header).
+    pub l4_len: u16,
+}
+
+pub enum Parsed {
+    NotIpv4,
+    NotTcpUdp,
+    Fragment,
+    Packet(Packet),
+}
+
+/// A pointer to a `T` at `offset`, if the frame holds all of it.
+#[inline(always)]
+fn header_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Drop> {
+    let start = ctx.data();
+    if start + offset + size_of::<T>() > ctx.data_end() {
+        return Err(Drop::Malformed);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+#[inline(always)]
+fn is_vlan(ether_type: u16) -> bool {
+    ether_type == ETH_P_8021Q.to_be() || ether_type == ETH_P_8021AD.to_be()
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
+    let eth: *mut EthHdr = header_at(ctx, 0)?;
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3_offset = ETH_HLEN;
+    let tagged = is_vlan(ether_type);
+    // Two tags at most: a customer tag inside a service tag (QinQ). Unrolled for the verifier.
+    if tagged {
+        let vlan: *mut VlanHdr = header_at(ctx, l3_offset)?;
+        ether_type = unsafe { (*vlan).ether_type };
+        l3_offset += VLAN_HLEN;
+        if is_vlan(ether_type) {
+            let inner: *mut VlanHdr = header_at(ctx, l3_offset)?;
+            ether_type = unsafe { (*inner).ether_type };
+            l3_offset += VLAN_HLEN;
+        }
+    }
+    if ether_type != ETH_P_IPV4.to_be() {
+        return Ok(Parsed::NotIpv4);
+    }
+
+    let ip: *mut Ipv4Hdr = header_at(ctx, l3_offset)?;
+    let version_ihl = unsafe { (*ip).version_ihl };
+    let ip_hlen = (version_ihl & 0x0f) as usize * WORD;
+    if version_ihl >> 4 != IP_VERSION_4 || ip_hlen < IPV4_MIN_HLEN {
+        return Err(Drop::Malformed);
+    }
+    let tot_len = u16::from_be(unsafe { (*ip).tot_len }) as usize;
+    // Scalar arithmetic only: the verifier refuses a packet pointer plus a 16-bit length.
+    let frame_len = ctx.data_end() - ctx.data();
+    if tot_len < ip_hlen || l3_offset + tot_len > frame_len {
+        return Err(Drop::Malformed);
+    }
+
+    let proto = unsafe { (*ip).proto };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Ok(Parsed::NotTcpUdp);
+    }
+    if u16::from_be(unsafe { (*ip).frag_off }) & IP_FRAGMENT_MASK != 0 {
+        return Ok(Parsed::Fragment);
+    }
+
+    let l4_offset = l3_offset + ip_hlen;
+    let l4_len = tot_len - ip_hlen;
+    let mut tcp_flags = 0;
+    let l4: *mut u8 = if proto == IPPROTO_TCP {
+        let tcp: *mut TcpHdr = header_at(ctx, l4_offset)?;
+        let tcp_hlen = (unsafe { (*tcp).data_offset } >> 4) as usize * WORD;
+        if tcp_hlen < TCP_MIN_HLEN || tcp_hlen > l4_len {
+            return Err(Drop::Malformed);
+        }
+        tcp_flags = unsafe { (*tcp).flags };
+        tcp.cast()
+    } else {
+        let udp: *mut UdpHdr = header_at(ctx, l4_offset)?;
+        let udp_len = u16::from_be(unsafe { (*udp).len }) as usize;
+        if udp_len < UDP_HLEN || udp_len > l4_len {
+            return Err(Drop::Malformed);
+        }
+        udp.cast()
+    };
+    let ports = l4.cast::<[u16; 2]>();
+    let [src_port, dst_port] = unsafe { *ports };
+
+    Ok(Parsed::Packet(Packet {
+        eth,
+        ip,
+        l4,
+        proto,
+        tagged,
+        tcp_flags,
+        src_addr: unsafe { (*ip).src },
+        dst_addr: unsafe { (*ip).dst },
+        src_port,
+        dst_port,
+        l4_len: l4_len as u16,
+    }))
+}

@@ -1,0 +1,69 @@
+//! Verdicts, drop reasons and the per-CPU counters: the single place where a result becomes an
+//! XDP action, so that no exit path goes uncounted.
+
+use aya_ebpf::bindings::xdp_action;
+use lb_common::stats::Counter;
+
+use crate::maps::LB_STATS;
+
+/// Why a packet is dropped. Every variant has its own counter.
+#[derive(Clone, Copy)]
+pub enum Drop {
+    /// Truncated or invalid headers.
+    Malformed,
+    /// The Service has no endpoints.
+    NoBackend,
+    /// The Service's backend set points at a missing slot or backend.
+    BackendMissing,
+}
+
+impl Drop {
+    const fn counter(self) -> Counter {
+        match self {
+            Drop::Malformed => Counter::DropMalformed,
+            Drop::NoBackend => Counter::DropNoBackend,
+            Drop::BackendMissing => Counter::DropBackendMissing,
+        }
+    }
+}
+
+/// An XDP action together with the verdict counter it is accounted under.
+pub struct Verdict {
+    pub action: u32,
+    pub counter: Counter,
+}
+
+impl Verdict {
+    /// Leave the packet to the kernel stack.
+    #[inline(always)]
+    pub const fn pass(counter: Counter) -> Self {
+        Verdict {
+            action: xdp_action::XDP_PASS,
+            counter,
+        }
+    }
+}
+
+/// Adds one to `counter` on this CPU.
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(value) = LB_STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot; XDP runs with preemption disabled, so nothing else writes it now.
+        unsafe { *value += 1 };
+    }
+}
+
+/// Turns the program's result into its XDP action, counting it.
+#[inline(always)]
+pub fn finish(result: Result<Verdict, Drop>) -> u32 {
+    match result {
+        Ok(verdict) => {
+            count(verdict.counter);
+            verdict.action
+        }
+        Err(reason) => {
+            count(reason.counter());
+            xdp_action::XDP_DROP
+        }
+    }
+}

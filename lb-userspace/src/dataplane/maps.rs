@@ -1,0 +1,150 @@
+//! Typed handles on the pinned maps. Every handle is opened from its pin, so the agent and the
+//! inspection commands read and write the very same kernel objects.
+
+use std::{mem::size_of, path::Path};
+
+use anyhow::Context as _;
+use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    conntrack::{FlowKey, FlowState},
+    limits::{
+        MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS, MAP_STATS,
+        MAP_TX_PORTS,
+    },
+    service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
+    stats::Counter,
+};
+
+/// Expected key and value sizes of the maps whose layout this crate defines.
+pub const LAYOUTS: [(&str, u32, u32); 5] = [
+    (
+        MAP_SERVICES,
+        size_of::<ServiceKey>() as u32,
+        size_of::<ServiceValue>() as u32,
+    ),
+    (
+        MAP_SLOTS,
+        size_of::<SlotKey>() as u32,
+        size_of::<u32>() as u32,
+    ),
+    (
+        MAP_BACKENDS,
+        size_of::<u32>() as u32,
+        size_of::<Backend>() as u32,
+    ),
+    (
+        MAP_SERVICE_INFO,
+        size_of::<u32>() as u32,
+        size_of::<ServiceInfo>() as u32,
+    ),
+    (
+        MAP_CONNTRACK,
+        size_of::<FlowKey>() as u32,
+        size_of::<FlowState>() as u32,
+    ),
+];
+
+fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "no lb map pinned at {}: start `lb agent` (with the same --pin-dir) first",
+            path.display()
+        )
+    })?;
+    Ok(Map::from_map_data(data)?)
+}
+
+/// The maps that describe Services; written by the agent's reconciler.
+pub struct ServiceMaps {
+    /// `LB_SERVICES`.
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// `LB_SLOTS`.
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    /// `LB_BACKENDS`.
+    pub backends: Array<MapData, Backend>,
+    /// `LB_SVC_INFO`.
+    pub info: HashMap<MapData, u32, ServiceInfo>,
+}
+
+impl ServiceMaps {
+    /// Opens the Service maps pinned under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            services: open(pin_dir, MAP_SERVICES)?.try_into()?,
+            slots: open(pin_dir, MAP_SLOTS)?.try_into()?,
+            backends: open(pin_dir, MAP_BACKENDS)?.try_into()?,
+            info: open(pin_dir, MAP_SERVICE_INFO)?.try_into()?,
+        })
+    }
+}
+
+/// Opens `LB_CONNTRACK`.
+pub fn open_conntrack(pin_dir: &Path) -> anyhow::Result<HashMap<MapData, FlowKey, FlowState>> {
+    Ok(open(pin_dir, MAP_CONNTRACK)?.try_into()?)
+}
+
+/// Opens `LB_TX_PORTS`.
+pub fn open_tx_ports(pin_dir: &Path) -> anyhow::Result<DevMapHash<MapData>> {
+    Ok(open(pin_dir, MAP_TX_PORTS)?.try_into()?)
+}
+
+/// Reads `LB_STATS`, summed over CPUs, in `Counter::ALL` order.
+pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Counter, u64)>> {
+    let stats: PerCpuArray<MapData, u64> = open(pin_dir, MAP_STATS)?.try_into()?;
+    Counter::ALL
+        .iter()
+        .map(|counter| {
+            let per_cpu = stats
+                .get(&(*counter as u32), 0)
+                .with_context(|| format!("reading counter {}", counter.name()))?;
+            Ok((*counter, per_cpu.iter().sum()))
+        })
+        .collect()
+}
+
+impl crate::reconcile::ServiceStore for ServiceMaps {
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
+        Ok(self.backends.set(id, backend, 0)?)
+    }
+    fn clear_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        Ok(self.backends.set(id, Backend::default(), 0)?)
+    }
+    fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()> {
+        Ok(self.slots.insert(key, backend_id, 0)?)
+    }
+    fn delete_slot(&mut self, key: SlotKey) -> anyhow::Result<()> {
+        Ok(self.slots.remove(&key)?)
+    }
+    fn set_service(&mut self, key: ServiceKey, value: &ServiceValue) -> anyhow::Result<()> {
+        Ok(self.services.insert(key, value, 0)?)
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> anyhow::Result<()> {
+        Ok(self.services.remove(&key)?)
+    }
+    fn set_info(&mut self, service_id: u32, info: &ServiceInfo) -> anyhow::Result<()> {
+        Ok(self.info.insert(service_id, info, 0)?)
+    }
+    fn delete_info(&mut self, service_id: u32) -> anyhow::Result<()> {
+        Ok(self.info.remove(&service_id)?)
+    }
+    fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>> {
+        Ok(self.services.iter().collect::<Result<_, _>>()?)
+    }
+    fn read_slots(&self) -> anyhow::Result<Vec<(SlotKey, u32)>> {
+        Ok(self.slots.iter().collect::<Result<_, _>>()?)
+    }
+    fn read_active_backends(&self) -> anyhow::Result<Vec<(u32, Backend)>> {
+        let mut active = Vec::new();
+        for (id, backend) in self.backends.iter().enumerate() {
+            let backend = backend?;
+            if backend.flags & lb_common::service::BACKEND_ACTIVE != 0 {
+                active.push((id as u32, backend));
+            }
+        }
+        Ok(active)
+    }
+    fn read_infos(&self) -> anyhow::Result<Vec<(u32, ServiceInfo)>> {
+        Ok(self.info.iter().collect::<Result<_, _>>()?)
+    }
+}

@@ -1,0 +1,251 @@
+//! The kernel side as userspace sees it: loading the embedded XDP program with its maps pinned
+//! under the pin directory, attaching it to interfaces through pinned links, and typed access to
+//! the pinned maps (which is also how inspection commands read them while the agent is down).
+//!
+//! Pinning is what lets the dataplane outlive the agent: the maps (conntrack included) and the XDP
+//! links stay in bpffs, so a restarted or upgraded agent reuses the maps and atomically replaces
+//! the program inside each existing link. No packet meets an interface without the program.
+
+pub mod maps;
+pub mod system;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapData,
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use lb_common::limits::{
+    LINKS_SUBDIR, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
+    MAP_STATS, MAP_TX_PORTS,
+};
+use tracing::{info, warn};
+
+/// The eBPF object built from `lb-ebpf` by this crate's build script.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Name of the XDP program inside the object.
+pub const PROGRAM_NAME: &str = "lb_xdp";
+
+/// Every map of the object; each is pinned at `<pin dir>/<name>`.
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_SERVICES,
+    MAP_SLOTS,
+    MAP_BACKENDS,
+    MAP_SERVICE_INFO,
+    MAP_CONNTRACK,
+    MAP_STATS,
+    MAP_TX_PORTS,
+];
+
+/// The loaded program and its pinned maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Dataplane {
+    /// Loads the program, reusing the maps already pinned in `pin_dir` (an agent restart) or
+    /// creating and pinning them (first start).
+    pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
+        system::ensure_pin_dir(pin_dir)?;
+        let pin_paths: Vec<(&str, PathBuf)> = ALL_MAPS
+            .iter()
+            .map(|name| (*name, pin_dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(system::explain_bpf_error)
+            .context("loading the eBPF object")?;
+        check_pinned_layouts(pin_dir)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .with_context(|| format!("the object has no program {PROGRAM_NAME}"))?
+            .try_into()
+            .context("lb_xdp is not an XDP program")?;
+        program
+            .load()
+            .map_err(system::explain_bpf_error)
+            .context("loading the XDP program into the kernel (verifier)")?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    fn program(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .context("program vanished from the object")?
+            .try_into()?)
+    }
+
+    /// Attaches the program to `interface`, or atomically swaps it into the link pinned for that
+    /// interface by an earlier agent. Also allows redirects to the interface.
+    pub fn attach(&mut self, interface: &str) -> anyhow::Result<()> {
+        let ifindex = system::interface_index(interface)?;
+        let links_dir = self.pin_dir.join(LINKS_SUBDIR);
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating {}", links_dir.display()))?;
+        let link_pin = links_dir.join(interface);
+        let replaced = if link_pin.exists() {
+            match replace_in_pinned_link(self.program()?, &link_pin) {
+                Ok(()) => true,
+                Err(error) => {
+                    // The pinned link may point at an interface that was deleted and re-created;
+                    // it is useless then, so start over with a fresh one.
+                    warn!(interface, %error, "pinned XDP link unusable; attaching afresh");
+                    fs::remove_file(&link_pin)
+                        .with_context(|| format!("removing {}", link_pin.display()))?;
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        if !replaced {
+            let program = self.program()?;
+            let link_id = program
+                .attach(interface, XdpMode::default())
+                .map_err(|error| system::explain_attach_error(interface, error))?;
+            let link = program.take_link(link_id)?;
+            let fd_link = FdLink::try_from(link)
+                .context("the kernel attached XDP without a BPF link (needs Linux 5.9+)")?;
+            fd_link
+                .pin(&link_pin)
+                .with_context(|| format!("pinning the XDP link at {}", link_pin.display()))?;
+        }
+        let mut tx_ports = maps::open_tx_ports(&self.pin_dir)?;
+        tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("allowing redirects to {interface}"))?;
+        info!(
+            interface,
+            ifindex,
+            replaced,
+            "XDP program {}",
+            if replaced {
+                "replaced in the existing link"
+            } else {
+                "attached"
+            }
+        );
+        Ok(())
+    }
+
+    /// Detaches the program from interfaces attached by an earlier agent but no longer wanted.
+    pub fn detach_others(&mut self, keep: &[String]) -> anyhow::Result<()> {
+        for interface in attached_interfaces(&self.pin_dir)? {
+            if !keep.contains(&interface) {
+                detach(&self.pin_dir, &interface)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn replace_in_pinned_link(program: &mut Xdp, link_pin: &Path) -> anyhow::Result<()> {
+    let pinned = PinnedLink::from_pin(link_pin)
+        .with_context(|| format!("opening the pinned link {}", link_pin.display()))?;
+    let link = XdpLink::try_from(FdLink::from(pinned))
+        .map_err(|error: LinkError| anyhow::anyhow!("{error}"))?;
+    let link_id = program.attach_to_link(link)?;
+    // Dropping our handle closes only our file descriptor: the pin keeps the link alive.
+    drop(program.take_link(link_id)?);
+    Ok(())
+}
+
+/// Interfaces that have a pinned XDP link under `pin_dir`.
+pub fn attached_interfaces(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let links_dir = pin_dir.join(LINKS_SUBDIR);
+    let entries = match fs::read_dir(&links_dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => {
+            return Err(error).with_context(|| format!("listing {}", links_dir.display()));
+        }
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Detaches the program from `interface` by unpinning its link.
+pub fn detach(pin_dir: &Path, interface: &str) -> anyhow::Result<()> {
+    let link_pin = pin_dir.join(LINKS_SUBDIR).join(interface);
+    fs::remove_file(&link_pin).with_context(|| format!("removing {}", link_pin.display()))?;
+    if let Ok(ifindex) = system::interface_index(interface)
+        && let Ok(mut tx_ports) = maps::open_tx_ports(pin_dir)
+    {
+        // Absent already when the interface was re-created: nothing to undo then.
+        let _ = tx_ports.remove(ifindex);
+    }
+    info!(interface, "XDP program detached");
+    Ok(())
+}
+
+/// Removes everything `lb` pinned under `pin_dir`: the links (which detaches the program from
+/// every interface) and the maps (which forgets every Service and tracked flow).
+pub fn reset(pin_dir: &Path) -> anyhow::Result<()> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    for interface in attached_interfaces(pin_dir)? {
+        detach(pin_dir, &interface)?;
+    }
+    let links_dir = pin_dir.join(LINKS_SUBDIR);
+    if links_dir.exists() {
+        fs::remove_dir(&links_dir).with_context(|| format!("removing {}", links_dir.display()))?;
+    }
+    for name in ALL_MAPS {
+        let path = pin_dir.join(name);
+        if path.exists() {
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    fs::remove_dir(pin_dir).with_context(|| {
+        format!(
+            "removing {} (it holds files lb did not create)",
+            pin_dir.display()
+        )
+    })?;
+    Ok(())
+}
+
+/// Refuses maps pinned by an incompatible build: reusing them would corrupt every entry.
+fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
+    for (name, key, value) in maps::LAYOUTS {
+        let path = pin_dir.join(name);
+        let map = MapData::from_pin(&path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let info = map.info()?;
+        if info.key_size() != key || info.value_size() != value {
+            bail!(
+                "the map pinned at {} has key/value sizes {}/{} but this lb expects {key}/{value}; \
+                 it was left by an incompatible version: stop the agent and run `lb reset`",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+            );
+        }
+    }
+    Ok(())
+}

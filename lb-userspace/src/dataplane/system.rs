@@ -1,0 +1,152 @@
+//! The host facts the dataplane depends on, checked up front so that a missing privilege, an
+//! unmounted bpffs or a mistyped interface ends in one sentence saying what to do, not an errno.
+
+use std::{
+    error::Error as StdError,
+    ffi::CString,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is conventionally mounted.
+const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
+/// Capability numbers (linux/capability.h) the agent needs.
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// Fails with advice unless this process may load XDP programs and pin maps.
+pub fn check_privileges() -> anyhow::Result<()> {
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .context("no CapEff line in /proc/self/status")?;
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    let admin = has(CAP_SYS_ADMIN);
+    if !(has(CAP_NET_ADMIN) && (has(CAP_BPF) || admin)) {
+        bail!(
+            "lb agent needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load XDP \
+             programs: run it with sudo, or as the privileged DaemonSet in deploy/"
+        );
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: valid NUL-terminated path and a writable statfs buffer.
+    if unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded, so the buffer is initialised.
+    Ok(unsafe { stat.assume_init() }.f_type == BPF_FS_MAGIC)
+}
+
+/// Makes sure `pin_dir` exists on a bpffs, mounting bpffs at /sys/fs/bpf if nothing is mounted
+/// there yet (a fresh machine).
+pub fn ensure_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
+    let mount_point = Path::new(BPFFS_MOUNT_POINT);
+    if pin_dir.starts_with(mount_point) && !is_bpffs(mount_point).unwrap_or(false) {
+        let fs_type = CString::new("bpf")?;
+        let target = CString::new(BPFFS_MOUNT_POINT)?;
+        // SAFETY: NUL-terminated strings; no mount data.
+        let result = unsafe {
+            libc::mount(
+                fs_type.as_ptr(),
+                target.as_ptr(),
+                fs_type.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if result != 0 {
+            return Err(io::Error::last_os_error()).with_context(|| {
+                format!(
+                    "bpffs is not mounted and mounting it failed: run `mount -t bpf bpf \
+                     {BPFFS_MOUNT_POINT}` as root (in a container, mount the host's \
+                     {BPFFS_MOUNT_POINT})"
+                )
+            });
+        }
+        tracing::info!("mounted bpffs at {BPFFS_MOUNT_POINT}");
+    }
+    fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+    if !is_bpffs(pin_dir).with_context(|| format!("statfs {}", pin_dir.display()))? {
+        bail!(
+            "{} is not on a bpffs, so maps cannot be pinned there: choose a --pin-dir under a bpf \
+             mount such as {BPFFS_MOUNT_POINT}",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The index of a network interface in this network namespace.
+pub fn interface_index(name: &str) -> anyhow::Result<u32> {
+    let c_name = CString::new(name).map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
+    // SAFETY: NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        bail!(
+            "interface {name:?} does not exist in this network namespace: check `ip link` and \
+             the --interfaces list"
+        );
+    }
+    Ok(index)
+}
+
+fn errno_in(error: &(dyn StdError + 'static)) -> Option<i32> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(io) = error.downcast_ref::<io::Error>()
+            && let Some(code) = io.raw_os_error()
+        {
+            return Some(code);
+        }
+        current = error.source();
+    }
+    None
+}
+
+/// Turns a BPF syscall failure into advice where the cause is known.
+pub fn explain_bpf_error<E: StdError + Send + Sync + 'static>(error: E) -> anyhow::Error {
+    match errno_in(&error) {
+        Some(libc::EPERM) | Some(libc::EACCES) => anyhow!(error).context(
+            "the kernel refused a BPF operation: run lb as root (or with CAP_BPF, CAP_NET_ADMIN \
+             and CAP_SYS_ADMIN), and check that kernel.unprivileged_bpf_disabled or a security \
+             module does not forbid BPF",
+        ),
+        Some(libc::ENOSYS) => anyhow!(error).context(
+            "this kernel has no BPF syscall: lb needs Linux 5.15 or newer built with \
+             CONFIG_BPF_SYSCALL and XDP",
+        ),
+        _ => anyhow!(error),
+    }
+}
+
+/// Turns an XDP attach failure into advice where the cause is known.
+pub fn explain_attach_error<E: StdError + Send + Sync + 'static>(
+    interface: &str,
+    error: E,
+) -> anyhow::Error {
+    match errno_in(&error) {
+        Some(libc::EBUSY) | Some(libc::EEXIST) => anyhow!(error).context(format!(
+            "another XDP program is already attached to {interface}: remove it first (`ip link \
+             set dev {interface} xdp off`) or leave {interface} out of --interfaces"
+        )),
+        _ => explain_bpf_error(error).context(format!("attaching XDP to {interface}")),
+    }
+}
+
+/// The default pin directory as a path.
+pub fn default_pin_dir() -> PathBuf {
+    PathBuf::from(lb_common::limits::DEFAULT_PIN_DIR)
+}

@@ -1,0 +1,241 @@
+//! The one pure function from Kubernetes objects to what the Service maps should hold. Both
+//! sources (a manifest directory today, the API server later) feed it, so they cannot drift.
+//!
+//! Semantics follow kube-proxy: a Service frontend is (ClusterIP, port, protocol); its backends
+//! are the *ready* endpoints of the EndpointSlices labelled `kubernetes.io/service-name` with the
+//! Service's name in its namespace, at the slice port whose name and protocol match the Service
+//! port (the EndpointSlice controller has already resolved `targetPort` there, named ports
+//! included). An endpoint whose readiness is unknown counts as ready, as the API documents.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_common::{
+    net::{IPPROTO_TCP, IPPROTO_UDP, addr_to_wire, port_to_wire},
+    service::ServiceKey,
+};
+
+use crate::manifests::{CLUSTER_IP_NONE, DEFAULT_NAMESPACE};
+
+/// The label linking an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A backend endpoint of one frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+/// One Service frontend as the maps should hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name ("" for an unnamed single port).
+    pub port_name: String,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Sorted and without duplicates, so equal sets compare equal.
+    pub backends: Vec<BackendAddr>,
+}
+
+impl Frontend {
+    /// The `LB_SERVICES` key of this frontend.
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: addr_to_wire(self.addr),
+            port: port_to_wire(self.port),
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Every frontend the maps should hold, by key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<ServiceKey, Frontend>,
+}
+
+/// Why (part of) an object is not programmed. Not an error: headless and ExternalName Services,
+/// for instance, are meant to be left alone.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Note {
+    /// `Service default/web`.
+    pub object: String,
+    pub message: String,
+}
+
+fn protocol_number(protocol: Option<&str>) -> Option<u8> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Some(IPPROTO_TCP),
+        "UDP" => Some(IPPROTO_UDP),
+        _ => None,
+    }
+}
+
+/// Computes the desired map contents from every Service and EndpointSlice.
+pub fn desired_state<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> (DesiredState, Vec<Note>) {
+    let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue; // IPv6 and FQDN slices serve other address families.
+        }
+        let Some(service_name) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        else {
+            continue; // Not managed for a Service.
+        };
+        let namespace = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        slices_by_service
+            .entry((namespace, service_name.clone()))
+            .or_default()
+            .push(slice);
+    }
+
+    let mut services: Vec<&Service> = services.into_iter().collect();
+    let identity = |service: &Service| {
+        (
+            service
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+            service.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    // Deterministic: when two Services claim one frontend, the first by namespace/name wins.
+    services.sort_by_key(|service| identity(service));
+
+    let mut desired = DesiredState::default();
+    let mut notes = Vec::new();
+    for service in services {
+        let (namespace, name) = identity(service);
+        let object = format!("Service {namespace}/{name}");
+        let mut note = |message: String| {
+            notes.push(Note {
+                object: object.clone(),
+                message,
+            })
+        };
+        let Some(spec) = &service.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            note("ExternalName Service: a DNS alias, nothing to load-balance".to_owned());
+            continue;
+        }
+        let cluster_ips: Vec<&str> = match &spec.cluster_ips {
+            Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+            _ => spec.cluster_ip.as_deref().into_iter().collect(),
+        };
+        if cluster_ips.contains(&CLUSTER_IP_NONE) {
+            note("headless Service (clusterIP: None): clients resolve endpoints by DNS".to_owned());
+            continue;
+        }
+        let mut addrs = Vec::new();
+        for ip in cluster_ips.iter().filter(|ip| !ip.is_empty()) {
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(addr)) => addrs.push(addr),
+                Ok(IpAddr::V6(_)) => note(format!("ClusterIP {ip}: IPv6 is not supported yet")),
+                Err(_) => note(format!("ClusterIP {ip:?} is not an IP address")),
+            }
+        }
+        if addrs.is_empty() && cluster_ips.iter().all(|ip| ip.is_empty()) {
+            note(
+                "spec.clusterIP is not set: in standalone mode nothing allocates one, so set it \
+                 in the manifest"
+                    .to_owned(),
+            );
+            continue;
+        }
+        let slices = slices_by_service
+            .get(&(namespace.clone(), name.clone()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for port in spec.ports.iter().flatten() {
+            let port_name = port.name.clone().unwrap_or_default();
+            let Some(proto) = protocol_number(port.protocol.as_deref()) else {
+                note(format!(
+                    "port {} ({}): protocol {} is not supported",
+                    port.port,
+                    port_name,
+                    port.protocol.as_deref().unwrap_or_default()
+                ));
+                continue;
+            };
+            let Ok(service_port) = u16::try_from(port.port) else {
+                continue; // Rejected by validation; unreachable for checked objects.
+            };
+            let backends = ready_backends(slices, &port_name, proto);
+            for addr in &addrs {
+                let frontend = Frontend {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    port_name: port_name.clone(),
+                    addr: *addr,
+                    port: service_port,
+                    proto,
+                    backends: backends.clone(),
+                };
+                let key = frontend.key();
+                if let Some(owner) = desired.frontends.get(&key) {
+                    note(format!(
+                        "{addr}:{service_port} is already served by Service {}/{}; ignored here",
+                        owner.namespace, owner.name
+                    ));
+                    continue;
+                }
+                desired.frontends.insert(key, frontend);
+            }
+        }
+    }
+    (desired, notes)
+}
+
+/// The ready endpoints of `slices` at the slice port named `port_name` with protocol `proto`.
+fn ready_backends(slices: &[&EndpointSlice], port_name: &str, proto: u8) -> Vec<BackendAddr> {
+    let mut backends = BTreeSet::new();
+    for slice in slices {
+        let Some(target) = slice.ports.iter().flatten().find_map(|port| {
+            let same_name = port.name.as_deref().unwrap_or_default() == port_name;
+            let same_proto = protocol_number(port.protocol.as_deref()) == Some(proto);
+            (same_name && same_proto)
+                .then_some(port.port)
+                .flatten()
+                .and_then(|number| u16::try_from(number).ok())
+        }) else {
+            continue;
+        };
+        for endpoint in slice.endpoints.iter().flatten() {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|conditions| conditions.ready)
+                .unwrap_or(true);
+            // kube-proxy uses the first address; the API says the others are fungible.
+            let address = endpoint
+                .addresses
+                .first()
+                .and_then(|address| address.parse::<Ipv4Addr>().ok());
+            if let (true, Some(addr)) = (ready, address) {
+                backends.insert(BackendAddr { addr, port: target });
+            }
+        }
+    }
+    backends.into_iter().collect()
+}

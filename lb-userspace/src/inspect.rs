@@ -1,0 +1,163 @@
+//! Inspection commands. They read the pinned maps directly, like bpftool, so they answer while
+//! the agent is down; human tables by default, JSON for scripts.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::maps::MapError;
+use lb_common::{
+    net::{addr_from_wire, port_from_wire, proto_name},
+    service::{NAME_LEN, ServiceInfo, SlotKey},
+};
+use serde::Serialize;
+
+use crate::dataplane::maps::{ServiceMaps, read_counters};
+
+/// One row of `lb services`: a Service frontend and its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceRow {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name ("" when unnamed).
+    pub port_name: String,
+    /// `10.96.0.10:80`.
+    pub frontend: String,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// `10.1.1.2:8080`, in slot order.
+    pub endpoints: Vec<String>,
+}
+
+fn text(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+const UNKNOWN_NAME: &str = "<unnamed>";
+
+/// The Service frontends the pinned maps hold, sorted by namespace, name and frontend.
+pub fn service_rows(pin_dir: &Path) -> anyhow::Result<Vec<ServiceRow>> {
+    let maps = ServiceMaps::open(pin_dir)?;
+    let mut rows = Vec::new();
+    for entry in maps.services.iter() {
+        let (key, value) = entry?;
+        let info = match maps.info.get(&value.service_id, 0) {
+            Ok(info) => Some(info),
+            Err(MapError::KeyNotFound) => None,
+            Err(error) => return Err(error.into()),
+        };
+        let name_of = |field: fn(&ServiceInfo) -> &[u8]| {
+            info.as_ref()
+                .map(|info| text(field(info)))
+                .unwrap_or_else(|| UNKNOWN_NAME.to_owned())
+        };
+        let mut endpoints = Vec::new();
+        for slot in 0..value.backend_count {
+            let slot_key = SlotKey {
+                backend_set: value.backend_set,
+                slot,
+            };
+            let endpoint = match maps.slots.get(&slot_key, 0) {
+                Ok(id) => {
+                    let backend = maps.backends.get(&id, 0)?;
+                    format!(
+                        "{}:{}",
+                        addr_from_wire(backend.addr),
+                        port_from_wire(backend.port)
+                    )
+                }
+                Err(MapError::KeyNotFound) => "<missing slot>".to_owned(),
+                Err(error) => return Err(error.into()),
+            };
+            endpoints.push(endpoint);
+        }
+        rows.push(ServiceRow {
+            namespace: name_of(|info| &info.namespace[..NAME_LEN]),
+            name: name_of(|info| &info.name[..]),
+            port_name: info.map(|info| text(&info.port_name)).unwrap_or_default(),
+            frontend: format!("{}:{}", addr_from_wire(key.addr), port_from_wire(key.port)),
+            protocol: proto_name(key.proto).to_owned(),
+            endpoints,
+        });
+    }
+    rows.sort_by(|a, b| {
+        (&a.namespace, &a.name, &a.port_name, &a.frontend).cmp(&(
+            &b.namespace,
+            &b.name,
+            &b.port_name,
+            &b.frontend,
+        ))
+    });
+    Ok(rows)
+}
+
+/// Left-aligned columns separated by three spaces, like `kubectl get`.
+pub fn format_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|title| title.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut text = String::new();
+        for (index, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if index + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}   "));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// `lb services` as a table.
+pub fn services_table(rows: &[ServiceRow]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            vec![
+                row.namespace.clone(),
+                row.name.clone(),
+                if row.port_name.is_empty() {
+                    "-".to_owned()
+                } else {
+                    row.port_name.clone()
+                },
+                format!("{}/{}", row.frontend, row.protocol),
+                row.endpoints.len().to_string(),
+                if row.endpoints.is_empty() {
+                    "<none>".to_owned()
+                } else {
+                    row.endpoints.join(",")
+                },
+            ]
+        })
+        .collect();
+    format_table(
+        &[
+            "NAMESPACE",
+            "NAME",
+            "PORT",
+            "FRONTEND",
+            "COUNT",
+            "ENDPOINTS",
+        ],
+        &cells,
+    )
+}
+
+/// The counters of `LB_STATS` by name.
+pub fn counters(pin_dir: &Path) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+    Ok(read_counters(pin_dir)?
+        .into_iter()
+        .map(|(counter, value)| (counter.name(), value))
+        .collect())
+}

@@ -1,0 +1,130 @@
+//! The `lb` command line.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lb::{
+    agent::{AgentOptions, run},
+    dataplane,
+    inspect::{counters, format_table, service_rows, services_table},
+};
+use tracing_subscriber::EnvFilter;
+
+/// An eBPF/XDP Service load balancer for Kubernetes.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Where the maps and XDP links are pinned (on bpffs).
+    #[arg(long, global = true, default_value = lb_common::limits::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Log filter (RUST_LOG syntax), e.g. `info` or `lb=debug`; RUST_LOG wins when set.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the XDP program and program the maps from a directory of manifests, following
+    /// changes until stopped. The dataplane keeps running after the agent stops.
+    ///
+    /// Example: lb agent --manifests /etc/lb/manifests --interfaces eth0,eth1
+    Agent {
+        /// Directory of Service and EndpointSlice YAML, as `kubectl apply -f DIR` takes.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Interfaces to attach to, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        interfaces: Vec<String>,
+        /// Seconds between full re-reads of the directory, on top of change notifications.
+        #[arg(long, default_value_t = 30)]
+        resync_seconds: u64,
+    },
+    /// List the Service frontends and endpoints the dataplane holds (from the pinned maps).
+    ///
+    /// Example: lb services -o json
+    Services {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Show the datapath's counters (packets by verdict, drop reason and event).
+    ///
+    /// Example: lb stats
+    Stats {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Detach the XDP program from every interface and delete the pinned maps. Stop the agent
+    /// first. Traffic to Services stops being translated.
+    ///
+    /// Example: lb reset --pin-dir /sys/fs/bpf/lb
+    Reset,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lb: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent {
+            manifests,
+            interfaces,
+            resync_seconds,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(run(AgentOptions {
+                manifests,
+                interfaces,
+                pin_dir: cli.pin_dir,
+                resync: Duration::from_secs(resync_seconds.max(1)),
+            }))
+        }
+        Command::Services { output } => {
+            let rows = service_rows(&cli.pin_dir)?;
+            match output {
+                Output::Table => print!("{}", services_table(&rows)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+            }
+            Ok(())
+        }
+        Command::Stats { output } => {
+            let counters = counters(&cli.pin_dir)?;
+            match output {
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = counters
+                        .iter()
+                        .map(|(name, value)| vec![(*name).to_owned(), value.to_string()])
+                        .collect();
+                    print!("{}", format_table(&["COUNTER", "PACKETS"], &rows));
+                }
+                Output::Json => println!("{}", serde_json::to_string_pretty(&counters)?),
+            }
+            Ok(())
+        }
+        Command::Reset => dataplane::reset(&cli.pin_dir),
+    }
+}
