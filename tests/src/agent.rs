@@ -1,0 +1,167 @@
+//! An `lb agent` process inside a namespace, and the `lb` command line for inspection.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::Netns;
+
+/// How long an agent may take to attach and program its first sync.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopping agent gets before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The line the agent logs once the first sync is programmed.
+const READY_MARKER: &str = "ready: watching";
+
+/// The `lb` binary: `$LB_BIN`, else `lb` next to the running test's `deps` directory
+/// (`target/<profile>/lb`).
+pub fn lb_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("LB_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("the test binary is not inside a cargo target directory")?;
+    let lb = profile_dir.join("lb");
+    if !lb.exists() {
+        bail!(
+            "{} does not exist: build it first (`cargo build -p lb-userspace`, which `cargo xtask \
+             test` does) or set LB_BIN",
+            lb.display()
+        );
+    }
+    Ok(lb)
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `lb --pin-dir <pin_dir> args...` (in the current namespace) and returns its stdout.
+pub fn lb(lb: &Path, pin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(lb)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", lb.display()))?;
+    if !output.status.success() {
+        bail!(
+            "lb {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A running `lb agent`; stopped (SIGTERM, then SIGKILL) on drop. The dataplane it attached
+/// stays until `lb reset`.
+pub struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent in `node` and waits until it reports ready.
+    pub fn start(
+        node: &Netns,
+        lb: &Path,
+        pin_dir: &Path,
+        manifests: &Path,
+        interfaces: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut command = node.command(lb)?;
+        command
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .arg("agent")
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--interfaces")
+            .arg(interfaces.join(","))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let mut agent = Self {
+            child: Some(node.spawn(&mut command)?),
+            log: log.to_owned(),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if agent.log_text().contains(READY_MARKER) {
+                return Ok(agent);
+            }
+            if let Some(child) = agent.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                agent.child = None;
+                bail!("lb agent exited ({status}):\n{}", agent.log_text());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "lb agent not ready after {READY_TIMEOUT:?}:\n{}",
+                    agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the agent at once (SIGKILL), as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the agent gracefully (SIGTERM), killing it if it does not exit in time.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
