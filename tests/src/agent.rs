@@ -2,6 +2,7 @@
 
 use std::{
     fs::File,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -90,6 +91,20 @@ impl Agent {
         interfaces: &[String],
         log: &Path,
     ) -> anyhow::Result<Self> {
+        let mut agent = Self::spawn(node, lb, pin_dir, manifests, interfaces, log)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent in `node` without waiting. It is killed if this thread exits first.
+    pub fn spawn(
+        node: &Netns,
+        lb: &Path,
+        pin_dir: &Path,
+        manifests: &Path,
+        interfaces: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = node.command(lb)?;
         command
@@ -103,29 +118,48 @@ impl Agent {
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file);
-        let mut agent = Self {
+        // SAFETY: prctl is async-signal-safe. An interrupted test or demo must not leave an agent
+        // running: the kernel kills it when the thread that started it exits.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(Self {
             child: Some(node.spawn(&mut command)?),
             log: log.to_owned(),
-        };
+        })
+    }
+
+    /// Waits until the agent logs that its first sync is programmed.
+    pub fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if agent.log_text().contains(READY_MARKER) {
-                return Ok(agent);
+            if self.log_text().contains(READY_MARKER) {
+                return Ok(());
             }
-            if let Some(child) = agent.child.as_mut()
+            if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                agent.child = None;
-                bail!("lb agent exited ({status}):\n{}", agent.log_text());
+                self.child = None;
+                bail!("lb agent exited ({status}):\n{}", self.log_text());
             }
             if Instant::now() >= deadline {
                 bail!(
                     "lb agent not ready after {READY_TIMEOUT:?}:\n{}",
-                    agent.log_text()
+                    self.log_text()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Everything the agent logged so far.

@@ -15,6 +15,8 @@ use crate::netns::{Netns, veth};
 
 /// The client's address.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// The client's subnet, routed from each backend via the node.
+pub const CLIENT_SUBNET: &str = "10.0.0.0/24";
 /// The node's address on the client link.
 pub const NODE_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 /// Service addresses the client sends to the node.
@@ -137,7 +139,7 @@ impl SingleNode {
             backend.ip(&[
                 "route",
                 "add",
-                &format!("{CLIENT_ADDR}/24"),
+                CLIENT_SUBNET,
                 "via",
                 &node_backend_side(index).to_string(),
             ])?;

@@ -1,0 +1,205 @@
+//! Installs what building and testing lb needs, only when it is missing, saying what and why.
+//!
+//! - Debian packages: iproute2 (`ip`, namespaces and veths), ethtool (checksum offload and GRO
+//!   of test veths), bpftool (inspecting maps and programs), util-linux (`nsenter`).
+//! - The nightly toolchain's `rust-src` component: the eBPF crate is built with
+//!   `-Z build-std=core` for the BPF target.
+//! - bpf-linker, the linker of Rust eBPF objects, built against the nightly toolchain's own LLVM
+//!   (a plain `cargo install bpf-linker` looks for a system LLVM that does not match).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{display, run_command};
+
+/// bpf-linker release known to build against the nightly's LLVM here.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The toolchain that builds the eBPF object (aya-build runs `rustup run nightly cargo`).
+const EBPF_TOOLCHAIN: &str = "nightly";
+
+/// A command the tests or the demo run, and the Debian package that provides it.
+const PACKAGES: [(&str, &str, &str); 4] = [
+    ("ip", "iproute2", "network namespaces, veths, addresses and routes"),
+    ("ethtool", "ethtool", "checksum offload and GRO settings of the test veths"),
+    ("bpftool", "bpftool", "inspecting lb's maps and programs"),
+    ("nsenter", "util-linux", "running lb inside a node's network namespace by hand"),
+];
+
+fn found(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|dir| Path::new(dir).join(program).exists())
+}
+
+fn is_root() -> bool {
+    lb_tests::privilege::is_root()
+}
+
+fn ensure_packages() -> anyhow::Result<()> {
+    let missing: Vec<_> = PACKAGES
+        .iter()
+        .filter(|(program, _, _)| !found(program))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (program, package, why) in &missing {
+        println!("xtask: installing Debian package {package} (for `{program}`: {why})");
+    }
+    let names: Vec<&str> = missing.iter().map(|(_, package, _)| *package).collect();
+    if !is_root() {
+        bail!(
+            "missing {}: install them with `sudo apt-get install -y {}`",
+            names.join(", "),
+            names.join(" ")
+        );
+    }
+    run_command(
+        Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()),
+    )?;
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&names)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()),
+    )
+}
+
+fn rustup() -> Command {
+    let mut command = Command::new("rustup");
+    command.stdin(Stdio::null());
+    command
+}
+
+fn ensure_nightly_rust_src() -> anyhow::Result<()> {
+    let toolchains = rustup()
+        .args(["toolchain", "list"])
+        .output()
+        .context("running rustup (lb builds its eBPF object with rustup's nightly toolchain)")?;
+    if !String::from_utf8_lossy(&toolchains.stdout)
+        .lines()
+        .any(|line| line.starts_with(EBPF_TOOLCHAIN))
+    {
+        println!("xtask: installing the {EBPF_TOOLCHAIN} toolchain (the eBPF object needs it)");
+        run_command(rustup().args(["toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal"]))?;
+    }
+    let installed = rustup()
+        .args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
+        .output()?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|line| line.starts_with("rust-src"))
+    {
+        println!(
+            "xtask: installing rust-src for {EBPF_TOOLCHAIN} (the eBPF crate is built with -Z \
+             build-std=core)"
+        );
+        run_command(rustup().args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker_works() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    if bpf_linker_works() {
+        return Ok(());
+    }
+    let sysroot = Command::new("rustc")
+        .args([&format!("+{EBPF_TOOLCHAIN}"), "--print", "sysroot"])
+        .output()
+        .context("asking the nightly rustc for its sysroot")?;
+    let nightly_lib = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim()).join("lib");
+    let soname = std::fs::read_dir(&nightly_lib)
+        .with_context(|| format!("listing {}", nightly_lib.display()))?
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", nightly_lib.display()))?;
+    // libLLVM.so.22.1-rust-1.97.0-nightly -> 22
+    let llvm_major = soname
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .filter(|major| major.chars().all(|c| c.is_ascii_digit()))
+        .with_context(|| format!("cannot read the LLVM version from {soname}"))?
+        .to_owned();
+    println!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object), built against \
+         the {EBPF_TOOLCHAIN} toolchain's LLVM {llvm_major} ({soname}); about a minute"
+    );
+    // The linker finds libLLVM through this prefix at build time and, via its rpath, at run
+    // time: it must stay in place.
+    let prefix = cargo_home().join("lb-llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for link in ["libLLVM.so", soname.as_str()] {
+        let path = prefix_lib.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(nightly_lib.join(&soname), &path)
+            .with_context(|| format!("linking {}", path.display()))?;
+    }
+    let mut install = Command::new("cargo");
+    install
+        .args([
+            &format!("+{EBPF_TOOLCHAIN}"),
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix)
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .stdin(Stdio::null());
+    run_command(&mut install)?;
+    if !bpf_linker_works() {
+        bail!(
+            "bpf-linker was installed but does not run; is {} on PATH? ({})",
+            cargo_home().join("bin").display(),
+            display(&install)
+        );
+    }
+    Ok(())
+}
+
+/// Installs whatever is missing; quick and silent when nothing is.
+pub fn ensure() -> anyhow::Result<()> {
+    ensure_packages()?;
+    ensure_nightly_rust_src()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! `cargo xtask test`: every tier, in order, each reported with its duration; exits non-zero if
+//! any fails. Tiers after a failed build are skipped (they would only fail the same way).
+//!
+//! 1. lint: rustfmt, clippy on the host crates and on the eBPF crate (BPF target), warnings denied;
+//! 2. build: `lb` and its embedded eBPF object;
+//! 3. host: unit and host tests (checksums, types, manifests, desired state, reconciler);
+//! 4. fixtures (root): the XDP program under BPF_PROG_TEST_RUN, packet in, packet out;
+//! 5. end to end (root): real TCP and UDP through a ClusterIP in network namespaces;
+//! 6. demo (root): `cargo xtask demo`, the README's first command.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+use crate::{cargo, run_command, setup, workspace_root};
+
+struct Tier {
+    name: &'static str,
+    needs_root: bool,
+    run: fn() -> anyhow::Result<()>,
+}
+
+fn lint() -> anyhow::Result<()> {
+    run_command(cargo().args(["fmt", "--all", "--check"]))?;
+    run_command(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The kernel crate only builds for the BPF target, with nightly and build-std.
+    run_command(
+        std::process::Command::new("cargo")
+            .current_dir(workspace_root())
+            .args([
+                "+nightly",
+                "clippy",
+                "-p",
+                "lb-ebpf",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    )
+}
+
+fn build() -> anyhow::Result<()> {
+    run_command(cargo().args(["build", "-p", "lb-userspace"]))?;
+    run_command(cargo().args(["test", "--workspace", "--no-run", "--quiet"]))
+}
+
+fn host() -> anyhow::Result<()> {
+    run_command(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace"]))?;
+    run_command(cargo().args(["test", "-p", "lb-tests", "--lib"]))
+}
+
+fn privileged(test: &str) -> anyhow::Result<()> {
+    let lb = workspace_root().join("target/debug/lb");
+    run_command(
+        cargo()
+            .args(["test", "-p", "lb-tests", "--test", test])
+            .env("LB_BIN", lb),
+    )
+}
+
+fn fixtures() -> anyhow::Result<()> {
+    privileged("xdp_fixtures")
+}
+
+fn end_to_end() -> anyhow::Result<()> {
+    privileged("netns_e2e")?;
+    privileged("agent_cli")
+}
+
+fn demo() -> anyhow::Result<()> {
+    crate::demo::run()
+}
+
+const TIERS: [Tier; 6] = [
+    Tier { name: "lint", needs_root: false, run: lint },
+    Tier { name: "build", needs_root: false, run: build },
+    Tier { name: "host tests", needs_root: false, run: host },
+    Tier { name: "XDP fixtures (BPF_PROG_TEST_RUN)", needs_root: true, run: fixtures },
+    Tier { name: "network-namespace end to end", needs_root: true, run: end_to_end },
+    Tier { name: "demo", needs_root: true, run: demo },
+];
+
+/// Runs every tier and prints a summary.
+pub fn run() -> anyhow::Result<()> {
+    setup::ensure()?;
+    let root = lb_tests::privilege::is_root();
+    let mut results: Vec<(&str, &str, Duration)> = Vec::new();
+    let mut failed = false;
+    let mut build_failed = false;
+    for tier in TIERS {
+        if tier.needs_root && !root {
+            if std::env::var_os("CI").is_some() {
+                results.push((tier.name, "FAILED (CI must run it as root)", Duration::ZERO));
+                failed = true;
+            } else {
+                println!("xtask: SKIP {}: needs root (run `sudo cargo xtask test`)", tier.name);
+                results.push((tier.name, "skipped: not root", Duration::ZERO));
+            }
+            continue;
+        }
+        if build_failed && tier.name != "lint" {
+            results.push((tier.name, "skipped: build failed", Duration::ZERO));
+            continue;
+        }
+        println!("\nxtask: ==== {} ====", tier.name);
+        let started = Instant::now();
+        let outcome = (tier.run)();
+        let elapsed = started.elapsed();
+        match outcome {
+            Ok(()) => results.push((tier.name, "ok", elapsed)),
+            Err(error) => {
+                eprintln!("xtask: {} failed: {error:#}", tier.name);
+                results.push((tier.name, "FAILED", elapsed));
+                failed = true;
+                build_failed |= tier.name == "build";
+            }
+        }
+    }
+    println!("\nxtask: test summary");
+    for (name, outcome, elapsed) in &results {
+        println!("  {name:<36} {outcome:<32} {:>7.1} s", elapsed.as_secs_f64());
+    }
+    if failed {
+        bail!("some tiers failed");
+    }
+    Ok(())
+}
