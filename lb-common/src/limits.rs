@@ -31,8 +31,10 @@ pub const MAX_SERVICES: u32 = 1 << 18;
 pub const MAX_SLOTS: u32 = MAX_BACKENDS * 2;
 /// Backends (one per Service frontend and endpoint). Ids index an array, 0 is never used.
 pub const MAX_BACKENDS: u32 = 1 << 19;
-/// Connection-tracking entries. Each flow takes two (original and reply direction); the map is an
-/// LRU, so when it is full the least recently used flows are forgotten, never new ones refused.
-pub const MAX_CONNTRACK: u32 = 1 << 20;
+/// Connection-tracking entries. Each flow takes two (original and reply direction), so this holds
+/// 262,144 flows: what kube-proxy's default (`--conntrack-max-per-core` 32,768) allows an 8-core
+/// node. The map is preallocated (about 59 MB) and an LRU: when it is full the least recently used
+/// flows are forgotten, never new ones refused.
+pub const MAX_CONNTRACK: u32 = 1 << 19;
 /// Interfaces the program can redirect to.
 pub const MAX_TX_PORTS: u32 = 1024;

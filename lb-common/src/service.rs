@@ -32,7 +32,7 @@ pub struct ServiceValue {
     /// conntrack entries.
     pub service_id: u32,
     /// Id of the backend set in `LB_SLOTS` currently serving this frontend. Changes on every
-    /// backend-set switch; never 0 once written.
+    /// backend-set switch; 0 exactly when `backend_count` is 0 (no set).
     pub backend_set: u32,
     /// Number of slots (`0..backend_count`) in the backend set. 0 means no endpoints.
     pub backend_count: u32,

@@ -254,33 +254,55 @@ fn str_field<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
     current.as_str()
 }
 
-fn load_document(file: &Path, document: Value, previous: &Snapshot, load: &mut Load) {
+fn load_document(file: &Path, mut document: Value, previous: &Snapshot, load: &mut Load) {
     if document.is_null() {
         return; // An empty document, e.g. after a trailing `---`.
     }
-    let api_version = str_field(&document, &["apiVersion"]).unwrap_or_default();
-    let kind_name = str_field(&document, &["kind"]).unwrap_or_default();
-    let kind = match (api_version, kind_name) {
-        ("v1", "List") => {
-            if let Some(items) = document.get("items").and_then(Value::as_sequence) {
-                for item in items.clone() {
-                    load_document(file, item, previous, load);
+    // `<<: *anchor` merge keys, which kubectl honours.
+    if let Err(error) = document.apply_merge() {
+        load.errors.push(ManifestError {
+            file: file.to_owned(),
+            object: None,
+            field: None,
+            message: format!("invalid YAML merge key: {error}"),
+        });
+        return;
+    }
+    let api_version = str_field(&document, &["apiVersion"])
+        .unwrap_or_default()
+        .to_owned();
+    let kind_name = str_field(&document, &["kind"])
+        .unwrap_or_default()
+        .to_owned();
+    // `v1 List` (kubectl get -o yaml) and typed lists (`ServiceList`, as the API returns them,
+    // whose items carry no apiVersion or kind of their own).
+    if let Some(item_kind) = kind_name.strip_suffix("List") {
+        if let Some(items) = document.get("items").and_then(Value::as_sequence) {
+            for item in items.clone() {
+                let mut item = item;
+                if let Value::Mapping(fields) = &mut item
+                    && !item_kind.is_empty()
+                {
+                    for (key, value) in [
+                        ("apiVersion", &api_version),
+                        ("kind", &item_kind.to_owned()),
+                    ] {
+                        fields
+                            .entry(Value::from(key))
+                            .or_insert_with(|| Value::from(value.as_str()));
+                    }
                 }
+                load_document(file, item, previous, load);
             }
-            return;
         }
-        ("v1", "Service") => Kind::Service,
-        ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
-        (_, "Service" | "EndpointSlice") => {
-            load.errors.push(ManifestError {
-                file: file.to_owned(),
-                object: Some(kind_name.to_owned()),
-                field: Some("apiVersion".to_owned()),
-                message: format!("unsupported apiVersion {api_version:?} for {kind_name}"),
-            });
-            return;
-        }
-        // Deployments, Pods, Ingresses, ...: not ours, exactly as kube-proxy ignores them.
+        return;
+    }
+    let (group, _version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
+    let kind = match (kind_name.as_str(), group) {
+        ("Service", "") => Kind::Service,
+        ("EndpointSlice", "discovery.k8s.io") => Kind::EndpointSlice,
+        // Deployments, Pods, Ingresses, Knative's serving.knative.dev Service, ...: not ours,
+        // exactly as kube-proxy ignores them.
         _ => return,
     };
     let name = str_field(&document, &["metadata", "name"])
@@ -294,29 +316,58 @@ fn load_document(file: &Path, document: Value, previous: &Snapshot, load: &mut L
         namespace,
         name: name.clone(),
     };
-    let parsed = match kind {
-        Kind::Service => parse_typed::<Service>(document).and_then(|service| {
-            validate_service(&service).map(|()| Object::Service(Box::new(service)))
-        }),
-        Kind::EndpointSlice => parse_typed::<EndpointSlice>(document).and_then(|slice| {
-            validate_slice(&slice).map(|()| Object::EndpointSlice(Box::new(slice)))
-        }),
-    };
     let object_label = if name.is_empty() {
         format!("{kind:?} (unnamed)")
     } else {
         key.to_string()
     };
+    let supported = match kind {
+        Kind::Service => api_version == "v1",
+        Kind::EndpointSlice => api_version == "discovery.k8s.io/v1",
+    };
+    let mut unknown_fields = Vec::new();
+    let parsed = if !supported {
+        Err(field_error(
+            "apiVersion",
+            format!("unsupported apiVersion {api_version:?} for {kind_name}"),
+        ))
+    } else {
+        match kind {
+            Kind::Service => {
+                parse_typed::<Service>(document, &mut unknown_fields).and_then(|service| {
+                    validate_service(&service).map(|()| Object::Service(Box::new(service)))
+                })
+            }
+            Kind::EndpointSlice => parse_typed::<EndpointSlice>(document, &mut unknown_fields)
+                .and_then(|slice| {
+                    validate_slice(&slice).map(|()| Object::EndpointSlice(Box::new(slice)))
+                }),
+        }
+    };
+    let already_defined = load.snapshot.contains(&key);
     match parsed {
-        Ok(_) if load.snapshot.contains(&key) => load.errors.push(ManifestError {
+        Ok(_) if already_defined => load.errors.push(ManifestError {
             file: file.to_owned(),
             object: Some(object_label),
             field: Some("metadata.name".to_owned()),
             message: "defined more than once; the first definition is used".to_owned(),
         }),
-        Ok(object) => load.snapshot.insert(key, file, object),
+        Ok(object) => {
+            // Like kubectl's field validation: almost always a typo (`clusterIp`), which would
+            // otherwise silently leave the intended field unset. The rest of the object applies.
+            for field in unknown_fields {
+                load.errors.push(ManifestError {
+                    file: file.to_owned(),
+                    object: Some(object_label.clone()),
+                    field: Some(field),
+                    message: "unknown field, ignored".to_owned(),
+                });
+            }
+            load.snapshot.insert(key, file, object);
+        }
         Err((field, message)) => {
-            let kept = !name.is_empty() && load.snapshot.keep(previous, &key);
+            // A broken duplicate must not displace the valid first definition.
+            let kept = !name.is_empty() && !already_defined && load.snapshot.keep(previous, &key);
             if kept {
                 load.kept += 1;
             }
@@ -336,8 +387,13 @@ fn load_document(file: &Path, document: Value, previous: &Snapshot, load: &mut L
 
 type FieldError = (String, String);
 
-fn parse_typed<T: serde::de::DeserializeOwned>(document: Value) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(document).map_err(|error| {
+fn parse_typed<T: serde::de::DeserializeOwned>(
+    document: Value,
+    unknown_fields: &mut Vec<String>,
+) -> Result<T, FieldError> {
+    let mut record = |path: serde_ignored::Path<'_>| unknown_fields.push(field_path(&path));
+    let tracked = serde_ignored::Deserializer::new(document, &mut record);
+    serde_path_to_error::deserialize(tracked).map_err(|error| {
         let path = error.path().to_string();
         let field = if path == "." {
             "(document)".to_owned()
@@ -348,16 +404,110 @@ fn parse_typed<T: serde::de::DeserializeOwned>(document: Value) -> Result<T, Fie
     })
 }
 
+/// A field path as `serde_path_to_error` writes it (`spec.ports[0].name`), so every error names
+/// fields the same way.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            parent if parent.is_empty() => key.clone(),
+            parent => format!("{parent}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
 fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     (field.into(), message.into())
 }
 
-fn check_name(field: &str, name: Option<&str>, max: usize) -> Result<(), FieldError> {
+/// The API server's name formats.
+#[derive(Clone, Copy)]
+enum NameFormat {
+    /// RFC 1035 label (Service names): lowercase alphanumerics and '-', starting with a letter.
+    Dns1035Label,
+    /// RFC 1123 label (namespaces): lowercase alphanumerics and '-'.
+    Dns1123Label,
+    /// RFC 1123 subdomain (most object names): labels joined by '.', at most 253 characters.
+    Dns1123Subdomain,
+    /// IANA service name (port names): at most 15 lowercase alphanumerics and '-', with a
+    /// letter, no leading, trailing or double '-'.
+    IanaServiceName,
+}
+
+impl NameFormat {
+    const fn max_len(self) -> usize {
+        match self {
+            NameFormat::Dns1035Label | NameFormat::Dns1123Label => MAX_NAME_LEN,
+            NameFormat::Dns1123Subdomain => MAX_SUBDOMAIN_LEN,
+            NameFormat::IanaServiceName => MAX_PORT_NAME_LEN,
+        }
+    }
+
+    fn valid(self, name: &str) -> bool {
+        let label = |label: &str| {
+            !label.is_empty()
+                && label.len() <= MAX_NAME_LEN
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        };
+        match self {
+            NameFormat::Dns1035Label => {
+                label(name) && name.starts_with(|c: char| c.is_ascii_lowercase())
+            }
+            NameFormat::Dns1123Label => label(name),
+            NameFormat::Dns1123Subdomain => name.split('.').all(label),
+            NameFormat::IanaServiceName => {
+                label(name) && !name.contains("--") && name.bytes().any(|b| b.is_ascii_lowercase())
+            }
+        }
+    }
+
+    const fn describe(self) -> &'static str {
+        match self {
+            NameFormat::Dns1035Label => {
+                "must be lowercase letters, digits and '-', start with a letter and end with a \
+                 letter or digit (RFC 1035 label)"
+            }
+            NameFormat::Dns1123Label => {
+                "must be lowercase letters, digits and '-', and start and end with a letter or \
+                 digit (RFC 1123 label)"
+            }
+            NameFormat::Dns1123Subdomain => {
+                "must be lowercase RFC 1123 labels separated by '.' (RFC 1123 subdomain)"
+            }
+            NameFormat::IanaServiceName => {
+                "must be lowercase letters, digits and '-' with at least one letter, no leading, \
+                 trailing or doubled '-' (IANA service name)"
+            }
+        }
+    }
+}
+
+/// Longest RFC 1123 subdomain.
+const MAX_SUBDOMAIN_LEN: usize = 253;
+
+fn check_name(field: &str, name: Option<&str>, format: NameFormat) -> Result<(), FieldError> {
     match name {
         None | Some("") => Err(field_error(field, "is required")),
-        Some(name) if name.len() > max => Err(field_error(
+        Some(name) if name.len() > format.max_len() => Err(field_error(
             field,
-            format!("must be at most {max} characters, got {}", name.len()),
+            format!(
+                "must be at most {} characters, got {}",
+                format.max_len(),
+                name.len()
+            ),
+        )),
+        Some(name) if !format.valid(name) => Err(field_error(
+            field,
+            format!("{name:?} {}", format.describe()),
         )),
         Some(_) => Ok(()),
     }
@@ -393,10 +543,14 @@ fn validate_service(service: &Service) -> Result<(), FieldError> {
     check_name(
         "metadata.name",
         service.metadata.name.as_deref(),
-        MAX_NAME_LEN,
+        NameFormat::Dns1035Label,
     )?;
     if let Some(namespace) = &service.metadata.namespace {
-        check_name("metadata.namespace", Some(namespace), MAX_NAME_LEN)?;
+        check_name(
+            "metadata.namespace",
+            Some(namespace),
+            NameFormat::Dns1123Label,
+        )?;
     }
     let spec = service
         .spec
@@ -442,17 +596,21 @@ fn validate_service(service: &Service) -> Result<(), FieldError> {
         check_port(&field("port"), port.port)?;
         check_protocol(&field("protocol"), port.protocol.as_deref())?;
         if ports.len() > 1 {
-            check_name(&field("name"), port.name.as_deref(), MAX_PORT_NAME_LEN)?;
-        } else if let Some(name) = &port.name
-            && name.len() > MAX_PORT_NAME_LEN
-        {
-            check_name(&field("name"), Some(name), MAX_PORT_NAME_LEN)?;
+            check_name(
+                &field("name"),
+                port.name.as_deref(),
+                NameFormat::Dns1123Label,
+            )?;
+        } else if let Some(name) = port.name.as_deref().filter(|name| !name.is_empty()) {
+            check_name(&field("name"), Some(name), NameFormat::Dns1123Label)?;
         }
         match &port.target_port {
             Some(IntOrString::Int(target)) => check_port(&field("targetPort"), *target)?,
-            Some(IntOrString::String(target)) => {
-                check_name(&field("targetPort"), Some(target), MAX_PORT_NAME_LEN)?
-            }
+            Some(IntOrString::String(target)) => check_name(
+                &field("targetPort"),
+                Some(target),
+                NameFormat::IanaServiceName,
+            )?,
             None => {}
         }
         if let Some(node_port) = port.node_port
@@ -489,7 +647,18 @@ fn validate_service(service: &Service) -> Result<(), FieldError> {
 const ADDRESS_TYPES: [&str; 3] = ["IPv4", "IPv6", "FQDN"];
 
 fn validate_slice(slice: &EndpointSlice) -> Result<(), FieldError> {
-    check_name("metadata.name", slice.metadata.name.as_deref(), usize::MAX)?;
+    check_name(
+        "metadata.name",
+        slice.metadata.name.as_deref(),
+        NameFormat::Dns1123Subdomain,
+    )?;
+    if let Some(namespace) = &slice.metadata.namespace {
+        check_name(
+            "metadata.namespace",
+            Some(namespace),
+            NameFormat::Dns1123Label,
+        )?;
+    }
     if !ADDRESS_TYPES.contains(&slice.address_type.as_str()) {
         return Err(field_error(
             "addressType",

@@ -6,6 +6,12 @@
 //! only then are the old slots and the departed backends removed. Backends that stay keep their
 //! ids, so established flows (whose conntrack entries name a backend id) are undisturbed.
 //!
+//! Failures never leak: every entry that no frontend references any more (the old half of a
+//! switch, the new half of a switch that failed, what a removal leaves) goes on a garbage list
+//! that is deleted at the end of every reconciliation and retried until it succeeds; an id returns
+//! to its pool only once its entries are really gone. Deletes are idempotent, so a retry after a
+//! partial failure always converges.
+//!
 //! The reconciler keeps a mirror of what it wrote; at start-up it reads the mirror back from the
 //! pinned maps (an agent restart) and sweeps entries no frontend references (an agent that died
 //! half-way through a switch). Writes go through [`ServiceStore`], so the planning logic is
@@ -25,7 +31,7 @@ use lb_common::{
 
 use crate::desired::{BackendAddr, DesiredState, Frontend};
 
-/// Write and read access to the Service maps.
+/// Write and read access to the Service maps. Deletes of absent entries succeed.
 pub trait ServiceStore {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
     fn clear_backend(&mut self, id: u32) -> anyhow::Result<()>;
@@ -131,6 +137,16 @@ struct LiveFrontend {
     dirty: bool,
 }
 
+/// An entry no frontend references any more, waiting to be deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Garbage {
+    Slot(SlotKey),
+    /// Also returns the backend id to its pool once cleared.
+    Backend(u32),
+    /// Also returns the service id to its pool once deleted.
+    Info(u32),
+}
+
 /// Counts of one reconciliation.
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -172,6 +188,8 @@ pub struct Reconciler {
     service_ids: IdPool,
     backend_ids: IdPool,
     backend_sets: IdPool,
+    /// Entries to delete; see the module documentation.
+    garbage: BTreeSet<Garbage>,
 }
 
 impl Reconciler {
@@ -183,6 +201,7 @@ impl Reconciler {
             service_ids: IdPool::new(MAX_SERVICES, "service"),
             backend_ids: IdPool::new(MAX_BACKENDS, "backend"),
             backend_sets: IdPool::new(u32::MAX, "backend set"),
+            garbage: BTreeSet::new(),
         };
         let slots: BTreeMap<SlotKey, u32> = store.read_slots()?.into_iter().collect();
         let backends: BTreeMap<u32, Backend> = store.read_active_backends()?.into_iter().collect();
@@ -223,24 +242,93 @@ impl Reconciler {
             reconciler.live.insert(key, live);
         }
 
-        let mut swept = 0;
+        // Strays keep their ids reserved until they are gone, so nothing new lands on them.
         for key in slots.keys().filter(|key| !used_slots.contains(key)) {
-            store.delete_slot(*key)?;
-            swept += 1;
+            reconciler.backend_sets.mark_used(key.backend_set);
+            reconciler.garbage.insert(Garbage::Slot(*key));
         }
         for id in backends.keys() {
             if !reconciler.backend_ids.used.contains(id) {
-                store.clear_backend(*id)?;
-                swept += 1;
+                reconciler.backend_ids.mark_used(*id);
+                reconciler.garbage.insert(Garbage::Backend(*id));
             }
         }
         for id in infos.keys() {
             if !reconciler.service_ids.used.contains(id) {
-                store.delete_info(*id)?;
-                swept += 1;
+                reconciler.service_ids.mark_used(*id);
+                reconciler.garbage.insert(Garbage::Info(*id));
             }
         }
-        Ok((reconciler, swept))
+        let mut counting = Counting { store, writes: 0 };
+        if let Some(error) = reconciler.collect_garbage(&mut counting).into_iter().next() {
+            return Err(error.context("sweeping stray entries"));
+        }
+        Ok((reconciler, counting.writes))
+    }
+
+    /// Deletes the garbage; what fails stays for the next attempt. Returns at most one error,
+    /// summarising the failures, so a stuck map does not flood the log.
+    fn collect_garbage(
+        &mut self,
+        store: &mut Counting<'_, impl ServiceStore>,
+    ) -> Vec<anyhow::Error> {
+        let mut errors: Vec<anyhow::Error> = Vec::new();
+        let mut retired_sets = BTreeSet::new();
+        for item in std::mem::take(&mut self.garbage) {
+            let result = match item {
+                Garbage::Slot(key) => {
+                    retired_sets.insert(key.backend_set);
+                    store.run(|store| store.delete_slot(key))
+                }
+                Garbage::Backend(id) => store.run(|store| store.clear_backend(id)),
+                Garbage::Info(id) => store.run(|store| store.delete_info(id)),
+            };
+            match result {
+                Ok(()) => match item {
+                    Garbage::Slot(_) => {}
+                    Garbage::Backend(id) => self.backend_ids.release(id),
+                    Garbage::Info(id) => self.service_ids.release(id),
+                },
+                Err(error) => {
+                    errors.push(error.context(format!("deleting {item:?}")));
+                    self.garbage.insert(item);
+                }
+            }
+        }
+        // A set id is free again once none of its slots is live or waiting for deletion.
+        let live_sets: BTreeSet<u32> = self
+            .live
+            .values()
+            .map(|live| live.value.backend_set)
+            .collect();
+        let failed = errors.len();
+        let first = errors.into_iter().next().map(|error| {
+            error.context(format!(
+                "{failed} stale map entries could not be deleted; retrying at the next sync"
+            ))
+        });
+        for set in retired_sets {
+            let pending = self
+                .garbage
+                .iter()
+                .any(|item| matches!(item, Garbage::Slot(key) if key.backend_set == set));
+            if !pending && !live_sets.contains(&set) {
+                self.backend_sets.release(set);
+            }
+        }
+        first.into_iter().collect()
+    }
+
+    /// The slots of a frontend's backend set, as garbage.
+    fn slots_of(value: &ServiceValue) -> impl Iterator<Item = Garbage> + use<> {
+        let set = value.backend_set;
+        let count = if set == 0 { 0 } else { value.backend_count };
+        (0..count).map(move |slot| {
+            Garbage::Slot(SlotKey {
+                backend_set: set,
+                slot,
+            })
+        })
     }
 
     /// Number of frontends the maps hold.
@@ -291,6 +379,7 @@ impl Reconciler {
                 ))),
             }
         }
+        summary.errors.extend(self.collect_garbage(&mut counting));
         summary.writes = counting.writes;
         summary
     }
@@ -299,13 +388,17 @@ impl Reconciler {
         live.backends == frontend.backends && live.info == Some(service_info(frontend))
     }
 
+    /// Allocates an id for `backend` and writes it. The id is recorded in `written` before the
+    /// write, so that a failure anywhere later can hand everything written to the garbage.
     fn write_backend(
         &mut self,
         store: &mut Counting<'_, impl ServiceStore>,
+        written: &mut Vec<Garbage>,
         service_id: u32,
         backend: &BackendAddr,
     ) -> anyhow::Result<u32> {
         let id = self.backend_ids.allocate()?;
+        written.push(Garbage::Backend(id));
         let value = Backend {
             addr: addr_to_wire(backend.addr),
             port: port_to_wire(backend.port),
@@ -313,10 +406,7 @@ impl Reconciler {
             _pad: 0,
             service_id,
         };
-        if let Err(error) = store.run(|store| store.set_backend(id, &value)) {
-            self.backend_ids.release(id);
-            return Err(error);
-        }
+        store.run(|store| store.set_backend(id, &value))?;
         Ok(id)
     }
 
@@ -324,6 +414,7 @@ impl Reconciler {
     fn write_set(
         &mut self,
         store: &mut Counting<'_, impl ServiceStore>,
+        written: &mut Vec<Garbage>,
         ids: &[u32],
     ) -> anyhow::Result<u32> {
         if ids.is_empty() {
@@ -335,28 +426,16 @@ impl Reconciler {
                 backend_set: set,
                 slot: slot as u32,
             };
+            written.push(Garbage::Slot(key));
             store.run(|store| store.set_slot(key, *id))?;
         }
         Ok(set)
     }
 
-    fn delete_set(
-        &mut self,
-        store: &mut Counting<'_, impl ServiceStore>,
-        value: &ServiceValue,
-    ) -> anyhow::Result<()> {
-        if value.backend_set == 0 {
-            return Ok(());
-        }
-        for slot in 0..value.backend_count {
-            let key = SlotKey {
-                backend_set: value.backend_set,
-                slot,
-            };
-            store.run(|store| store.delete_slot(key))?;
-        }
-        self.backend_sets.release(value.backend_set);
-        Ok(())
+    /// Hands what a failed operation wrote to the garbage and passes the error on.
+    fn abandon(&mut self, written: Vec<Garbage>, error: anyhow::Error) -> anyhow::Error {
+        self.garbage.extend(written);
+        error
     }
 
     fn add(
@@ -366,20 +445,26 @@ impl Reconciler {
         store: &mut Counting<'_, impl ServiceStore>,
     ) -> anyhow::Result<()> {
         let service_id = self.service_ids.allocate()?;
-        let mut ids = Vec::with_capacity(frontend.backends.len());
-        for backend in &frontend.backends {
-            ids.push(self.write_backend(store, service_id, backend)?);
-        }
-        let backend_set = self.write_set(store, &ids)?;
+        // The info is the service id's garbage handle: deleting it returns the id.
+        let mut written = vec![Garbage::Info(service_id)];
         let info = service_info(frontend);
-        store.run(|store| store.set_info(service_id, &info))?;
-        let value = ServiceValue {
-            service_id,
-            backend_set,
-            backend_count: ids.len() as u32,
-            flags: 0,
-        };
-        store.run(|store| store.set_service(key, &value))?;
+        let result = (|| {
+            let mut ids = Vec::with_capacity(frontend.backends.len());
+            for backend in &frontend.backends {
+                ids.push(self.write_backend(store, &mut written, service_id, backend)?);
+            }
+            let backend_set = self.write_set(store, &mut written, &ids)?;
+            store.run(|store| store.set_info(service_id, &info))?;
+            let value = ServiceValue {
+                service_id,
+                backend_set,
+                backend_count: ids.len() as u32,
+                flags: 0,
+            };
+            store.run(|store| store.set_service(key, &value))?;
+            Ok((value, ids))
+        })();
+        let (value, ids) = result.map_err(|error| self.abandon(written, error))?;
         self.live.insert(
             key,
             LiveFrontend {
@@ -406,33 +491,40 @@ impl Reconciler {
             .clone();
         let service_id = live.value.service_id;
         if live.dirty || live.backends != frontend.backends {
-            // Make: backends, then slots, then the single switching write.
-            let mut ids = Vec::with_capacity(frontend.backends.len());
-            for backend in &frontend.backends {
-                let kept = live
-                    .backends
+            // Make: new backends, then the new set's slots, then the single switching write.
+            let mut written = Vec::new();
+            let result = (|| {
+                let mut ids = Vec::with_capacity(frontend.backends.len());
+                for backend in &frontend.backends {
+                    let kept = live
+                        .backends
+                        .iter()
+                        .position(|old| old == backend)
+                        .map(|position| live.ids[position]);
+                    ids.push(match kept {
+                        Some(id) => id,
+                        None => self.write_backend(store, &mut written, service_id, backend)?,
+                    });
+                }
+                let backend_set = self.write_set(store, &mut written, &ids)?;
+                let value = ServiceValue {
+                    service_id,
+                    backend_set,
+                    backend_count: ids.len() as u32,
+                    flags: 0,
+                };
+                store.run(|store| store.set_service(key, &value))?;
+                Ok((value, ids))
+            })();
+            let (value, ids) = result.map_err(|error| self.abandon(written, error))?;
+            // Break: the old set and the backends that left are garbage from now on.
+            self.garbage.extend(Self::slots_of(&live.value));
+            self.garbage.extend(
+                live.ids
                     .iter()
-                    .position(|old| old == backend)
-                    .map(|position| live.ids[position]);
-                ids.push(match kept {
-                    Some(id) => id,
-                    None => self.write_backend(store, service_id, backend)?,
-                });
-            }
-            let backend_set = self.write_set(store, &ids)?;
-            let value = ServiceValue {
-                service_id,
-                backend_set,
-                backend_count: ids.len() as u32,
-                flags: 0,
-            };
-            store.run(|store| store.set_service(key, &value))?;
-            // Break: the old set and the backends that left.
-            self.delete_set(store, &live.value)?;
-            for id in live.ids.iter().filter(|id| !ids.contains(id)) {
-                store.run(|store| store.clear_backend(*id))?;
-                self.backend_ids.release(*id);
-            }
+                    .filter(|id| !ids.contains(id))
+                    .map(|id| Garbage::Backend(*id)),
+            );
             let entry = self.live.get_mut(&key).context("frontend vanished")?;
             entry.value = value;
             entry.ids = ids;
@@ -441,10 +533,11 @@ impl Reconciler {
         }
         let info = service_info(frontend);
         if live.info != Some(info) {
-            store.run(|store| store.set_info(service_id, &info))?;
+            let result = store.run(|store| store.set_info(service_id, &info));
             if let Some(entry) = self.live.get_mut(&key) {
-                entry.info = Some(info);
+                entry.info = result.is_ok().then_some(info);
             }
+            result?;
         }
         Ok(())
     }
@@ -454,20 +547,15 @@ impl Reconciler {
         key: ServiceKey,
         store: &mut Counting<'_, impl ServiceStore>,
     ) -> anyhow::Result<()> {
+        store.run(|store| store.delete_service(key))?;
         let live = self
             .live
-            .get(&key)
-            .context("removal of an unknown frontend")?
-            .clone();
-        store.run(|store| store.delete_service(key))?;
-        self.delete_set(store, &live.value)?;
-        for id in &live.ids {
-            store.run(|store| store.clear_backend(*id))?;
-            self.backend_ids.release(*id);
-        }
-        store.run(|store| store.delete_info(live.value.service_id))?;
-        self.service_ids.release(live.value.service_id);
-        self.live.remove(&key);
+            .remove(&key)
+            .context("removal of an unknown frontend")?;
+        self.garbage.extend(Self::slots_of(&live.value));
+        self.garbage
+            .extend(live.ids.iter().map(|id| Garbage::Backend(*id)));
+        self.garbage.insert(Garbage::Info(live.value.service_id));
         Ok(())
     }
 }
@@ -513,7 +601,8 @@ impl ServiceStore for MemoryStore {
         Ok(())
     }
     fn delete_slot(&mut self, key: SlotKey) -> anyhow::Result<()> {
-        self.slots.remove(&key).map(|_| ()).context("no such slot")
+        self.slots.remove(&key);
+        Ok(())
     }
     fn set_service(&mut self, key: ServiceKey, value: &ServiceValue) -> anyhow::Result<()> {
         self.services.insert(key, *value);

@@ -105,7 +105,13 @@ impl SingleNode {
             "dev",
             NODE_CLIENT_INTERFACE,
         ])?;
-        client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", PEER_INTERFACE])?;
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT_ADDR}/24"),
+            "dev",
+            PEER_INTERFACE,
+        ])?;
         for destination in [SERVICE_CIDR, BACKEND_SUPERNET] {
             client.ip(&[
                 "route",

@@ -12,10 +12,7 @@ use lb_tests::{
 const UNPRIVILEGED_UID: &str = "65534";
 
 fn stderr_of(command: &mut Command) -> String {
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .expect("run lb agent");
+    let output = command.stdin(Stdio::null()).output().expect("run lb agent");
     assert!(!output.status.success(), "lb agent must fail here");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -70,14 +67,12 @@ fn a_manifest_path_that_is_not_a_directory_is_explained() {
     if !require_root("a_manifest_path_that_is_not_a_directory_is_explained") {
         return;
     }
-    let stderr = stderr_of(
-        Command::new(lb_binary().expect("lb")).args([
-            "agent",
-            "--interfaces",
-            "lo",
-            "--manifests",
-            "/nonexistent/manifests",
-        ]),
-    );
+    let stderr = stderr_of(Command::new(lb_binary().expect("lb")).args([
+        "agent",
+        "--interfaces",
+        "lo",
+        "--manifests",
+        "/nonexistent/manifests",
+    ]));
     assert!(stderr.contains("not a directory"), "{stderr}");
 }

@@ -339,8 +339,14 @@ fn mixed_offload_and_zero_udp_checksums_are_accepted_by_the_receivers() {
     ] {
         let cluster = Cluster::start(offload).expect("cluster");
         let (tcp, udp) = spread(&cluster, false);
-        assert!(tcp.iter().all(|n| *n > 0), "{offload:?}: TCP spread {tcp:?}");
-        assert!(udp.iter().all(|n| *n > 0), "{offload:?}: UDP spread {udp:?}");
+        assert!(
+            tcp.iter().all(|n| *n > 0),
+            "{offload:?}: TCP spread {tcp:?}"
+        );
+        assert!(
+            udp.iter().all(|n| *n > 0),
+            "{offload:?}: UDP spread {udp:?}"
+        );
     }
 }
 
@@ -400,12 +406,18 @@ fn agent_restart_keeps_an_open_tcp_connection() {
     cluster.agent().kill();
     // The dataplane outlives it: links and maps are pinned.
     for _ in 0..5 {
-        assert_eq!(connection.request().expect("request while down").backend, backend);
+        assert_eq!(
+            connection.request().expect("request while down").backend,
+            backend
+        );
     }
 
     cluster.start_agent().expect("restart");
     for _ in 0..5 {
-        assert_eq!(connection.request().expect("request after restart").backend, backend);
+        assert_eq!(
+            connection.request().expect("request after restart").backend,
+            backend
+        );
     }
     let log = cluster.agent().log_text();
     assert!(
@@ -434,15 +446,25 @@ fn removing_an_endpoint_stops_new_flows_and_moves_its_udp_flows() {
         .find(|socket| udp_request(socket).expect("request").backend == "backend-3")
         .expect("some UDP flow lands on backend 3");
 
-    std::fs::write(cluster.manifests().join("echo.yaml"), echo_manifest(&[0, 1])).expect("edit");
+    std::fs::write(
+        cluster.manifests().join("echo.yaml"),
+        echo_manifest(&[0, 1]),
+    )
+    .expect("edit");
     assert!(
         wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints().len() == 2),
         "the agent did not apply the edit: {:?}",
         cluster.tcp_endpoints()
     );
     let (tcp, udp) = spread(&cluster, true);
-    assert_eq!(tcp[2], 0, "new TCP flows reached the removed backend: {tcp:?}");
-    assert_eq!(udp[2], 0, "new UDP flows reached the removed backend: {udp:?}");
+    assert_eq!(
+        tcp[2], 0,
+        "new TCP flows reached the removed backend: {tcp:?}"
+    );
+    assert_eq!(
+        udp[2], 0,
+        "new UDP flows reached the removed backend: {udp:?}"
+    );
     assert!(tcp[0] > 0 && tcp[1] > 0, "TCP spread {tcp:?}");
     // The pinned UDP flow moves to a live backend on its next datagram.
     let moved = udp_request(&pinned).expect("request after removal").backend;
@@ -477,5 +499,8 @@ fn a_broken_manifest_keeps_the_service_and_names_the_field() {
         cluster.tcp_endpoints()
     );
     let (tcp, _) = spread(&cluster, true);
-    assert!(tcp[0] > 0 && tcp[1] > 0 && tcp[2] == 0, "TCP spread {tcp:?}");
+    assert!(
+        tcp[0] > 0 && tcp[1] > 0 && tcp[2] == 0,
+        "TCP spread {tcp:?}"
+    );
 }

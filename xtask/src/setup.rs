@@ -23,10 +23,22 @@ const EBPF_TOOLCHAIN: &str = "nightly";
 
 /// A command the tests or the demo run, and the Debian package that provides it.
 const PACKAGES: [(&str, &str, &str); 4] = [
-    ("ip", "iproute2", "network namespaces, veths, addresses and routes"),
-    ("ethtool", "ethtool", "checksum offload and GRO settings of the test veths"),
+    (
+        "ip",
+        "iproute2",
+        "network namespaces, veths, addresses and routes",
+    ),
+    (
+        "ethtool",
+        "ethtool",
+        "checksum offload and GRO settings of the test veths",
+    ),
     ("bpftool", "bpftool", "inspecting lb's maps and programs"),
-    ("nsenter", "util-linux", "running lb inside a node's network namespace by hand"),
+    (
+        "nsenter",
+        "util-linux",
+        "running lb inside a node's network namespace by hand",
+    ),
 ];
 
 fn found(program: &str) -> bool {
@@ -95,10 +107,22 @@ fn ensure_nightly_rust_src() -> anyhow::Result<()> {
         .any(|line| line.starts_with(EBPF_TOOLCHAIN))
     {
         println!("xtask: installing the {EBPF_TOOLCHAIN} toolchain (the eBPF object needs it)");
-        run_command(rustup().args(["toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal"]))?;
+        run_command(rustup().args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let installed = rustup()
-        .args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ])
         .output()?;
     if !String::from_utf8_lossy(&installed.stdout)
         .lines()
@@ -108,7 +132,13 @@ fn ensure_nightly_rust_src() -> anyhow::Result<()> {
             "xtask: installing rust-src for {EBPF_TOOLCHAIN} (the eBPF crate is built with -Z \
              build-std=core)"
         );
-        run_command(rustup().args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN]))?;
+        run_command(rustup().args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ]))?;
     }
     Ok(())
 }

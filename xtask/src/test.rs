@@ -79,12 +79,36 @@ fn demo() -> anyhow::Result<()> {
 }
 
 const TIERS: [Tier; 6] = [
-    Tier { name: "lint", needs_root: false, run: lint },
-    Tier { name: "build", needs_root: false, run: build },
-    Tier { name: "host tests", needs_root: false, run: host },
-    Tier { name: "XDP fixtures (BPF_PROG_TEST_RUN)", needs_root: true, run: fixtures },
-    Tier { name: "network-namespace end to end", needs_root: true, run: end_to_end },
-    Tier { name: "demo", needs_root: true, run: demo },
+    Tier {
+        name: "lint",
+        needs_root: false,
+        run: lint,
+    },
+    Tier {
+        name: "build",
+        needs_root: false,
+        run: build,
+    },
+    Tier {
+        name: "host tests",
+        needs_root: false,
+        run: host,
+    },
+    Tier {
+        name: "XDP fixtures (BPF_PROG_TEST_RUN)",
+        needs_root: true,
+        run: fixtures,
+    },
+    Tier {
+        name: "network-namespace end to end",
+        needs_root: true,
+        run: end_to_end,
+    },
+    Tier {
+        name: "demo",
+        needs_root: true,
+        run: demo,
+    },
 ];
 
 /// Runs every tier and prints a summary.
@@ -100,7 +124,10 @@ pub fn run() -> anyhow::Result<()> {
                 results.push((tier.name, "FAILED (CI must run it as root)", Duration::ZERO));
                 failed = true;
             } else {
-                println!("xtask: SKIP {}: needs root (run `sudo cargo xtask test`)", tier.name);
+                println!(
+                    "xtask: SKIP {}: needs root (run `sudo cargo xtask test`)",
+                    tier.name
+                );
                 results.push((tier.name, "skipped: not root", Duration::ZERO));
             }
             continue;
@@ -125,7 +152,10 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("\nxtask: test summary");
     for (name, outcome, elapsed) in &results {
-        println!("  {name:<36} {outcome:<32} {:>7.1} s", elapsed.as_secs_f64());
+        println!(
+            "  {name:<36} {outcome:<32} {:>7.1} s",
+            elapsed.as_secs_f64()
+        );
     }
     if failed {
         bail!("some tiers failed");

@@ -4,7 +4,7 @@
 use std::{mem::size_of, path::Path};
 
 use anyhow::Context as _;
-use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     conntrack::{FlowKey, FlowState},
     limits::{
@@ -103,6 +103,20 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Counter, u64)>> {
         .collect()
 }
 
+/// Deleting an entry that is already gone is success: deletes must be idempotent so that a retry
+/// after a partial failure converges.
+fn absent_is_fine(result: Result<(), MapError>) -> anyhow::Result<()> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => Ok(other?),
+    }
+}
+
 impl crate::reconcile::ServiceStore for ServiceMaps {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
         Ok(self.backends.set(id, backend, 0)?)
@@ -114,19 +128,19 @@ impl crate::reconcile::ServiceStore for ServiceMaps {
         Ok(self.slots.insert(key, backend_id, 0)?)
     }
     fn delete_slot(&mut self, key: SlotKey) -> anyhow::Result<()> {
-        Ok(self.slots.remove(&key)?)
+        absent_is_fine(self.slots.remove(&key))
     }
     fn set_service(&mut self, key: ServiceKey, value: &ServiceValue) -> anyhow::Result<()> {
         Ok(self.services.insert(key, value, 0)?)
     }
     fn delete_service(&mut self, key: ServiceKey) -> anyhow::Result<()> {
-        Ok(self.services.remove(&key)?)
+        absent_is_fine(self.services.remove(&key))
     }
     fn set_info(&mut self, service_id: u32, info: &ServiceInfo) -> anyhow::Result<()> {
         Ok(self.info.insert(service_id, info, 0)?)
     }
     fn delete_info(&mut self, service_id: u32) -> anyhow::Result<()> {
-        Ok(self.info.remove(&service_id)?)
+        absent_is_fine(self.info.remove(&service_id))
     }
     fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>> {
         Ok(self.services.iter().collect::<Result<_, _>>()?)

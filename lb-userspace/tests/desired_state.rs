@@ -1,0 +1,690 @@
+//! Host tests of `desired_state`: Kubernetes Services and EndpointSlices in, frontends and notes
+//! out, with kube-proxy's semantics.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb::{
+    desired::{BackendAddr, DesiredState, Frontend, Note, desired_state},
+    manifests::{Snapshot, load_dir},
+};
+use lb_common::service::ServiceKey;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+fn fixture_dir(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+/// The Services and EndpointSlices of one manifest file, read the way the agent reads them.
+fn load_file(dir: &Path, file: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let load = load_dir(dir, &Snapshot::default()).expect("the fixture directory is readable");
+    let path = dir.join(file);
+    let errors: Vec<_> = load.errors.iter().filter(|e| e.file == path).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    let services = load
+        .snapshot
+        .services
+        .into_values()
+        .filter(|sourced| sourced.file == path)
+        .map(|sourced| sourced.object)
+        .collect();
+    let slices = load
+        .snapshot
+        .slices
+        .into_values()
+        .filter(|sourced| sourced.file == path)
+        .map(|sourced| sourced.object)
+        .collect();
+    (services, slices)
+}
+
+fn service(yaml: &str) -> Service {
+    serde_yaml_ng::from_str(&format!("apiVersion: v1\nkind: Service\n{yaml}"))
+        .expect("the test's Service parses")
+}
+
+fn slice(yaml: &str) -> EndpointSlice {
+    serde_yaml_ng::from_str(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n{yaml}"
+    ))
+    .expect("the test's EndpointSlice parses")
+}
+
+/// A ClusterIP Service `namespace/name` at `cluster_ip` with the given `ports:` list items.
+fn cluster_ip_service(namespace: &str, name: &str, cluster_ip: &str, ports: &str) -> Service {
+    service(&format!(
+        "metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  clusterIP: \
+         {cluster_ip}\n  ports:\n{ports}"
+    ))
+}
+
+/// An IPv4 EndpointSlice of Service `namespace/service` with the given `ports` and ready
+/// endpoints at `addresses`.
+fn ready_slice(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    ports: &str,
+    addresses: &[&str],
+) -> EndpointSlice {
+    let endpoints: String = addresses
+        .iter()
+        .map(|address| format!("- addresses: [\"{address}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    slice(&format!(
+        "metadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    \
+         kubernetes.io/service-name: {service}\naddressType: IPv4\nports: {ports}\nendpoints:\n\
+         {endpoints}"
+    ))
+}
+
+/// The expected map key, built from the wire layout rather than the library's helpers.
+fn key(addr: [u8; 4], port: u16, proto: u8) -> ServiceKey {
+    ServiceKey {
+        addr: u32::from_ne_bytes(addr),
+        port: port.to_be(),
+        proto,
+        _pad: 0,
+    }
+}
+
+fn backends(addresses: &[&str], port: u16) -> Vec<BackendAddr> {
+    addresses
+        .iter()
+        .map(|address| BackendAddr {
+            addr: address.parse().expect("an IPv4 address"),
+            port,
+        })
+        .collect()
+}
+
+fn frontend(
+    (namespace, name, port_name): (&str, &str, &str),
+    addr: [u8; 4],
+    port: u16,
+    proto: u8,
+    backends: Vec<BackendAddr>,
+) -> Frontend {
+    Frontend {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        port_name: port_name.to_owned(),
+        addr: Ipv4Addr::from(addr),
+        port,
+        proto,
+        backends,
+    }
+}
+
+fn desired(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<Note>) {
+    desired_state(services, slices)
+}
+
+fn frontends(desired: &DesiredState) -> Vec<Frontend> {
+    for (key, frontend) in &desired.frontends {
+        assert_eq!(
+            *key,
+            frontend.key(),
+            "{frontend:?} is filed under another key"
+        );
+    }
+    let mut frontends: Vec<Frontend> = desired.frontends.values().cloned().collect();
+    // Host order, so that the expected lists read naturally whatever the byte order.
+    frontends.sort_by_key(|frontend| (frontend.addr, frontend.port, frontend.proto));
+    frontends
+}
+
+/// The backends of the one frontend `desired` holds.
+fn only_backends(desired: &DesiredState) -> Vec<BackendAddr> {
+    assert_eq!(desired.frontends.len(), 1, "{desired:#?}");
+    desired
+        .frontends
+        .values()
+        .next()
+        .expect("one frontend")
+        .backends
+        .clone()
+}
+
+fn note(object: &str, message: &str) -> Note {
+    Note {
+        object: object.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+#[test]
+fn the_seeds_without_a_cluster_ip_give_no_frontends_and_say_why() {
+    let dir = fixture_dir("tests/fixtures/seeds");
+    let (mut services, slices) = load_file(&dir, "my-service.yaml");
+    services.extend(load_file(&dir, "pgadmin.yaml").0);
+    assert_eq!(services.len(), 2);
+
+    let (state, notes) = desired(&services, &slices);
+    assert!(state.frontends.is_empty(), "{state:#?}");
+    let objects: Vec<&str> = notes.iter().map(|note| note.object.as_str()).collect();
+    assert_eq!(
+        objects,
+        vec!["Service default/my-service", "Service postgresql/pgadmin"]
+    );
+    for note in &notes {
+        assert!(
+            note.message.contains("spec.clusterIP is not set"),
+            "{note:?}"
+        );
+    }
+}
+
+#[test]
+fn my_service_with_a_cluster_ip_and_its_controller_slice_gives_two_frontends() {
+    let (services, slices) = load_file(
+        &fixture_dir("tests/fixtures/host/my-service"),
+        "my-service.yaml",
+    );
+    assert_eq!((services.len(), slices.len()), (1, 1));
+
+    let (state, notes) = desired(&services, &slices);
+    assert!(notes.is_empty(), "{notes:?}");
+    let pods = ["10.244.1.5", "10.244.1.12", "10.244.2.7"];
+    assert_eq!(
+        frontends(&state),
+        vec![
+            frontend(
+                ("default", "my-service", "http"),
+                [10, 96, 0, 20],
+                80,
+                TCP,
+                backends(&pods, 9080)
+            ),
+            frontend(
+                ("default", "my-service", "https"),
+                [10, 96, 0, 20],
+                443,
+                TCP,
+                backends(&pods, 9433)
+            ),
+        ]
+    );
+    assert!(state.frontends.contains_key(&key([10, 96, 0, 20], 80, TCP)));
+    assert!(
+        state
+            .frontends
+            .contains_key(&key([10, 96, 0, 20], 443, TCP))
+    );
+}
+
+#[test]
+fn the_echo_example_resolves_the_named_target_port_through_the_slice() {
+    let (services, slices) = load_file(&fixture_dir("examples"), "echo.yaml");
+    let (state, notes) = desired(&services, &slices);
+    assert!(notes.is_empty(), "{notes:?}");
+    let pods = ["10.1.1.2", "10.1.2.2", "10.1.3.2"];
+    assert_eq!(
+        frontends(&state),
+        vec![
+            frontend(
+                ("demo", "echo", "udp-echo"),
+                [10, 96, 0, 10],
+                53,
+                UDP,
+                backends(&pods, 5353)
+            ),
+            frontend(
+                ("demo", "echo", "http"),
+                [10, 96, 0, 10],
+                80,
+                TCP,
+                backends(&pods, 8080)
+            ),
+        ]
+    );
+    assert!(state.frontends.contains_key(&key([10, 96, 0, 10], 80, TCP)));
+    assert!(state.frontends.contains_key(&key([10, 96, 0, 10], 53, UDP)));
+}
+
+#[test]
+fn only_ready_endpoints_are_backends_and_unknown_readiness_counts_as_ready() {
+    let services = [cluster_ip_service(
+        "default",
+        "web",
+        "10.96.0.1",
+        "  - port: 80\n",
+    )];
+    let slices = [slice(
+        "metadata:\n  name: web-1\n  labels: {kubernetes.io/service-name: web}\n\
+         addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+         - {addresses: [10.0.0.1], conditions: {ready: true}}\n\
+         - {addresses: [10.0.0.2], conditions: {ready: false}}\n\
+         - {addresses: [10.0.0.3]}\n\
+         - {addresses: [10.0.0.4], conditions: {}}\n\
+         - {addresses: [10.0.0.5], conditions: {ready: false, serving: true, terminating: true}}\n\
+         - {addresses: [10.0.0.6], conditions: {serving: true}}\n",
+    )];
+    let (state, notes) = desired(&services, &slices);
+    assert!(notes.is_empty(), "{notes:?}");
+    assert_eq!(
+        only_backends(&state),
+        backends(&["10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.6"], 8080)
+    );
+}
+
+#[test]
+fn the_slices_of_a_service_are_merged_without_duplicates() {
+    let services = [cluster_ip_service(
+        "shop",
+        "web",
+        "10.96.0.1",
+        "  - port: 80\n    targetPort: http\n",
+    )];
+    let ports = "[{port: 8080}]";
+    let slices = [
+        ready_slice("shop", "web-a", "web", ports, &["10.0.0.1", "10.0.0.2"]),
+        ready_slice("shop", "web-b", "web", ports, &["10.0.0.2", "10.0.0.3"]),
+        // A rollout that changed the target port: the same pod address at two ports is two
+        // endpoints.
+        ready_slice("shop", "web-c", "web", "[{port: 8081}]", &["10.0.0.1"]),
+    ];
+    let (state, _) = desired(&services, &slices);
+    let mut expected = backends(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], 8080);
+    expected.insert(1, backends(&["10.0.0.1"], 8081)[0]);
+    assert_eq!(only_backends(&state), expected);
+}
+
+#[test]
+fn slices_of_other_namespaces_and_other_services_are_ignored() {
+    let services = [
+        cluster_ip_service("shop", "web", "10.96.0.1", "  - port: 80\n"),
+        service("metadata: {name: api}\nspec:\n  clusterIP: 10.96.0.2\n  ports:\n  - port: 9000\n"),
+    ];
+    let ports = "[{port: 8080}]";
+    let slices = [
+        ready_slice("shop", "web-1", "web", ports, &["10.0.0.1"]),
+        ready_slice("other", "web-1", "web", ports, &["10.0.0.2"]),
+        ready_slice("shop", "web2-1", "web2", ports, &["10.0.0.3"]),
+        // Named like the Service's slices but not labelled for it.
+        slice(
+            "metadata: {name: web-x, namespace: shop}\naddressType: IPv4\n\
+             ports: [{port: 8080}]\nendpoints: [{addresses: [10.0.0.4]}]\n",
+        ),
+        // No namespace on either side: both are in `default`.
+        slice(
+            "metadata:\n  name: api-1\n  labels: {kubernetes.io/service-name: api}\n\
+             addressType: IPv4\nports: [{port: 9001}]\nendpoints: [{addresses: [10.0.0.5]}]\n",
+        ),
+    ];
+    let (state, notes) = desired(&services, &slices);
+    assert!(notes.is_empty(), "{notes:?}");
+    assert_eq!(
+        state.frontends[&key([10, 96, 0, 1], 80, TCP)].backends,
+        backends(&["10.0.0.1"], 8080)
+    );
+    assert_eq!(
+        state.frontends[&key([10, 96, 0, 2], 9000, TCP)].backends,
+        backends(&["10.0.0.5"], 9001)
+    );
+    assert_eq!(state.frontends.len(), 2);
+}
+
+#[test]
+fn ipv6_and_fqdn_slices_are_ignored() {
+    let services = [service(
+        "metadata: {name: web}\nspec:\n  clusterIP: 10.96.0.1\n  clusterIPs: [10.96.0.1, \
+         fd00::1]\n  ipFamilies: [IPv4, IPv6]\n  ports:\n  - port: 80\n",
+    )];
+    let endpoints_of = |name: &str, address_type: &str, address: &str| {
+        slice(&format!(
+            "metadata:\n  name: {name}\n  labels: {{kubernetes.io/service-name: web}}\n\
+             addressType: {address_type}\nports: [{{port: 8080}}]\n\
+             endpoints: [{{addresses: [\"{address}\"]}}]\n"
+        ))
+    };
+    let slices = [
+        endpoints_of("web-v4", "IPv4", "10.0.0.1"),
+        endpoints_of("web-v6", "IPv6", "fd00:10::1"),
+        endpoints_of("web-fqdn", "FQDN", "web.example.com"),
+    ];
+    let (state, notes) = desired(&services, &slices);
+    assert_eq!(only_backends(&state), backends(&["10.0.0.1"], 8080));
+    assert_eq!(
+        notes,
+        vec![note(
+            "Service default/web",
+            "ClusterIP fd00::1: IPv6 is not supported yet"
+        )]
+    );
+}
+
+#[test]
+fn headless_and_external_name_services_give_a_note_and_nothing_else() {
+    let endpoints = |service: &str| {
+        ready_slice(
+            "default",
+            &format!("{service}-1"),
+            service,
+            "[{port: 8080}]",
+            &["10.0.0.1"],
+        )
+    };
+    for spec in [
+        "  clusterIP: None\n  ports: [{port: 80}]\n",
+        "  clusterIP: None\n  clusterIPs: [None]\n  ports: [{port: 80}]\n",
+    ] {
+        let services = [service(&format!("metadata: {{name: db}}\nspec:\n{spec}"))];
+        let (state, notes) = desired(&services, &[endpoints("db")]);
+        assert!(state.frontends.is_empty(), "{state:#?}");
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(notes[0].object, "Service default/db");
+        assert!(notes[0].message.contains("headless"), "{notes:?}");
+    }
+
+    let services = [service(
+        "metadata: {name: db}\nspec:\n  type: ExternalName\n  externalName: db.example.com\n  \
+         ports: [{port: 80}]\n",
+    )];
+    let (state, notes) = desired(&services, &[endpoints("db")]);
+    assert!(state.frontends.is_empty(), "{state:#?}");
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(notes[0].object, "Service default/db");
+    assert!(notes[0].message.contains("ExternalName"), "{notes:?}");
+}
+
+#[test]
+fn an_sctp_port_is_noted_and_skipped() {
+    let services = [cluster_ip_service(
+        "default",
+        "web",
+        "10.96.0.1",
+        "  - {name: http, port: 80}\n  - {name: sig, port: 9000, protocol: SCTP}\n",
+    )];
+    let slices = [ready_slice(
+        "default",
+        "web-1",
+        "web",
+        "[{name: http, port: 8080}, {name: sig, port: 9000, protocol: SCTP}]",
+        &["10.0.0.1"],
+    )];
+    let (state, notes) = desired(&services, &slices);
+    assert_eq!(
+        frontends(&state),
+        vec![frontend(
+            ("default", "web", "http"),
+            [10, 96, 0, 1],
+            80,
+            TCP,
+            backends(&["10.0.0.1"], 8080)
+        )]
+    );
+    assert_eq!(
+        notes,
+        vec![note(
+            "Service default/web",
+            "port 9000 (sig): protocol SCTP is not supported"
+        )]
+    );
+}
+
+#[test]
+fn a_frontend_claimed_twice_goes_to_the_first_service_by_namespace_and_name() {
+    // Given in the opposite order to show the outcome does not depend on it.
+    let services = [
+        cluster_ip_service(
+            "b",
+            "web",
+            "10.96.0.50",
+            "  - {name: http, port: 80}\n  - {name: alt, port: 81}\n  - {name: udp, port: 80, \
+             protocol: UDP}\n",
+        ),
+        cluster_ip_service("a", "web", "10.96.0.50", "  - port: 80\n"),
+    ];
+    let slices = [
+        ready_slice("a", "web-1", "web", "[{port: 8080}]", &["10.0.0.1"]),
+        ready_slice(
+            "b",
+            "web-1",
+            "web",
+            "[{name: http, port: 9090}, {name: alt, port: 9091}, {name: udp, port: 9092, \
+             protocol: UDP}]",
+            &["10.0.0.2"],
+        ),
+    ];
+    let (state, notes) = desired(&services, &slices);
+    assert_eq!(
+        frontends(&state),
+        vec![
+            frontend(
+                ("a", "web", ""),
+                [10, 96, 0, 50],
+                80,
+                TCP,
+                backends(&["10.0.0.1"], 8080)
+            ),
+            frontend(
+                ("b", "web", "udp"),
+                [10, 96, 0, 50],
+                80,
+                UDP,
+                backends(&["10.0.0.2"], 9092)
+            ),
+            frontend(
+                ("b", "web", "alt"),
+                [10, 96, 0, 50],
+                81,
+                TCP,
+                backends(&["10.0.0.2"], 9091)
+            ),
+        ]
+    );
+    assert_eq!(
+        notes,
+        vec![note(
+            "Service b/web",
+            "10.96.0.50:80 is already served by Service a/web; ignored here"
+        )]
+    );
+}
+
+#[test]
+fn dual_stack_services_use_their_ipv4_cluster_ip() {
+    let slices = [ready_slice(
+        "default",
+        "web-1",
+        "web",
+        "[{port: 8080}]",
+        &["10.0.0.1"],
+    )];
+    for (primary, cluster_ips, v4, v6) in [
+        (
+            "fd00::10",
+            "[fd00::10, 10.96.0.60]",
+            [10, 96, 0, 60],
+            "fd00::10",
+        ),
+        (
+            "10.96.0.61",
+            "[10.96.0.61, fd00::11]",
+            [10, 96, 0, 61],
+            "fd00::11",
+        ),
+    ] {
+        let services = [service(&format!(
+            "metadata: {{name: web}}\nspec:\n  clusterIP: {primary}\n  clusterIPs: \
+             {cluster_ips}\n  ports: [{{port: 80}}]\n"
+        ))];
+        let (state, notes) = desired(&services, &slices);
+        assert_eq!(
+            frontends(&state),
+            vec![frontend(
+                ("default", "web", ""),
+                v4,
+                80,
+                TCP,
+                backends(&["10.0.0.1"], 8080)
+            )]
+        );
+        assert_eq!(
+            notes,
+            vec![note(
+                "Service default/web",
+                &format!("ClusterIP {v6}: IPv6 is not supported yet")
+            )]
+        );
+    }
+
+    // IPv6 only: said once, and not mistaken for a missing clusterIP.
+    let services = [service(
+        "metadata: {name: web}\nspec:\n  clusterIP: fd00::12\n  ports: [{port: 80}]\n",
+    )];
+    let (state, notes) = desired(&services, &slices);
+    assert!(state.frontends.is_empty(), "{state:#?}");
+    assert_eq!(
+        notes,
+        vec![note(
+            "Service default/web",
+            "ClusterIP fd00::12: IPv6 is not supported yet"
+        )]
+    );
+}
+
+#[test]
+fn an_unnamed_single_port_matches_the_unnamed_slice_port_only() {
+    let services = [cluster_ip_service(
+        "default",
+        "web",
+        "10.96.0.1",
+        "  - port: 80\n    targetPort: 8080\n",
+    )];
+    for (ports, expected) in [
+        ("[{port: 8080}]", backends(&["10.0.0.1"], 8080)),
+        // The EndpointSlice controller writes the empty name out.
+        ("[{name: \"\", port: 8080}]", backends(&["10.0.0.1"], 8080)),
+        ("[{name: http, port: 8080}]", Vec::new()),
+    ] {
+        let slices = [ready_slice("default", "web-1", "web", ports, &["10.0.0.1"])];
+        let (state, notes) = desired(&services, &slices);
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(
+            frontends(&state),
+            vec![frontend(
+                ("default", "web", ""),
+                [10, 96, 0, 1],
+                80,
+                TCP,
+                expected
+            )],
+            "slice ports {ports}"
+        );
+    }
+}
+
+#[test]
+fn slice_ports_match_by_protocol_as_well_as_name() {
+    let services = [cluster_ip_service(
+        "default",
+        "dns",
+        "10.96.0.10",
+        "  - {name: dns, port: 53, protocol: UDP}\n  - {name: dns-tcp, port: 53}\n",
+    )];
+    // `dns` is offered over TCP only, `dns-tcp` with the protocol left to its default.
+    let slices = [ready_slice(
+        "default",
+        "dns-1",
+        "dns",
+        "[{name: dns, port: 5353, protocol: TCP}, {name: dns-tcp, port: 5354}]",
+        &["10.0.0.1"],
+    )];
+    let (state, _) = desired(&services, &slices);
+    assert_eq!(
+        state.frontends[&key([10, 96, 0, 10], 53, UDP)].backends,
+        Vec::new()
+    );
+    assert_eq!(
+        state.frontends[&key([10, 96, 0, 10], 53, TCP)].backends,
+        backends(&["10.0.0.1"], 5354)
+    );
+}
+
+#[test]
+fn backends_are_sorted_by_address_then_port() {
+    let services = [cluster_ip_service(
+        "default",
+        "web",
+        "10.96.0.1",
+        "  - port: 80\n",
+    )];
+    let slices = [
+        ready_slice(
+            "default",
+            "web-1",
+            "web",
+            "[{port: 8080}]",
+            &["10.0.0.100", "10.0.0.9", "9.0.0.1", "10.0.0.10"],
+        ),
+        ready_slice("default", "web-2", "web", "[{port: 80}]", &["10.0.0.10"]),
+    ];
+    let (state, _) = desired(&services, &slices);
+    // Numeric order, not the order of the strings.
+    let mut expected = backends(&["9.0.0.1", "10.0.0.9"], 8080);
+    expected.extend(backends(&["10.0.0.10"], 80));
+    expected.extend(backends(&["10.0.0.10", "10.0.0.100"], 8080));
+    assert_eq!(only_backends(&state), expected);
+}
+
+#[test]
+fn an_endpoint_is_reached_at_its_first_address() {
+    let services = [cluster_ip_service(
+        "default",
+        "web",
+        "10.96.0.1",
+        "  - port: 80\n",
+    )];
+    let slices = [ready_slice(
+        "default",
+        "web-1",
+        "web",
+        "[{port: 8080}]",
+        &["10.0.0.1"],
+    )];
+    let mut slices = slices.to_vec();
+    slices[0].endpoints.as_mut().unwrap()[0]
+        .addresses
+        .push("10.0.0.2".to_owned());
+    let (state, _) = desired(&services, &slices);
+    assert_eq!(only_backends(&state), backends(&["10.0.0.1"], 8080));
+}
+
+#[test]
+fn node_port_and_load_balancer_services_get_their_cluster_ip_frontend() {
+    for service_type in ["NodePort", "LoadBalancer"] {
+        let services = [service(&format!(
+            "metadata: {{name: pgadmin, namespace: postgresql}}\nspec:\n  type: {service_type}\n  \
+             clusterIP: 10.96.5.5\n  ports:\n  - {{name: padmin-port, nodePort: 30165, port: 80, \
+             targetPort: 80}}\n"
+        ))];
+        let slices = [ready_slice(
+            "postgresql",
+            "pgadmin-1",
+            "pgadmin",
+            "[{name: padmin-port, port: 80}]",
+            &["10.0.0.1"],
+        )];
+        let (state, notes) = desired(&services, &slices);
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(
+            frontends(&state),
+            vec![frontend(
+                ("postgresql", "pgadmin", "padmin-port"),
+                [10, 96, 5, 5],
+                80,
+                TCP,
+                backends(&["10.0.0.1"], 80)
+            )]
+        );
+    }
+}
