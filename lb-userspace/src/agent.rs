@@ -113,6 +113,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         dataplane.attach(interface)?;
     }
     dataplane.detach_others(&options.interfaces)?;
+    for warning in system::sysctl_warnings(&options.interfaces) {
+        warn!("{warning}");
+    }
 
     let mut maps = ServiceMaps::open(&options.pin_dir)?;
     let (mut reconciler, swept) = Reconciler::from_store(&mut maps)?;

@@ -76,3 +76,42 @@ fn a_manifest_path_that_is_not_a_directory_is_explained() {
     ]));
     assert!(stderr.contains("not a directory"), "{stderr}");
 }
+
+#[test]
+fn settings_that_break_the_stack_path_are_warned_about() {
+    if !require_root("settings_that_break_the_stack_path_are_warned_about") {
+        return;
+    }
+    let prefix = unique_prefix("lbt");
+    let netns = Netns::create(&format!("{prefix}-node")).expect("netns");
+    netns
+        .ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"])
+        .expect("veth (this kernel has no dummy driver)");
+    netns.ip(&["link", "set", "d0", "up"]).expect("up");
+    netns.sysctl("ipv4.ip_forward", "0").expect("sysctl");
+    netns
+        .sysctl("ipv4.conf.all.rp_filter", "1")
+        .expect("sysctl");
+    let workdir = std::env::temp_dir().join(&prefix);
+    std::fs::create_dir_all(workdir.join("manifests")).expect("workdir");
+    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(&prefix);
+    let lb = lb_binary().expect("lb");
+    let mut agent = lb_tests::agent::Agent::start(
+        &netns,
+        &lb,
+        &pin_dir,
+        &workdir.join("manifests"),
+        &["d0".to_owned()],
+        &workdir.join("agent.log"),
+    )
+    .expect("agent");
+    let log = agent.log_text();
+    agent.stop();
+    let _ = lb_tests::agent::lb(&lb, &pin_dir, &["reset"]);
+    let _ = std::fs::remove_dir_all(&workdir);
+    assert!(log.contains("net.ipv4.ip_forward is 0"), "{log}");
+    assert!(
+        log.contains("strict reverse-path filtering (rp_filter=1) on d0"),
+        "{log}"
+    );
+}

@@ -146,6 +146,41 @@ pub fn explain_attach_error<E: StdError + Send + Sync + 'static>(
     }
 }
 
+/// `rp_filter` value of strict reverse-path filtering.
+const RP_FILTER_STRICT: &str = "1";
+
+fn net_sysctl(key: &str) -> Option<String> {
+    fs::read_to_string(format!("/proc/sys/net/{key}"))
+        .ok()
+        .map(|value| value.trim().to_owned())
+}
+
+/// Host settings that silently break part of the dataplane, as warnings to log. Read in the
+/// calling thread's network namespace.
+pub fn sysctl_warnings(interfaces: &[String]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if net_sysctl("ipv4/ip_forward").as_deref() == Some("0") {
+        warnings.push(
+            "net.ipv4.ip_forward is 0: translated packets the kernel must route (partial \
+             checksums, unresolved neighbours) will be dropped; set it to 1"
+                .to_owned(),
+        );
+    }
+    let all = net_sysctl("ipv4/conf/all/rp_filter");
+    for interface in interfaces {
+        let own = net_sysctl(&format!("ipv4/conf/{interface}/rp_filter"));
+        // The kernel applies the stricter (larger) of the two values.
+        if all.as_deref() == Some(RP_FILTER_STRICT) || own.as_deref() == Some(RP_FILTER_STRICT) {
+            warnings.push(format!(
+                "strict reverse-path filtering (rp_filter=1) on {interface}: replies the kernel \
+                 routes carry a Service address as source and will be dropped; set \
+                 net.ipv4.conf.{interface}.rp_filter and net.ipv4.conf.all.rp_filter to 0 or 2"
+            ));
+        }
+    }
+    warnings
+}
+
 /// The default pin directory as a path.
 pub fn default_pin_dir() -> PathBuf {
     PathBuf::from(lb_common::limits::DEFAULT_PIN_DIR)
