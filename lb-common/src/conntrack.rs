@@ -35,7 +35,7 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// `FlowState::tcp_flags`: a FIN was seen in either direction.
+/// `FlowState::tcp_flags`: a FIN was seen in either direction (both entries of a flow carry it).
 pub const SEEN_FIN: u8 = 1;
 /// `FlowState::tcp_flags`: a RST was seen in either direction.
 pub const SEEN_RST: u8 = 2;
@@ -49,7 +49,8 @@ pub struct FlowState {
     pub nat_addr: u32,
     /// The port counterpart of `nat_addr`, network byte order.
     pub nat_port: u16,
-    /// `SEEN_FIN` / `SEEN_RST` bits for TCP flows seen through this entry.
+    /// `SEEN_FIN` / `SEEN_RST` bits of the flow, in either direction (see `lb-ebpf`'s
+    /// `select` module: both entries of a flow are kept in step).
     pub tcp_flags: u8,
     /// Always zero.
     pub _pad: u8,
@@ -60,7 +61,8 @@ pub struct FlowState {
     pub service_id: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was created.
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last packet, refreshed at most every `REFRESH_INTERVAL_NS`.
+    /// `bpf_ktime_get_ns()` of the flow's last packet in either direction, refreshed at most
+    /// every `REFRESH_INTERVAL_NS`.
     pub last_seen_ns: u64,
 }
 

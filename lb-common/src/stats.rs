@@ -82,8 +82,8 @@ counters! {
     DropBackendMissing = 12, "drop_backend_missing", Drop;
     /// A new flow was recorded in conntrack.
     FlowCreated = 13, "flow_created", Event;
-    /// A tracked flow's entry was replaced: its backend was removed, it expired, or a new TCP
-    /// connection reused the tuple of a closed one.
+    /// A tracked flow got a new backend: its old one was removed, it expired, or a new TCP
+    /// connection reused the tuple of a closed one. Counted only when the new choice is made.
     FlowReselected = 14, "flow_reselected", Event;
     /// Recording a new flow failed; the packet was still forwarded.
     FlowInsertFailed = 15, "flow_insert_failed", Event;

@@ -6,6 +6,11 @@
 //! uniformly at random among the Service's slots (kube-proxy's behaviour) and recorded: the
 //! original entry (client -> VIP) names the backend, the reply entry (backend -> client) names the
 //! VIP to restore on the way back.
+//!
+//! The two entries of a flow share one liveness and one close state: whenever a packet refreshes
+//! its own entry (at most once per `REFRESH_INTERVAL_NS`) or brings a new FIN/RST, the peer entry
+//! is updated too. So a flow is alive while either direction carries traffic, a reset sent by the
+//! backend closes the flow for the client's next SYN, and an expired flow translates neither way.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -75,16 +80,27 @@ fn closing_bits(tcp_flags: u8) -> u8 {
     bits
 }
 
-/// Records that the flow is alive (and closing, if the packet says so). Updates race only with
-/// the same flow on another CPU, and both writers write equivalent values.
+/// Records that the flow is alive, and closing if the packet says so, on `state` and on the entry
+/// of the other direction (`peer`). Looks the peer up only when something changed. Updates race
+/// only with the same flow on another CPU, and every writer moves the values the same way.
 #[inline(always)]
-fn touch(state: &mut FlowState, tcp_flags: u8, now: u64) {
-    let closing = closing_bits(tcp_flags);
-    if closing & !state.tcp_flags != 0 {
-        state.tcp_flags |= closing;
+fn touch(state: &mut FlowState, peer: &FlowKey, tcp_flags: u8, now: u64) {
+    let closing = closing_bits(tcp_flags) & !state.tcp_flags;
+    let refresh = now.saturating_sub(state.last_seen_ns) > REFRESH_INTERVAL_NS;
+    if closing == 0 && !refresh {
+        return;
     }
-    if now.saturating_sub(state.last_seen_ns) > REFRESH_INTERVAL_NS {
+    state.tcp_flags |= closing;
+    if refresh {
         state.last_seen_ns = now;
+    }
+    if let Some(peer) = LB_CONNTRACK.get_ptr_mut(peer) {
+        // SAFETY: a live map value; see above for concurrent writers.
+        let peer = unsafe { &mut *peer };
+        peer.tcp_flags |= state.tcp_flags;
+        if peer.last_seen_ns < state.last_seen_ns {
+            peer.last_seen_ns = state.last_seen_ns;
+        }
     }
 }
 
@@ -114,7 +130,8 @@ pub fn select_backend(packet: &Packet, service: &ServiceValue) -> Result<Endpoin
     if let Some(state) = LB_CONNTRACK.get_ptr_mut(key) {
         let state = unsafe { &mut *state };
         if still_pinned(state, packet, now) {
-            touch(state, packet.tcp_flags, now);
+            let peer = reply_key(packet, state.nat_addr, state.nat_port);
+            touch(state, &peer, packet.tcp_flags, now);
             return Ok(Endpoint {
                 addr: state.nat_addr,
                 port: state.nat_port,
@@ -122,7 +139,6 @@ pub fn select_backend(packet: &Packet, service: &ServiceValue) -> Result<Endpoin
         }
         // The old backend's reply entry would otherwise translate stray packets from it.
         let _ = LB_CONNTRACK.remove(reply_key(packet, state.nat_addr, state.nat_port));
-        count(Counter::FlowReselected);
         replacing = true;
     }
 
@@ -177,6 +193,9 @@ pub fn select_backend(packet: &Packet, service: &ServiceValue) -> Result<Endpoin
     {
         count(Counter::FlowInsertFailed);
     }
+    if replacing {
+        count(Counter::FlowReselected);
+    }
     count(Counter::FlowCreated);
     Ok(Endpoint {
         addr: backend.addr,
@@ -184,16 +203,32 @@ pub fn select_backend(packet: &Packet, service: &ServiceValue) -> Result<Endpoin
     })
 }
 
-/// If `packet` is a backend's reply on a tracked flow, the Service address and port to restore as
-/// its source.
+/// If `packet` is a backend's reply on a live tracked flow, the Service address and port to
+/// restore as its source. The entry of an expired flow is deleted instead: the tuple may be reused
+/// by traffic that has nothing to do with the Service.
 #[inline(always)]
 pub fn lookup_reply(packet: &Packet) -> Option<Endpoint> {
     let key = FlowKey {
         direction: DIRECTION_REPLY,
         ..original_key(packet)
     };
+    // SAFETY: a live map value; see `touch` for concurrent writers.
     let state = unsafe { &mut *LB_CONNTRACK.get_ptr_mut(key)? };
-    touch(state, packet.tcp_flags, unsafe { bpf_ktime_get_ns() });
+    let now = unsafe { bpf_ktime_get_ns() };
+    if is_expired(state, packet.proto, now) {
+        let _ = LB_CONNTRACK.remove(key);
+        return None;
+    }
+    let original = FlowKey {
+        src_addr: packet.dst_addr,
+        dst_addr: state.nat_addr,
+        src_port: packet.dst_port,
+        dst_port: state.nat_port,
+        proto: packet.proto,
+        direction: DIRECTION_ORIGINAL,
+        _pad: [0; 2],
+    };
+    touch(state, &original, packet.tcp_flags, now);
     Some(Endpoint {
         addr: state.nat_addr,
         port: state.nat_port,

@@ -1,0 +1,2916 @@
+//! Table-driven fixtures for the XDP program, run with `BPF_PROG_TEST_RUN`: each case is an input
+//! frame plus map contents, and the exact XDP action, output bytes and counter deltas expected.
+//!
+//! Expected frames are built independently with etherparse from a description of the packet
+//! (never copied from the program's output), and every translated output has its IPv4 and L4
+//! checksums recomputed from scratch by the small RFC 1071 routine below. Counter deltas are
+//! compared over every counter, so a counter that should stay unchanged is checked too.
+//!
+//! Each test owns a network namespace (veth pairs whose both ends live in it, static neighbours,
+//! forwarding on) and a pin directory, both named with a per-test prefix and removed on drop,
+//! panics included, so the tests run in parallel. The whole body runs on a thread inside the
+//! namespace: `test_run` resolves the ingress ifindex and does its FIB lookups there, and
+//! `LB_TX_PORTS` resolves ifindexes in the namespace of the writer.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use etherparse::{
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, SingleVlanHeader,
+    TcpHeader, TcpOptions, UdpHeader, VlanId, VlanPcp,
+};
+use lb::{
+    dataplane::{
+        self, Dataplane,
+        maps::{ServiceMaps, open_conntrack, open_tx_ports, read_counters},
+    },
+    desired::{BackendAddr, DesiredState, Frontend},
+    reconcile::Reconciler,
+};
+use lb_common::{
+    conntrack::{DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowKey, FlowState, SEEN_FIN, SEEN_RST},
+    service::{BACKEND_ACTIVE, Backend, ServiceKey, ServiceValue, SlotKey},
+    stats::Counter,
+};
+use lb_tests::{
+    netns::{Netns, unique_prefix, veth},
+    privilege::require_root,
+};
+
+// XDP actions (linux/bpf.h `enum xdp_action`).
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const IPV4_HLEN: usize = 20;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_ARP: u16 = 0x0806;
+const TPID_8021Q: u16 = 0x8100;
+const TPID_8021AD: u16 = 0x88a8;
+/// Offsets of the checksum field in the TCP and UDP headers.
+const TCP_CHECK_OFFSET: usize = 16;
+const UDP_CHECK_OFFSET: usize = 6;
+
+// TCP flag bits (byte 13 of the header).
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+
+const WINDOW: u16 = 64_240;
+const CLIENT_ISN: u32 = 0x1000_0000;
+const SERVER_ISN: u32 = 0x2000_0000;
+/// TCP option: maximum segment size 1460.
+const MSS_OPTION: [u8; 4] = [2, 4, 0x05, 0xb4];
+const IP_ID: u16 = 0x4a21;
+const DEFAULT_TTL: u8 = 64;
+
+// The namespace: three veth pairs, both ends inside it. The `*0` ends carry the router's
+// addresses; the peers only exist so that the links have carrier.
+const IN_IF: &str = "in0";
+const IN_PEER: &str = "in0p";
+const IN_CIDR: &str = "10.0.0.1/24";
+const OUT_IF: &str = "out0";
+const OUT_PEER: &str = "out0p";
+const OUT_CIDR: &str = "10.1.1.1/24";
+/// A link the program may not redirect to (left out of `LB_TX_PORTS`).
+const SIDE_IF: &str = "side0";
+const SIDE_PEER: &str = "side0p";
+const SIDE_CIDR: &str = "10.2.2.1/24";
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// A backend on the client's link: traffic to it leaves where it came in.
+const LOCAL_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+const LOCAL_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+const BACKEND_A: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
+const BACKEND_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const BACKEND_B: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 4);
+const BACKEND_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x04];
+const BACKEND_C: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
+const BACKEND_C_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x05];
+/// On out0's subnet, without a neighbour entry.
+const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 3);
+/// Behind BACKEND_A acting as a gateway, on a route with a locked small MTU.
+const ROUTED_SUBNET: &str = "10.1.2.0/24";
+const ROUTED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 5);
+const ROUTED_MTU: usize = 600;
+/// On side0, which is not a TX port.
+const SIDE_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 2, 2, 2);
+const SIDE_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x06];
+/// TEST-NET-1: no route to it in the namespace.
+const UNROUTED_BACKEND: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const VIP_PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+const DNS_PORT: u16 = 53;
+const BACKEND_DNS_PORT: u16 = 5353;
+
+/// Runs of one tuple that must all reach the same backend.
+const STICKY_RUNS: usize = 50;
+/// Upper bound on new flows tried while waiting for every backend to be chosen; with 3 backends
+/// all appear within 200 uniform draws except with probability 3 (2/3)^200 < 1e-34.
+const MAX_NEW_FLOWS: u16 = 200;
+
+// ---------------------------------------------------------------------------------------------
+// Independent checksum arithmetic (RFC 1071), over big-endian words.
+
+fn sum_words(mut acc: u64, data: &[u8]) -> u64 {
+    let mut pairs = data.chunks_exact(2);
+    for pair in &mut pairs {
+        acc += u64::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    if let [last] = pairs.remainder() {
+        acc += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    acc
+}
+
+fn fold(mut acc: u64) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize) -> u64 {
+    let acc = sum_words(0, &src.octets());
+    let acc = sum_words(acc, &dst.octets());
+    acc + u64::from(proto) + l4_len as u64
+}
+
+/// What Linux leaves in the L4 checksum field for `CHECKSUM_PARTIAL`: the folded pseudo-header
+/// sum, not complemented.
+fn partial_check(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize) -> u16 {
+    fold(pseudo_header_sum(src, dst, proto, l4_len))
+}
+
+fn be16(bytes: &[u8], offset: usize) -> u16 {
+    u16::from_be_bytes([bytes[offset], bytes[offset + 1]])
+}
+
+fn ip_at(bytes: &[u8], offset: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        bytes[offset],
+        bytes[offset + 1],
+        bytes[offset + 2],
+        bytes[offset + 3],
+    )
+}
+
+/// The state an L4 checksum field is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Covers the pseudo header and all L4 bytes.
+    Complete,
+    /// The pseudo-header sum only (`CHECKSUM_PARTIAL`).
+    Partial,
+    /// UDP without a checksum.
+    Zero,
+}
+
+/// Offset of the IPv4 header in an Ethernet frame, after any VLAN tags.
+fn l3_offset(frame: &[u8]) -> usize {
+    let mut offset = ETH_HLEN - 2;
+    while matches!(be16(frame, offset), TPID_8021Q | TPID_8021AD) {
+        offset += VLAN_HLEN;
+    }
+    assert_eq!(be16(frame, offset), ETHERTYPE_IPV4, "not an IPv4 frame");
+    offset + 2
+}
+
+/// Recomputes every checksum of an IPv4 TCP or UDP frame from scratch.
+fn verify_checksums(context: &str, frame: &[u8], check: Check) {
+    let ip = &frame[l3_offset(frame)..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    assert_eq!(
+        fold(sum_words(0, &ip[..ihl])),
+        0xffff,
+        "{context}: IPv4 header checksum does not verify"
+    );
+    let total_len = usize::from(be16(ip, 2));
+    let l4 = &ip[ihl..total_len];
+    let (proto, src, dst) = (ip[9], ip_at(ip, 12), ip_at(ip, 16));
+    let check_offset = match proto {
+        IPPROTO_TCP => TCP_CHECK_OFFSET,
+        IPPROTO_UDP => UDP_CHECK_OFFSET,
+        other => panic!("{context}: protocol {other} is neither TCP nor UDP"),
+    };
+    let field = be16(l4, check_offset);
+    match check {
+        Check::Complete => {
+            let sum = sum_words(pseudo_header_sum(src, dst, proto, l4.len()), l4);
+            assert_eq!(
+                fold(sum),
+                0xffff,
+                "{context}: L4 checksum {field:#06x} does not verify"
+            );
+            if proto == IPPROTO_UDP {
+                assert_ne!(field, 0, "{context}: a computed UDP checksum must not be 0");
+            }
+        }
+        Check::Partial => assert_eq!(
+            field,
+            partial_check(src, dst, proto, l4.len()),
+            "{context}: partial checksum is not the pseudo-header sum"
+        ),
+        Check::Zero => assert_eq!(field, 0, "{context}: UDP checksum should stay 0"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packet descriptions, serialised with etherparse.
+
+#[derive(Clone, Debug)]
+enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+        options: Vec<u8>,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    /// `payload` is the whole IPv4 payload (ICMP, a fragment, a cut header).
+    Raw {
+        proto: u8,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Pkt {
+    eth_src: [u8; 6],
+    eth_dst: [u8; 6],
+    /// VLAN tags, outermost first: (TPID, VLAN id).
+    tags: Vec<(u16, u16)>,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    ip_options: Vec<u8>,
+    more_fragments: bool,
+    /// In 8-byte units.
+    fragment_offset: u16,
+    l4: L4,
+    check: Check,
+    payload: Vec<u8>,
+    /// Ethernet padding after the datagram.
+    padding: Vec<u8>,
+}
+
+impl Pkt {
+    fn ip(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Self {
+        Self {
+            eth_src: CLIENT_MAC,
+            eth_dst: [0; 6],
+            tags: Vec::new(),
+            src,
+            dst,
+            ttl: DEFAULT_TTL,
+            ip_options: Vec::new(),
+            more_fragments: false,
+            fragment_offset: 0,
+            l4,
+            check: Check::Complete,
+            payload: Vec::new(),
+            padding: Vec::new(),
+        }
+    }
+
+    fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Self {
+        let (seq, ack) = if flags & SYN != 0 && flags & ACK != 0 {
+            (SERVER_ISN, CLIENT_ISN + 1)
+        } else if flags & SYN != 0 {
+            (CLIENT_ISN, 0)
+        } else {
+            (CLIENT_ISN + 1, SERVER_ISN + 1)
+        };
+        Self::ip(
+            src.0,
+            dst.0,
+            L4::Tcp {
+                sport: src.1,
+                dport: dst.1,
+                flags,
+                seq,
+                ack,
+                options: Vec::new(),
+            },
+        )
+    }
+
+    fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
+        Self::ip(
+            src.0,
+            dst.0,
+            L4::Udp {
+                sport: src.1,
+                dport: dst.1,
+            },
+        )
+    }
+
+    fn raw(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Self {
+        Self::ip(src, dst, L4::Raw { proto }).payload(payload)
+    }
+
+    fn eth(mut self, src: [u8; 6], dst: [u8; 6]) -> Self {
+        self.eth_src = src;
+        self.eth_dst = dst;
+        self
+    }
+
+    /// What a router does to the frame: new MACs, TTL minus one.
+    fn hop(self, src: [u8; 6], dst: [u8; 6]) -> Self {
+        let ttl = self.ttl - 1;
+        self.eth(src, dst).ttl(ttl)
+    }
+
+    fn ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    fn tags(mut self, tags: &[(u16, u16)]) -> Self {
+        self.tags = tags.to_vec();
+        self
+    }
+
+    fn ip_options(mut self, options: &[u8]) -> Self {
+        self.ip_options = options.to_vec();
+        self
+    }
+
+    fn fragment(mut self, more_fragments: bool, offset: u16) -> Self {
+        self.more_fragments = more_fragments;
+        self.fragment_offset = offset;
+        self
+    }
+
+    fn check(mut self, check: Check) -> Self {
+        self.check = check;
+        self
+    }
+
+    fn payload(mut self, payload: &[u8]) -> Self {
+        self.payload = payload.to_vec();
+        self
+    }
+
+    fn padding(mut self, padding: &[u8]) -> Self {
+        self.padding = padding.to_vec();
+        self
+    }
+
+    fn tcp_options(mut self, new: &[u8]) -> Self {
+        if let L4::Tcp { options, .. } = &mut self.l4 {
+            *options = new.to_vec();
+        }
+        self
+    }
+
+    /// Rewrites the destination address and port (what DNAT should do).
+    fn to(mut self, addr: Ipv4Addr, port: u16) -> Self {
+        self.dst = addr;
+        match &mut self.l4 {
+            L4::Tcp { dport, .. } | L4::Udp { dport, .. } => *dport = port,
+            L4::Raw { .. } => {}
+        }
+        self
+    }
+
+    /// Rewrites the source address and port (what reverse NAT should do).
+    fn from(mut self, addr: Ipv4Addr, port: u16) -> Self {
+        self.src = addr;
+        match &mut self.l4 {
+            L4::Tcp { sport, .. } | L4::Udp { sport, .. } => *sport = port,
+            L4::Raw { .. } => {}
+        }
+        self
+    }
+
+    fn proto(&self) -> u8 {
+        match self.l4 {
+            L4::Tcp { .. } => IPPROTO_TCP,
+            L4::Udp { .. } => IPPROTO_UDP,
+            L4::Raw { proto } => proto,
+        }
+    }
+
+    fn l4_bytes(&self) -> Vec<u8> {
+        let (src, dst) = (self.src.octets(), self.dst.octets());
+        let mut bytes = match &self.l4 {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                seq,
+                ack,
+                options,
+            } => {
+                let mut header = TcpHeader::new(*sport, *dport, *seq, WINDOW);
+                header.acknowledgment_number = *ack;
+                header.fin = flags & FIN != 0;
+                header.syn = flags & SYN != 0;
+                header.rst = flags & RST != 0;
+                header.psh = flags & PSH != 0;
+                header.ack = flags & ACK != 0;
+                header.options = TcpOptions::try_from_slice(options).expect("TCP options");
+                header.checksum = match self.check {
+                    Check::Complete => header
+                        .calc_checksum_ipv4_raw(src, dst, &self.payload)
+                        .expect("TCP checksum"),
+                    Check::Partial => partial_check(
+                        self.src,
+                        self.dst,
+                        IPPROTO_TCP,
+                        header.header_len() + self.payload.len(),
+                    ),
+                    Check::Zero => 0,
+                };
+                header.to_bytes().to_vec()
+            }
+            L4::Udp { sport, dport } => {
+                let mut header = UdpHeader {
+                    source_port: *sport,
+                    destination_port: *dport,
+                    length: u16::try_from(UDP_HLEN + self.payload.len()).expect("UDP length"),
+                    checksum: 0,
+                };
+                header.checksum = match self.check {
+                    Check::Complete => header
+                        .calc_checksum_ipv4_raw(src, dst, &self.payload)
+                        .expect("UDP checksum"),
+                    Check::Partial => partial_check(
+                        self.src,
+                        self.dst,
+                        IPPROTO_UDP,
+                        UDP_HLEN + self.payload.len(),
+                    ),
+                    Check::Zero => 0,
+                };
+                header.to_bytes().to_vec()
+            }
+            L4::Raw { .. } => Vec::new(),
+        };
+        bytes.extend_from_slice(&self.payload);
+        bytes
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let l4 = self.l4_bytes();
+        let unfragmented = !self.more_fragments && self.fragment_offset == 0;
+        let mut ip = Ipv4Header {
+            total_len: u16::try_from(IPV4_HLEN + self.ip_options.len() + l4.len())
+                .expect("IPv4 total length"),
+            identification: IP_ID,
+            dont_fragment: unfragmented,
+            more_fragments: self.more_fragments,
+            fragment_offset: IpFragOffset::try_new(self.fragment_offset).expect("offset"),
+            time_to_live: self.ttl,
+            protocol: IpNumber(self.proto()),
+            source: self.src.octets(),
+            destination: self.dst.octets(),
+            options: Ipv4Options::try_from(self.ip_options.as_slice()).expect("IPv4 options"),
+            ..Ipv4Header::default()
+        };
+        ip.header_checksum = ip.calc_header_checksum();
+
+        let mut ether_types: Vec<u16> = self.tags.iter().map(|(tpid, _)| *tpid).collect();
+        ether_types.push(ETHERTYPE_IPV4);
+        let mut frame = Ethernet2Header {
+            source: self.eth_src,
+            destination: self.eth_dst,
+            ether_type: EtherType(ether_types[0]),
+        }
+        .to_bytes()
+        .to_vec();
+        for (index, (_, vid)) in self.tags.iter().enumerate() {
+            let tag = SingleVlanHeader {
+                pcp: VlanPcp::ZERO,
+                drop_eligible_indicator: false,
+                vlan_id: VlanId::try_new(*vid).expect("VLAN id"),
+                ether_type: EtherType(ether_types[index + 1]),
+            };
+            frame.extend_from_slice(&tag.to_bytes());
+        }
+        frame.extend_from_slice(&ip.to_bytes());
+        frame.extend_from_slice(&l4);
+        frame.extend_from_slice(&self.padding);
+        frame
+    }
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .enumerate()
+        .map(|(line, chunk)| {
+            let words: Vec<String> = chunk.iter().map(|byte| format!("{byte:02x}")).collect();
+            format!("  {:04x}: {}\n", line * 16, words.join(" "))
+        })
+        .collect()
+}
+
+fn assert_frame(context: &str, actual: &[u8], expected: &[u8]) {
+    if actual != expected {
+        let first = actual
+            .iter()
+            .zip(expected)
+            .position(|(a, e)| a != e)
+            .unwrap_or(actual.len().min(expected.len()));
+        panic!(
+            "{context}: output differs from the expected frame at byte {first} \
+             (lengths {} vs {})\nactual:\n{}expected:\n{}",
+            actual.len(),
+            expected.len(),
+            hex(actual),
+            hex(expected)
+        );
+    }
+}
+
+fn action_name(action: u32) -> String {
+    match action {
+        XDP_DROP => "XDP_DROP".to_owned(),
+        XDP_PASS => "XDP_PASS".to_owned(),
+        XDP_TX => "XDP_TX".to_owned(),
+        XDP_REDIRECT => "XDP_REDIRECT".to_owned(),
+        other => format!("action {other}"),
+    }
+}
+
+fn wire_addr(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+fn wire_port(port: u16) -> u16 {
+    port.to_be()
+}
+
+fn flow_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, direction: u8) -> FlowKey {
+    FlowKey {
+        src_addr: wire_addr(src.0),
+        dst_addr: wire_addr(dst.0),
+        src_port: wire_port(src.1),
+        dst_port: wire_port(dst.1),
+        proto,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a writable timespec.
+    let result = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    assert_eq!(result, 0, "clock_gettime");
+    u64::try_from(now.tv_sec).expect("seconds") * 1_000_000_000
+        + u64::try_from(now.tv_nsec).expect("nanoseconds")
+}
+
+fn frontend(
+    name: &str,
+    addr: Ipv4Addr,
+    port: u16,
+    proto: u8,
+    backends: &[(Ipv4Addr, u16)],
+) -> Frontend {
+    let mut backends: Vec<BackendAddr> = backends
+        .iter()
+        .map(|(addr, port)| BackendAddr {
+            addr: *addr,
+            port: *port,
+        })
+        .collect();
+    backends.sort();
+    backends.dedup();
+    Frontend {
+        namespace: "fixtures".to_owned(),
+        name: name.to_owned(),
+        port_name: String::new(),
+        addr,
+        port,
+        proto,
+        backends,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lab: namespace, loaded program, maps, and the case runner.
+
+/// Removes the pin directory however the test ends.
+struct PinGuard(PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Err(error) = dataplane::reset(&self.0) {
+            eprintln!("cleaning up {}: {error:#}", self.0.display());
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Iface {
+    index: u32,
+    mac: [u8; 6],
+}
+
+fn interface(netns: &Netns, name: &str) -> Iface {
+    let output = netns
+        .exec("ip", &["-j", "link", "show", "dev", name])
+        .expect("ip link show");
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip -j output");
+    let link = &links[0];
+    let index = link["ifindex"].as_u64().expect("ifindex");
+    let text = link["address"].as_str().expect("MAC address");
+    let octets: Vec<u8> = text
+        .split(':')
+        .map(|octet| u8::from_str_radix(octet, 16).expect("MAC octet"))
+        .collect();
+    Iface {
+        index: u32::try_from(index).expect("ifindex fits u32"),
+        mac: octets.try_into().expect("six MAC octets"),
+    }
+}
+
+fn build_topology(netns: &Netns) {
+    for (name, peer, cidr) in [
+        (IN_IF, IN_PEER, IN_CIDR),
+        (OUT_IF, OUT_PEER, OUT_CIDR),
+        (SIDE_IF, SIDE_PEER, SIDE_CIDR),
+    ] {
+        veth(netns, name, netns, peer).expect("creating a veth pair");
+        netns
+            .ip(&["addr", "add", cidr, "dev", name])
+            .expect("adding an address");
+    }
+    netns.sysctl("ipv4.ip_forward", "1").expect("ip_forward");
+    netns
+        .sysctl("ipv4.conf.all.forwarding", "1")
+        .expect("conf.all.forwarding");
+    for (addr, mac, dev) in [
+        (CLIENT, CLIENT_MAC, IN_IF),
+        (LOCAL_BACKEND, LOCAL_BACKEND_MAC, IN_IF),
+        (BACKEND_A, BACKEND_A_MAC, OUT_IF),
+        (BACKEND_B, BACKEND_B_MAC, OUT_IF),
+        (BACKEND_C, BACKEND_C_MAC, OUT_IF),
+        (SIDE_BACKEND, SIDE_BACKEND_MAC, SIDE_IF),
+    ] {
+        netns
+            .ip(&[
+                "neigh",
+                "add",
+                &addr.to_string(),
+                "lladdr",
+                &mac_text(mac),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])
+            .expect("adding a static neighbour");
+    }
+    // The FIB lookup only applies a route's MTU when it is locked.
+    netns
+        .ip(&[
+            "route",
+            "add",
+            ROUTED_SUBNET,
+            "via",
+            &BACKEND_A.to_string(),
+            "dev",
+            OUT_IF,
+            "mtu",
+            "lock",
+            &ROUTED_MTU.to_string(),
+        ])
+        .expect("adding the small-MTU route");
+}
+
+/// What one run must produce.
+enum Expect {
+    /// The output is the input, byte for byte.
+    Unchanged,
+    /// The output is exactly this packet, whose checksums are then recomputed.
+    Frame(Pkt),
+}
+
+struct Case {
+    name: &'static str,
+    input: Vec<u8>,
+    ingress: u32,
+    action: u32,
+    output: Expect,
+    /// Every counter not listed must stay unchanged.
+    counters: Vec<(Counter, u64)>,
+}
+
+struct Lab {
+    dataplane: Dataplane,
+    maps: ServiceMaps,
+    reconciler: Reconciler,
+    pin_dir: PathBuf,
+    in0: Iface,
+    out0: Iface,
+    side0: Iface,
+    /// Last, so that the map handles above are closed before the pins go.
+    _pins: PinGuard,
+}
+
+/// Runs `body` in a fresh namespace with the program loaded under a fresh pin directory.
+fn with_lab(test: &str, body: impl FnOnce(&mut Lab) + Send) {
+    if !require_root(test) {
+        return;
+    }
+    let name = unique_prefix("lbt");
+    let netns = Netns::create(&name).expect("creating the namespace");
+    build_topology(&netns);
+    let pin_dir = Path::new(BPFFS).join(&name);
+    let netns_ref = &netns;
+    netns
+        .run(move || {
+            let mut lab = Lab::new(netns_ref, pin_dir);
+            body(&mut lab);
+        })
+        .expect("the test body failed inside the namespace (see the panic above)");
+}
+
+impl Lab {
+    fn new(netns: &Netns, pin_dir: PathBuf) -> Self {
+        let pins = PinGuard(pin_dir.clone());
+        let dataplane = Dataplane::load(&pin_dir).expect("loading the XDP program");
+        let mut maps = ServiceMaps::open(&pin_dir).expect("opening the service maps");
+        let (reconciler, swept) =
+            Reconciler::from_store(&mut maps).expect("reading the service maps");
+        assert_eq!(swept, 0, "a fresh pin directory has nothing to sweep");
+        let lab = Self {
+            dataplane,
+            maps,
+            reconciler,
+            in0: interface(netns, IN_IF),
+            out0: interface(netns, OUT_IF),
+            side0: interface(netns, SIDE_IF),
+            pin_dir,
+            _pins: pins,
+        };
+        let mut tx_ports = open_tx_ports(&lab.pin_dir).expect("opening LB_TX_PORTS");
+        for iface in [lab.in0, lab.out0] {
+            tx_ports
+                .insert(iface.index, iface.index, None, 0)
+                .expect("allowing redirects");
+        }
+        lab
+    }
+
+    /// Programs exactly `frontends` through the reconciler, as the agent does.
+    fn program(&mut self, frontends: &[Frontend]) {
+        let desired = DesiredState {
+            frontends: frontends
+                .iter()
+                .map(|frontend| (frontend.key(), frontend.clone()))
+                .collect(),
+        };
+        let summary = self.reconciler.reconcile(&desired, &mut self.maps);
+        assert!(
+            summary.errors.is_empty(),
+            "reconcile failed: {:?}",
+            summary.errors
+        );
+    }
+
+    /// The frontend's `LB_SERVICES` value and its backends by slot, as the maps hold them.
+    fn resolve(&self, frontend: &Frontend) -> (ServiceValue, Vec<(u32, Backend)>) {
+        let value = self
+            .maps
+            .services
+            .get(&frontend.key(), 0)
+            .expect("the frontend is programmed");
+        let backends = (0..value.backend_count)
+            .map(|slot| {
+                let key = SlotKey {
+                    backend_set: value.backend_set,
+                    slot,
+                };
+                let id = self.maps.slots.get(&key, 0).expect("slot");
+                (id, self.maps.backends.get(&id, 0).expect("backend"))
+            })
+            .collect();
+        (value, backends)
+    }
+
+    /// The id of the backend `addr:port` of `frontend`.
+    fn backend_id(&self, frontend: &Frontend, addr: Ipv4Addr, port: u16) -> u32 {
+        let (_, backends) = self.resolve(frontend);
+        let (id, backend) = backends
+            .into_iter()
+            .find(|(_, backend)| backend.addr == wire_addr(addr) && backend.port == wire_port(port))
+            .unwrap_or_else(|| panic!("{addr}:{port} is not a backend of {}", frontend.name));
+        assert_eq!(backend.flags & BACKEND_ACTIVE, BACKEND_ACTIVE);
+        id
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        let counters = read_counters(&self.pin_dir).expect("reading LB_STATS");
+        for (position, (counter, _)) in counters.iter().enumerate() {
+            assert_eq!(*counter as usize, position, "counters out of order");
+        }
+        counters.into_iter().map(|(_, value)| value).collect()
+    }
+
+    fn conntrack(&self) -> BTreeMap<FlowKey, FlowState> {
+        open_conntrack(&self.pin_dir)
+            .expect("opening LB_CONNTRACK")
+            .iter()
+            .collect::<Result<_, _>>()
+            .expect("reading LB_CONNTRACK")
+    }
+
+    /// Runs one packet and checks the action, the output and every counter's delta.
+    fn check(&mut self, case: &Case) -> Vec<u8> {
+        let before = self.counters();
+        let run = self
+            .dataplane
+            .test_run(&case.input, case.ingress)
+            .unwrap_or_else(|error| panic!("{}: test_run failed: {error:#}", case.name));
+        let after = self.counters();
+        assert_eq!(
+            action_name(run.action),
+            action_name(case.action),
+            "{}: XDP action",
+            case.name
+        );
+        match &case.output {
+            Expect::Unchanged => assert_frame(case.name, &run.packet, &case.input),
+            Expect::Frame(expected) => {
+                assert_frame(case.name, &run.packet, &expected.bytes());
+                verify_checksums(case.name, &run.packet, expected.check);
+            }
+        }
+        assert_counter_deltas(case.name, &before, &after, &case.counters);
+        run.packet
+    }
+
+    fn check_all(&mut self, cases: &[Case]) {
+        for case in cases {
+            self.check(case);
+        }
+    }
+
+    /// Like [`Lab::check`] when the backend is chosen at random: the output must be exactly one
+    /// of `candidates`; returns which.
+    fn check_any(
+        &mut self,
+        name: &str,
+        input: &Pkt,
+        ingress: u32,
+        candidates: &[Pkt],
+        counters: &[(Counter, u64)],
+    ) -> usize {
+        let before = self.counters();
+        let run = self
+            .dataplane
+            .test_run(&input.bytes(), ingress)
+            .unwrap_or_else(|error| panic!("{name}: test_run failed: {error:#}"));
+        let after = self.counters();
+        assert_eq!(
+            action_name(run.action),
+            action_name(XDP_REDIRECT),
+            "{name}: XDP action"
+        );
+        let chosen = candidates
+            .iter()
+            .position(|candidate| candidate.bytes() == run.packet)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name}: output matches no backend's expected frame\nactual:\n{}",
+                    hex(&run.packet)
+                )
+            });
+        verify_checksums(name, &run.packet, candidates[chosen].check);
+        assert_counter_deltas(name, &before, &after, counters);
+        chosen
+    }
+}
+
+fn assert_counter_deltas(
+    context: &str,
+    before: &[u64],
+    after: &[u64],
+    expected: &[(Counter, u64)],
+) {
+    let actual: BTreeMap<&str, u64> = Counter::ALL
+        .iter()
+        .map(|counter| {
+            let index = *counter as usize;
+            (counter.name(), after[index] - before[index])
+        })
+        .filter(|(_, delta)| *delta != 0)
+        .collect();
+    let expected: BTreeMap<&str, u64> = expected
+        .iter()
+        .map(|(counter, delta)| (counter.name(), *delta))
+        .filter(|(_, delta)| *delta != 0)
+        .collect();
+    assert_eq!(actual, expected, "{context}: counter deltas");
+}
+
+/// The frame a client sends to the router on in0.
+fn from_client(lab: &Lab, packet: Pkt) -> Pkt {
+    packet.eth(CLIENT_MAC, lab.in0.mac)
+}
+
+/// What a packet to the Service becomes when DNATed to `backend:port` and redirected out of out0.
+fn to_backend(lab: &Lab, packet: &Pkt, backend: (Ipv4Addr, [u8; 6]), port: u16) -> Pkt {
+    packet
+        .clone()
+        .to(backend.0, port)
+        .hop(lab.out0.mac, backend.1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+#[test]
+fn new_tcp_flow_is_translated_and_tracked() {
+    with_lab("new_tcp_flow_is_translated_and_tracked", |lab| {
+        let web = frontend(
+            "web",
+            VIP,
+            VIP_PORT,
+            IPPROTO_TCP,
+            &[(BACKEND_A, BACKEND_PORT)],
+        );
+        let other = frontend(
+            "other",
+            OTHER_VIP,
+            VIP_PORT,
+            IPPROTO_TCP,
+            &[(BACKEND_B, BACKEND_PORT)],
+        );
+        lab.program(&[web.clone(), other]);
+        let in0 = lab.in0.index;
+        const CLIENT_PORT: u16 = 40_000;
+
+        let syn = from_client(
+            lab,
+            Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), SYN).tcp_options(&MSS_OPTION),
+        );
+        let started = monotonic_ns();
+        lab.check(&Case {
+            name: "SYN of a new flow",
+            input: syn.bytes(),
+            ingress: in0,
+            action: XDP_REDIRECT,
+            output: Expect::Frame(to_backend(
+                lab,
+                &syn,
+                (BACKEND_A, BACKEND_A_MAC),
+                BACKEND_PORT,
+            )),
+            counters: vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+        });
+        let finished = monotonic_ns();
+
+        let (service, backends) = lab.resolve(&web);
+        let backend_id = lab.backend_id(&web, BACKEND_A, BACKEND_PORT);
+        assert_eq!(backends.len(), 1);
+        let table = lab.conntrack();
+        assert_eq!(
+            table.len(),
+            2,
+            "one original and one reply entry: {table:?}"
+        );
+        let original_key = flow_key(
+            (CLIENT, CLIENT_PORT),
+            (VIP, VIP_PORT),
+            IPPROTO_TCP,
+            DIRECTION_ORIGINAL,
+        );
+        let reply_key = flow_key(
+            (BACKEND_A, BACKEND_PORT),
+            (CLIENT, CLIENT_PORT),
+            IPPROTO_TCP,
+            DIRECTION_REPLY,
+        );
+        let original = *table.get(&original_key).expect("original entry");
+        let reply = *table.get(&reply_key).expect("reply entry");
+        assert!(
+            (started..=finished).contains(&original.created_ns),
+            "created_ns {} outside the run [{started}, {finished}]",
+            original.created_ns
+        );
+        let expected_original = FlowState {
+            nat_addr: wire_addr(BACKEND_A),
+            nat_port: wire_port(BACKEND_PORT),
+            tcp_flags: 0,
+            _pad: 0,
+            backend_id,
+            service_id: service.service_id,
+            created_ns: original.created_ns,
+            last_seen_ns: original.created_ns,
+        };
+        assert_eq!(original, expected_original);
+        assert_eq!(
+            reply,
+            FlowState {
+                nat_addr: wire_addr(VIP),
+                nat_port: wire_port(VIP_PORT),
+                ..expected_original
+            }
+        );
+
+        // Later packets of the flow follow the entry and create nothing.
+        let data = from_client(
+            lab,
+            Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), PSH | ACK)
+                .payload(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n"),
+        );
+        // A minimum-size frame: 54 bytes padded to 60, padding the datagram must ignore.
+        let padded_ack = from_client(
+            lab,
+            Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), ACK).padding(&[0xee; 6]),
+        );
+        lab.check_all(&[
+            Case {
+                name: "data segment of the flow",
+                input: data.bytes(),
+                ingress: in0,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_backend(
+                    lab,
+                    &data,
+                    (BACKEND_A, BACKEND_A_MAC),
+                    BACKEND_PORT,
+                )),
+                counters: vec![(Counter::RedirectService, 1)],
+            },
+            Case {
+                name: "ACK with Ethernet padding",
+                input: padded_ack.bytes(),
+                ingress: in0,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_backend(
+                    lab,
+                    &padded_ack,
+                    (BACKEND_A, BACKEND_A_MAC),
+                    BACKEND_PORT,
+                )),
+                counters: vec![(Counter::RedirectService, 1)],
+            },
+        ]);
+        let table = lab.conntrack();
+        assert_eq!(table.len(), 2, "no further entries: {table:?}");
+        let original = table[&original_key];
+        assert_eq!(
+            (original.nat_addr, original.nat_port, original.backend_id),
+            (
+                expected_original.nat_addr,
+                expected_original.nat_port,
+                backend_id
+            )
+        );
+        assert_eq!(original.created_ns, expected_original.created_ns);
+    });
+}
+
+#[test]
+fn established_flows_stick_and_new_flows_spread() {
+    with_lab("established_flows_stick_and_new_flows_spread", |lab| {
+        let backends = [
+            (BACKEND_A, BACKEND_A_MAC),
+            (BACKEND_B, BACKEND_B_MAC),
+            (BACKEND_C, BACKEND_C_MAC),
+        ];
+        let addrs: Vec<(Ipv4Addr, u16)> = backends
+            .iter()
+            .map(|(addr, _)| (*addr, BACKEND_PORT))
+            .collect();
+        lab.program(&[frontend("web", VIP, VIP_PORT, IPPROTO_TCP, &addrs)]);
+        let in0 = lab.in0.index;
+        let candidates = |lab: &Lab, packet: &Pkt| -> Vec<Pkt> {
+            backends
+                .iter()
+                .map(|backend| to_backend(lab, packet, *backend, BACKEND_PORT))
+                .collect()
+        };
+        const STICKY_PORT: u16 = 30_000;
+        const FIRST_SPREAD_PORT: u16 = 31_000;
+
+        let syn = from_client(lab, Pkt::tcp((CLIENT, STICKY_PORT), (VIP, VIP_PORT), SYN));
+        let chosen = lab.check_any(
+            "SYN",
+            &syn,
+            in0,
+            &candidates(lab, &syn),
+            &[(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+        );
+        for run in 0..STICKY_RUNS {
+            let sequence = u32::try_from(run).expect("run");
+            let segment = from_client(
+                lab,
+                Pkt::tcp((CLIENT, STICKY_PORT), (VIP, VIP_PORT), PSH | ACK)
+                    .payload(&sequence.to_be_bytes()),
+            );
+            let again = lab.check_any(
+                "segment of the established flow",
+                &segment,
+                in0,
+                &candidates(lab, &segment),
+                &[(Counter::RedirectService, 1)],
+            );
+            assert_eq!(again, chosen, "run {run} left the flow's backend");
+        }
+
+        let mut flows = Vec::new();
+        let mut seen = BTreeSet::new();
+        for offset in 0..MAX_NEW_FLOWS {
+            let port = FIRST_SPREAD_PORT + offset;
+            let syn = from_client(lab, Pkt::tcp((CLIENT, port), (VIP, VIP_PORT), SYN));
+            let backend = lab.check_any(
+                "SYN of another flow",
+                &syn,
+                in0,
+                &candidates(lab, &syn),
+                &[(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+            );
+            flows.push((port, backend));
+            seen.insert(backend);
+            if seen.len() == backends.len() {
+                break;
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            backends.len(),
+            "{MAX_NEW_FLOWS} new flows did not reach every backend: {flows:?}"
+        );
+        for (port, backend) in &flows {
+            let ack = from_client(lab, Pkt::tcp((CLIENT, *port), (VIP, VIP_PORT), ACK));
+            let again = lab.check_any(
+                "ACK of another flow",
+                &ack,
+                in0,
+                &candidates(lab, &ack),
+                &[(Counter::RedirectService, 1)],
+            );
+            assert_eq!(again, *backend, "flow from port {port} changed backend");
+        }
+        assert_eq!(lab.conntrack().len(), 2 * (flows.len() + 1));
+    });
+}
+
+#[test]
+fn backend_replies_are_reverse_translated() {
+    with_lab("backend_replies_are_reverse_translated", |lab| {
+        lab.program(&[frontend(
+            "web",
+            VIP,
+            VIP_PORT,
+            IPPROTO_TCP,
+            &[(BACKEND_A, BACKEND_PORT)],
+        )]);
+        let (in0, out0) = (lab.in0, lab.out0);
+        const CLIENT_PORT: u16 = 40_001;
+        const UNTRACKED_PORT: u16 = 40_999;
+        const OTHER_BACKEND_PORT: u16 = 9_999;
+
+        let syn = from_client(lab, Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), SYN));
+        let reply = |src_port: u16, dst_port: u16, flags: u8| {
+            Pkt::tcp((BACKEND_A, src_port), (CLIENT, dst_port), flags).eth(BACKEND_A_MAC, out0.mac)
+        };
+        let syn_ack = reply(BACKEND_PORT, CLIENT_PORT, SYN | ACK).tcp_options(&MSS_OPTION);
+        let data = reply(BACKEND_PORT, CLIENT_PORT, PSH | ACK).payload(b"HTTP/1.1 200 OK\r\n\r\n");
+        let fin = reply(BACKEND_PORT, CLIENT_PORT, FIN | ACK);
+        let reversed = |packet: &Pkt| packet.clone().from(VIP, VIP_PORT).hop(in0.mac, CLIENT_MAC);
+        lab.check_all(&[
+            Case {
+                name: "SYN creating the flow",
+                input: syn.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_backend(
+                    lab,
+                    &syn,
+                    (BACKEND_A, BACKEND_A_MAC),
+                    BACKEND_PORT,
+                )),
+                counters: vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+            },
+            Case {
+                name: "SYN-ACK from the backend",
+                input: syn_ack.bytes(),
+                ingress: out0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(reversed(&syn_ack)),
+                counters: vec![(Counter::RedirectReply, 1)],
+            },
+            Case {
+                name: "data from the backend",
+                input: data.bytes(),
+                ingress: out0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(reversed(&data)),
+                counters: vec![(Counter::RedirectReply, 1)],
+            },
+            Case {
+                name: "backend to a client port without a flow",
+                input: reply(BACKEND_PORT, UNTRACKED_PORT, ACK).bytes(),
+                ingress: out0.index,
+                action: XDP_PASS,
+                output: Expect::Unchanged,
+                counters: vec![(Counter::PassNoService, 1)],
+            },
+            Case {
+                name: "backend from another port",
+                input: reply(OTHER_BACKEND_PORT, CLIENT_PORT, ACK).bytes(),
+                ingress: out0.index,
+                action: XDP_PASS,
+                output: Expect::Unchanged,
+                counters: vec![(Counter::PassNoService, 1)],
+            },
+            Case {
+                name: "UDP on the TCP flow's tuple",
+                input: Pkt::udp((BACKEND_A, BACKEND_PORT), (CLIENT, CLIENT_PORT))
+                    .eth(BACKEND_A_MAC, out0.mac)
+                    .payload(b"udp")
+                    .bytes(),
+                ingress: out0.index,
+                action: XDP_PASS,
+                output: Expect::Unchanged,
+                counters: vec![(Counter::PassNoService, 1)],
+            },
+            Case {
+                name: "FIN from the backend",
+                input: fin.bytes(),
+                ingress: out0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(reversed(&fin)),
+                counters: vec![(Counter::RedirectReply, 1)],
+            },
+        ]);
+        let table = lab.conntrack();
+        assert_eq!(table.len(), 2, "replies create no entries: {table:?}");
+        let reply_entry = table[&flow_key(
+            (BACKEND_A, BACKEND_PORT),
+            (CLIENT, CLIENT_PORT),
+            IPPROTO_TCP,
+            DIRECTION_REPLY,
+        )];
+        assert_eq!(
+            reply_entry.tcp_flags, SEEN_FIN,
+            "the reply entry records the backend's FIN"
+        );
+        assert_eq!(
+            (reply_entry.nat_addr, reply_entry.nat_port),
+            (wire_addr(VIP), wire_port(VIP_PORT))
+        );
+    });
+}
+
+#[test]
+fn udp_checksums_are_updated_or_left_zero() {
+    with_lab("udp_checksums_are_updated_or_left_zero", |lab| {
+        lab.program(&[frontend(
+            "dns",
+            VIP,
+            DNS_PORT,
+            IPPROTO_UDP,
+            &[(BACKEND_A, BACKEND_DNS_PORT)],
+        )]);
+        let (in0, out0) = (lab.in0, lab.out0);
+        const EVEN_PORT: u16 = 5_000;
+        const ODD_PORT: u16 = 5_001;
+        const ZERO_PORT: u16 = 5_002;
+        let query = |port: u16, payload: &[u8]| {
+            from_client(
+                lab,
+                Pkt::udp((CLIENT, port), (VIP, DNS_PORT)).payload(payload),
+            )
+        };
+        let answer = |port: u16, payload: &[u8]| {
+            Pkt::udp((BACKEND_A, BACKEND_DNS_PORT), (CLIENT, port))
+                .eth(BACKEND_A_MAC, out0.mac)
+                .payload(payload)
+        };
+        let even = query(EVEN_PORT, b"\x12\x34\x01\x00\x00\x01");
+        let odd = query(ODD_PORT, b"odd-length");
+        let zero = query(ZERO_PORT, b"no checksum").check(Check::Zero);
+        let answer_even = answer(EVEN_PORT, b"\x12\x34\x81\x80");
+        let answer_zero = answer(ZERO_PORT, b"no checksum back").check(Check::Zero);
+        let dnat =
+            |packet: &Pkt| to_backend(lab, packet, (BACKEND_A, BACKEND_A_MAC), BACKEND_DNS_PORT);
+        let reversed = |packet: &Pkt| packet.clone().from(VIP, DNS_PORT).hop(in0.mac, CLIENT_MAC);
+        let new_flow = vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)];
+        lab.check_all(&[
+            Case {
+                name: "UDP with a checksum",
+                input: even.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(dnat(&even)),
+                counters: new_flow.clone(),
+            },
+            Case {
+                name: "UDP with an odd-length payload",
+                input: odd.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(dnat(&odd)),
+                counters: new_flow.clone(),
+            },
+            Case {
+                name: "UDP with a zero checksum",
+                input: zero.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(dnat(&zero)),
+                counters: new_flow.clone(),
+            },
+            Case {
+                name: "UDP reply with a checksum",
+                input: answer_even.bytes(),
+                ingress: out0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(reversed(&answer_even)),
+                counters: vec![(Counter::RedirectReply, 1)],
+            },
+            Case {
+                name: "UDP reply with a zero checksum",
+                input: answer_zero.bytes(),
+                ingress: out0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(reversed(&answer_zero)),
+                counters: vec![(Counter::RedirectReply, 1)],
+            },
+        ]);
+        let table = lab.conntrack();
+        assert_eq!(
+            table.len(),
+            6,
+            "three UDP flows, two entries each: {table:?}"
+        );
+        for port in [EVEN_PORT, ODD_PORT, ZERO_PORT] {
+            let key = flow_key(
+                (CLIENT, port),
+                (VIP, DNS_PORT),
+                IPPROTO_UDP,
+                DIRECTION_ORIGINAL,
+            );
+            let entry = table.get(&key).expect("UDP original entry");
+            assert_eq!(
+                (entry.nat_addr, entry.nat_port, entry.tcp_flags),
+                (wire_addr(BACKEND_A), wire_port(BACKEND_DNS_PORT), 0)
+            );
+        }
+    });
+}
+
+/// A payload ending in a 16-bit word chosen so that the UDP checksum of `src:sport ->
+/// dst:dport` computes to zero.
+fn payload_with_zero_udp_sum(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), prefix: &[u8]) -> Vec<u8> {
+    (0..=u16::MAX)
+        .map(|word| {
+            let mut payload = prefix.to_vec();
+            payload.extend_from_slice(&word.to_be_bytes());
+            payload
+        })
+        .find(|payload| {
+            let length = UDP_HLEN + payload.len();
+            let header = [
+                src.1.to_be_bytes(),
+                dst.1.to_be_bytes(),
+                u16::try_from(length).expect("length").to_be_bytes(),
+            ]
+            .concat();
+            let sum = pseudo_header_sum(src.0, dst.0, IPPROTO_UDP, length);
+            // All ones: the complemented checksum is 0.
+            fold(sum_words(sum_words(sum, &header), payload)) == 0xffff
+        })
+        .expect("some final word always completes the sum to all ones")
+}
+
+#[test]
+fn udp_checksum_computed_as_zero_is_sent_as_ffff() {
+    with_lab("udp_checksum_computed_as_zero_is_sent_as_ffff", |lab| {
+        lab.program(&[frontend(
+            "dns",
+            VIP,
+            DNS_PORT,
+            IPPROTO_UDP,
+            &[(BACKEND_A, BACKEND_DNS_PORT)],
+        )]);
+        let (in0, out0) = (lab.in0, lab.out0);
+        const CLIENT_PORT: u16 = 5_353;
+        const PREFIX: &[u8] = b"zero-sum";
+
+        let forward_payload =
+            payload_with_zero_udp_sum((CLIENT, CLIENT_PORT), (BACKEND_A, BACKEND_DNS_PORT), PREFIX);
+        let query = from_client(
+            lab,
+            Pkt::udp((CLIENT, CLIENT_PORT), (VIP, DNS_PORT)).payload(&forward_payload),
+        );
+        let reply_payload =
+            payload_with_zero_udp_sum((VIP, DNS_PORT), (CLIENT, CLIENT_PORT), PREFIX);
+        let answer = Pkt::udp((BACKEND_A, BACKEND_DNS_PORT), (CLIENT, CLIENT_PORT))
+            .eth(BACKEND_A_MAC, out0.mac)
+            .payload(&reply_payload);
+
+        // The inputs must take the complete-checksum path: neither zero nor partial-looking.
+        for (packet, name) in [(&query, "query"), (&answer, "answer")] {
+            let bytes = packet.bytes();
+            let field = be16(&bytes, ETH_HLEN + IPV4_HLEN + UDP_CHECK_OFFSET);
+            let length = UDP_HLEN + packet.payload.len();
+            assert_ne!(field, 0, "{name} input has a checksum");
+            assert_ne!(
+                field,
+                partial_check(packet.src, packet.dst, IPPROTO_UDP, length),
+                "{name} input must not look partial"
+            );
+        }
+
+        let expected_query = to_backend(lab, &query, (BACKEND_A, BACKEND_A_MAC), BACKEND_DNS_PORT);
+        let expected_answer = answer.clone().from(VIP, DNS_PORT).hop(in0.mac, CLIENT_MAC);
+        let check_offset = ETH_HLEN + IPV4_HLEN + UDP_CHECK_OFFSET;
+        for expected in [&expected_query, &expected_answer] {
+            // etherparse also transmits a computed zero as all ones.
+            assert_eq!(
+                expected.bytes()[check_offset..check_offset + 2],
+                [0xff, 0xff]
+            );
+        }
+        let outputs = [
+            lab.check(&Case {
+                name: "query whose translated checksum is zero",
+                input: query.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(expected_query),
+                counters: vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+            }),
+            lab.check(&Case {
+                name: "answer whose reverse-translated checksum is zero",
+                input: answer.bytes(),
+                ingress: out0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(expected_answer),
+                counters: vec![(Counter::RedirectReply, 1)],
+            }),
+        ];
+        for output in outputs {
+            assert_eq!(output[check_offset..check_offset + 2], [0xff, 0xff]);
+        }
+    });
+}
+
+#[test]
+fn partial_checksums_are_left_to_the_stack() {
+    with_lab("partial_checksums_are_left_to_the_stack", |lab| {
+        lab.program(&[
+            frontend(
+                "web",
+                VIP,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(BACKEND_A, BACKEND_PORT)],
+            ),
+            frontend(
+                "dns",
+                VIP,
+                DNS_PORT,
+                IPPROTO_UDP,
+                &[(BACKEND_A, BACKEND_DNS_PORT)],
+            ),
+        ]);
+        let (in0, out0) = (lab.in0, lab.out0);
+        const TCP_PORT: u16 = 40_100;
+        const UDP_PORT: u16 = 40_101;
+        const PADDED_PORT: u16 = 40_102;
+        const OPTIONS_PORT: u16 = 40_103;
+
+        // The FIB would forward all of these (see the other tests): only the partial checksum
+        // sends them to the stack, untouched apart from the translation.
+        let tcp = from_client(
+            lab,
+            Pkt::tcp((CLIENT, TCP_PORT), (VIP, VIP_PORT), PSH | ACK)
+                .payload(b"partial tcp payload")
+                .check(Check::Partial),
+        );
+        let udp = from_client(
+            lab,
+            Pkt::udp((CLIENT, UDP_PORT), (VIP, DNS_PORT))
+                .payload(b"partial udp")
+                .check(Check::Partial),
+        );
+        let tcp_reply = Pkt::tcp((BACKEND_A, BACKEND_PORT), (CLIENT, TCP_PORT), ACK)
+            .eth(BACKEND_A_MAC, out0.mac)
+            .payload(b"partial reply")
+            .check(Check::Partial);
+        let udp_reply = Pkt::udp((BACKEND_A, BACKEND_DNS_PORT), (CLIENT, UDP_PORT))
+            .eth(BACKEND_A_MAC, out0.mac)
+            .payload(b"partial udp reply")
+            .check(Check::Partial);
+        // Recognising a partial checksum needs the L4 length from the IPv4 header: neither the
+        // frame's length (padding) nor a fixed header size (options).
+        let padded = from_client(
+            lab,
+            Pkt::tcp((CLIENT, PADDED_PORT), (VIP, VIP_PORT), ACK)
+                .check(Check::Partial)
+                .padding(&[0xee; 6]),
+        );
+        let with_options = from_client(
+            lab,
+            Pkt::udp((CLIENT, OPTIONS_PORT), (VIP, DNS_PORT))
+                .ip_options(&[1, 1, 1, 0])
+                .payload(b"partial, ihl 6")
+                .check(Check::Partial),
+        );
+        let to_stack = vec![
+            (Counter::StackService, 1),
+            (Counter::StackPartialChecksum, 1),
+            (Counter::FlowCreated, 1),
+        ];
+        let reply_to_stack = vec![(Counter::StackReply, 1), (Counter::StackPartialChecksum, 1)];
+        lab.check_all(&[
+            Case {
+                name: "TCP with a partial checksum",
+                input: tcp.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(tcp.clone().to(BACKEND_A, BACKEND_PORT)),
+                counters: to_stack.clone(),
+            },
+            Case {
+                name: "UDP with a partial checksum",
+                input: udp.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(udp.clone().to(BACKEND_A, BACKEND_DNS_PORT)),
+                counters: to_stack.clone(),
+            },
+            Case {
+                name: "TCP with a partial checksum and Ethernet padding",
+                input: padded.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(padded.clone().to(BACKEND_A, BACKEND_PORT)),
+                counters: to_stack.clone(),
+            },
+            Case {
+                name: "UDP with a partial checksum and IPv4 options",
+                input: with_options.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(with_options.clone().to(BACKEND_A, BACKEND_DNS_PORT)),
+                counters: to_stack,
+            },
+            Case {
+                name: "TCP reply with a partial checksum",
+                input: tcp_reply.bytes(),
+                ingress: out0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(tcp_reply.clone().from(VIP, VIP_PORT)),
+                counters: reply_to_stack.clone(),
+            },
+            Case {
+                name: "UDP reply with a partial checksum",
+                input: udp_reply.bytes(),
+                ingress: out0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(udp_reply.clone().from(VIP, DNS_PORT)),
+                counters: reply_to_stack,
+            },
+        ]);
+    });
+}
+
+#[test]
+fn ipv4_options_are_carried_through() {
+    with_lab("ipv4_options_are_carried_through", |lab| {
+        lab.program(&[
+            frontend(
+                "web",
+                VIP,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(BACKEND_A, BACKEND_PORT)],
+            ),
+            frontend(
+                "dns",
+                VIP,
+                DNS_PORT,
+                IPPROTO_UDP,
+                &[(BACKEND_A, BACKEND_DNS_PORT)],
+            ),
+        ]);
+        let (in0, out0) = (lab.in0, lab.out0);
+        /// Router Alert (RFC 2113): ihl 6.
+        const ROUTER_ALERT: [u8; 4] = [0x94, 0x04, 0x00, 0x00];
+        /// Three no-operations and an end of list, twice: ihl 7.
+        const PADDED_OPTIONS: [u8; 8] = [1, 1, 1, 0, 1, 1, 1, 0];
+        /// The largest header: 40 bytes of options, ihl 15.
+        const MAX_OPTIONS: [u8; 40] = [1; 40];
+
+        let tcp = from_client(
+            lab,
+            Pkt::tcp((CLIENT, 40_200), (VIP, VIP_PORT), SYN)
+                .ip_options(&ROUTER_ALERT)
+                .tcp_options(&MSS_OPTION),
+        );
+        let udp = from_client(
+            lab,
+            Pkt::udp((CLIENT, 40_201), (VIP, DNS_PORT))
+                .ip_options(&PADDED_OPTIONS)
+                .payload(b"options"),
+        );
+        let tcp_max = from_client(
+            lab,
+            Pkt::tcp((CLIENT, 40_202), (VIP, VIP_PORT), SYN).ip_options(&MAX_OPTIONS),
+        );
+        let reply = Pkt::tcp((BACKEND_A, BACKEND_PORT), (CLIENT, 40_200), SYN | ACK)
+            .eth(BACKEND_A_MAC, out0.mac)
+            .ip_options(&PADDED_OPTIONS);
+        let new_flow = vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)];
+        let a = (BACKEND_A, BACKEND_A_MAC);
+        lab.check_all(&[
+            Case {
+                name: "TCP with ihl 6",
+                input: tcp.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_backend(lab, &tcp, a, BACKEND_PORT)),
+                counters: new_flow.clone(),
+            },
+            Case {
+                name: "UDP with ihl 7",
+                input: udp.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_backend(lab, &udp, a, BACKEND_DNS_PORT)),
+                counters: new_flow.clone(),
+            },
+            Case {
+                name: "TCP with ihl 15",
+                input: tcp_max.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_backend(lab, &tcp_max, a, BACKEND_PORT)),
+                counters: new_flow,
+            },
+            Case {
+                name: "reply with ihl 7",
+                input: reply.bytes(),
+                ingress: out0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(reply.clone().from(VIP, VIP_PORT).hop(in0.mac, CLIENT_MAC)),
+                counters: vec![(Counter::RedirectReply, 1)],
+            },
+        ]);
+        // The ports were read after the options: the flows are keyed by the real ports.
+        let table = lab.conntrack();
+        for (port, dport, proto) in [
+            (40_200, VIP_PORT, IPPROTO_TCP),
+            (40_201, DNS_PORT, IPPROTO_UDP),
+            (40_202, VIP_PORT, IPPROTO_TCP),
+        ] {
+            let key = flow_key((CLIENT, port), (VIP, dport), proto, DIRECTION_ORIGINAL);
+            assert!(
+                table.contains_key(&key),
+                "no entry for port {port}: {table:?}"
+            );
+        }
+    });
+}
+
+/// A raw Ethernet frame with `ether_type` and `body`.
+fn ethernet(ether_type: u16, body: &[u8]) -> Vec<u8> {
+    let mut frame = Ethernet2Header {
+        source: CLIENT_MAC,
+        destination: [0x02, 0, 0, 0, 0, 0xfe],
+        ether_type: EtherType(ether_type),
+    }
+    .to_bytes()
+    .to_vec();
+    frame.extend_from_slice(body);
+    frame
+}
+
+#[test]
+fn packets_not_for_a_service_pass_untouched() {
+    with_lab("packets_not_for_a_service_pass_untouched", |lab| {
+        lab.program(&[
+            frontend(
+                "web",
+                VIP,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(BACKEND_A, BACKEND_PORT)],
+            ),
+            frontend(
+                "dns",
+                VIP,
+                DNS_PORT,
+                IPPROTO_UDP,
+                &[(BACKEND_A, BACKEND_DNS_PORT)],
+            ),
+        ]);
+        let in0 = lab.in0.index;
+        const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+        const SSH_PORT: u16 = 22;
+        const HTTPS_PORT: u16 = 443;
+        const CLIENT_PORT: u16 = 40_300;
+        /// The second fragment of a 1500-byte datagram.
+        const SECOND_FRAGMENT_OFFSET: u16 = 185;
+        const ARP_REQUEST: [u8; 28] = [
+            0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x01, 0x02, 0, 0, 0, 0, 0x01, 10, 0, 0, 2, 0, 0, 0,
+            0, 0, 0, 10, 0, 0, 1,
+        ];
+        let ipv6_tcp = {
+            let mut frame = Vec::new();
+            etherparse::PacketBuilder::ethernet2(CLIENT_MAC, lab.in0.mac)
+                .ipv6([0xfd; 16], [0xfe; 16], DEFAULT_TTL)
+                .tcp(CLIENT_PORT, VIP_PORT, CLIENT_ISN, WINDOW)
+                .syn()
+                .write(&mut frame, &[])
+                .expect("IPv6 frame");
+            frame
+        };
+        let icmp_echo = {
+            let mut frame = Vec::new();
+            etherparse::PacketBuilder::ethernet2(CLIENT_MAC, lab.in0.mac)
+                .ipv4(CLIENT.octets(), VIP.octets(), DEFAULT_TTL)
+                .icmpv4_echo_request(1, 1)
+                .write(&mut frame, b"ping")
+                .expect("ICMP frame");
+            frame
+        };
+        let tcp_header_to_vip = Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), SYN).l4_bytes();
+        let pass = |name, input: Vec<u8>, counter| Case {
+            name,
+            input,
+            ingress: in0,
+            action: XDP_PASS,
+            output: Expect::Unchanged,
+            counters: vec![(counter, 1)],
+        };
+        let client = |packet: Pkt| from_client(lab, packet).bytes();
+        lab.check_all(&[
+            pass(
+                "TCP to the router itself",
+                client(Pkt::tcp((CLIENT, CLIENT_PORT), (ROUTER, SSH_PORT), SYN)),
+                Counter::PassNoService,
+            ),
+            pass(
+                "TCP to the VIP on a port without a Service",
+                client(Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, HTTPS_PORT), SYN)),
+                Counter::PassNoService,
+            ),
+            pass(
+                "UDP to the TCP Service's port",
+                client(Pkt::udp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT)).payload(b"x")),
+                Counter::PassNoService,
+            ),
+            pass(
+                "TCP to the UDP Service's port",
+                client(Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, DNS_PORT), SYN)),
+                Counter::PassNoService,
+            ),
+            pass(
+                "ARP request",
+                ethernet(ETHERTYPE_ARP, &ARP_REQUEST),
+                Counter::PassNotIpv4,
+            ),
+            pass(
+                "a bare Ethernet header",
+                ethernet(ETHERTYPE_ARP, &[]),
+                Counter::PassNotIpv4,
+            ),
+            pass("IPv6 TCP", ipv6_tcp, Counter::PassNotIpv4),
+            pass(
+                "three VLAN tags (two are parsed)",
+                client(
+                    Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), SYN).tags(&[
+                        (TPID_8021AD, 10),
+                        (TPID_8021Q, 20),
+                        (TPID_8021Q, 30),
+                    ]),
+                ),
+                Counter::PassNotIpv4,
+            ),
+            pass("ICMP echo to the VIP", icmp_echo, Counter::PassNotTcpUdp),
+            pass(
+                "non-first fragment to the VIP",
+                client(
+                    Pkt::raw(CLIENT, VIP, IPPROTO_TCP, b"middle of a segment")
+                        .fragment(false, SECOND_FRAGMENT_OFFSET),
+                ),
+                Counter::PassFragment,
+            ),
+            pass(
+                "first fragment to the VIP (more fragments set)",
+                client(Pkt::raw(CLIENT, VIP, IPPROTO_TCP, &tcp_header_to_vip).fragment(true, 0)),
+                Counter::PassFragment,
+            ),
+            pass(
+                "middle fragment of UDP to the VIP",
+                client(Pkt::raw(CLIENT, VIP, IPPROTO_UDP, b"dns bytes").fragment(true, 1)),
+                Counter::PassFragment,
+            ),
+        ]);
+        assert!(lab.conntrack().is_empty(), "passed packets create no flows");
+    });
+}
+
+/// Overwrites `bytes` at `offset`.
+fn patched(mut frame: Vec<u8>, offset: usize, bytes: &[u8]) -> Vec<u8> {
+    frame[offset..offset + bytes.len()].copy_from_slice(bytes);
+    frame
+}
+
+#[test]
+fn malformed_frames_are_dropped() {
+    with_lab("malformed_frames_are_dropped", |lab| {
+        lab.program(&[
+            frontend(
+                "web",
+                VIP,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(BACKEND_A, BACKEND_PORT)],
+            ),
+            frontend(
+                "dns",
+                VIP,
+                DNS_PORT,
+                IPPROTO_UDP,
+                &[(BACKEND_A, BACKEND_DNS_PORT)],
+            ),
+        ]);
+        let in0 = lab.in0.index;
+        const CLIENT_PORT: u16 = 40_400;
+        const IP: usize = ETH_HLEN;
+        const L4: usize = ETH_HLEN + IPV4_HLEN;
+        const TCP_OFFSET_BYTE: usize = L4 + 12;
+        const UDP_LENGTH: usize = L4 + 4;
+
+        let client = |packet: Pkt| from_client(lab, packet);
+        let syn = client(Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), SYN)).bytes();
+        let query = client(Pkt::udp((CLIENT, CLIENT_PORT), (VIP, DNS_PORT)).payload(b"abcd"));
+        let tcp_header = Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), SYN).l4_bytes();
+        let udp_header = Pkt::udp((CLIENT, CLIENT_PORT), (VIP, DNS_PORT)).l4_bytes();
+        // Valid IPv4 datagrams whose payload is a cut L4 header.
+        let cut_tcp = |proto| client(Pkt::raw(CLIENT, VIP, proto, &tcp_header[..TCP_HLEN - 8]));
+        let cut_udp = |proto| client(Pkt::raw(CLIENT, VIP, proto, &udp_header[..UDP_HLEN - 2]));
+        let tagged_syn =
+            client(Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), SYN).tags(&[(TPID_8021Q, 7)]))
+                .bytes();
+        let qinq_syn = client(
+            Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), SYN)
+                .tags(&[(TPID_8021AD, 7), (TPID_8021Q, 8)]),
+        )
+        .bytes();
+
+        let drop = |name, input: Vec<u8>| Case {
+            name,
+            input,
+            ingress: in0,
+            action: XDP_DROP,
+            output: Expect::Unchanged,
+            counters: vec![(Counter::DropMalformed, 1)],
+        };
+        let pass = |name, input: Vec<u8>, counter| Case {
+            name,
+            input,
+            ingress: in0,
+            action: XDP_PASS,
+            output: Expect::Unchanged,
+            counters: vec![(counter, 1)],
+        };
+        lab.check_all(&[
+            // Ethernet and VLAN headers.
+            drop(
+                "802.1Q tag cut short",
+                tagged_syn[..ETH_HLEN + VLAN_HLEN - 2].to_vec(),
+            ),
+            drop(
+                "QinQ inner tag cut short",
+                qinq_syn[..ETH_HLEN + 2 * VLAN_HLEN - 1].to_vec(),
+            ),
+            // IPv4 header.
+            drop("IPv4 EtherType without a header", syn[..ETH_HLEN].to_vec()),
+            drop(
+                "IPv4 header cut short",
+                syn[..ETH_HLEN + IPV4_HLEN - 1].to_vec(),
+            ),
+            drop(
+                "IPv4 header cut short after a VLAN tag",
+                tagged_syn[..ETH_HLEN + VLAN_HLEN + IPV4_HLEN - 1].to_vec(),
+            ),
+            drop(
+                "IP version 6 under the IPv4 EtherType",
+                patched(syn.clone(), IP, &[0x65]),
+            ),
+            drop("IPv4 ihl 4", patched(syn.clone(), IP, &[0x44])),
+            drop(
+                "IPv4 ihl 15 beyond the total length",
+                patched(syn.clone(), IP, &[0x4f]),
+            ),
+            drop(
+                "IPv4 total length below the header",
+                patched(syn.clone(), IP + 2, &19u16.to_be_bytes()),
+            ),
+            drop(
+                "IPv4 datagram longer than the frame",
+                syn[..syn.len() - 1].to_vec(),
+            ),
+            drop(
+                "ICMP datagram longer than the frame",
+                patched(
+                    client(Pkt::raw(CLIENT, VIP, IPPROTO_ICMP, b"12345678")).bytes(),
+                    IP + 2,
+                    &u16::try_from(IPV4_HLEN + 9).expect("len").to_be_bytes(),
+                ),
+            ),
+            // TCP header.
+            drop("TCP header cut short", cut_tcp(IPPROTO_TCP).bytes()),
+            drop(
+                "TCP data offset 4",
+                patched(syn.clone(), TCP_OFFSET_BYTE, &[0x40]),
+            ),
+            drop(
+                "TCP data offset beyond the segment",
+                patched(syn.clone(), TCP_OFFSET_BYTE, &[0x60]),
+            ),
+            // UDP header.
+            drop("UDP header cut short", cut_udp(IPPROTO_UDP).bytes()),
+            drop(
+                "UDP length 7",
+                patched(query.bytes(), UDP_LENGTH, &7u16.to_be_bytes()),
+            ),
+            drop(
+                "UDP length beyond the datagram",
+                patched(
+                    query.bytes(),
+                    UDP_LENGTH,
+                    &u16::try_from(UDP_HLEN + query.payload.len() + 1)
+                        .expect("len")
+                        .to_be_bytes(),
+                ),
+            ),
+            // Controls: the same cut L4 bytes are fine where no L4 header is parsed, which shows
+            // that the drops above come from the L4 checks.
+            pass(
+                "cut TCP header in an ICMP datagram",
+                cut_tcp(IPPROTO_ICMP).bytes(),
+                Counter::PassNotTcpUdp,
+            ),
+            pass(
+                "cut TCP header in a non-first fragment",
+                cut_tcp(IPPROTO_TCP).fragment(false, 1).bytes(),
+                Counter::PassFragment,
+            ),
+            pass(
+                "cut UDP header in a non-first fragment",
+                cut_udp(IPPROTO_UDP).fragment(false, 1).bytes(),
+                Counter::PassFragment,
+            ),
+        ]);
+        assert!(
+            lab.conntrack().is_empty(),
+            "malformed packets create no flows"
+        );
+
+        // A frame shorter than an Ethernet header never reaches the program: the kernel refuses
+        // to run it, so the program's own check is unreachable through test_run.
+        let before = lab.counters();
+        let short = lab.dataplane.test_run(&syn[..ETH_HLEN - 1], in0);
+        assert!(short.is_err(), "a 13-byte frame ran: {short:?}");
+        assert_counter_deltas("13-byte frame", &before, &lab.counters(), &[]);
+    });
+}
+
+#[test]
+fn services_without_usable_backends_drop() {
+    with_lab("services_without_usable_backends_drop", |lab| {
+        const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+        const DANGLING_SLOT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
+        const DEAD_BACKEND_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
+        /// Ids far above what the reconciler hands out for the few frontends here.
+        const HAND_SERVICE_ID: u32 = 9_000;
+        const HAND_BACKEND_SET: u32 = 9_000;
+        const UNUSED_BACKEND_ID: u32 = 9_000;
+        let empty = frontend("empty", EMPTY_VIP, VIP_PORT, IPPROTO_TCP, &[]);
+        let empty_udp = frontend("empty-udp", EMPTY_VIP, DNS_PORT, IPPROTO_UDP, &[]);
+        lab.program(&[empty.clone(), empty_udp]);
+        let (value, _) = lab.resolve(&empty);
+        assert_eq!(value.backend_count, 0);
+
+        // States the reconciler never leaves, written by hand: a backend set whose slot is
+        // missing, and a slot naming a backend id that is not active.
+        let service_key = |addr: Ipv4Addr| ServiceKey {
+            addr: wire_addr(addr),
+            port: wire_port(VIP_PORT),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        };
+        let value = ServiceValue {
+            service_id: HAND_SERVICE_ID,
+            backend_set: HAND_BACKEND_SET,
+            backend_count: 1,
+            flags: 0,
+        };
+        lab.maps
+            .services
+            .insert(service_key(DANGLING_SLOT_VIP), value, 0)
+            .expect("writing a frontend");
+        let dead_set = HAND_BACKEND_SET + 1;
+        lab.maps
+            .slots
+            .insert(
+                SlotKey {
+                    backend_set: dead_set,
+                    slot: 0,
+                },
+                UNUSED_BACKEND_ID,
+                0,
+            )
+            .expect("writing a slot");
+        lab.maps
+            .services
+            .insert(
+                service_key(DEAD_BACKEND_VIP),
+                ServiceValue {
+                    service_id: HAND_SERVICE_ID + 1,
+                    backend_set: dead_set,
+                    ..value
+                },
+                0,
+            )
+            .expect("writing a frontend");
+
+        let in0 = lab.in0.index;
+        let client = |packet: Pkt| from_client(lab, packet).bytes();
+        let drop = |name, input: Vec<u8>, counter| Case {
+            name,
+            input,
+            ingress: in0,
+            action: XDP_DROP,
+            output: Expect::Unchanged,
+            counters: vec![(counter, 1)],
+        };
+        lab.check_all(&[
+            drop(
+                "TCP to a Service without endpoints",
+                client(Pkt::tcp((CLIENT, 40_500), (EMPTY_VIP, VIP_PORT), SYN)),
+                Counter::DropNoBackend,
+            ),
+            drop(
+                "UDP to a Service without endpoints",
+                client(Pkt::udp((CLIENT, 40_501), (EMPTY_VIP, DNS_PORT)).payload(b"q")),
+                Counter::DropNoBackend,
+            ),
+            drop(
+                "slot missing from the backend set",
+                client(Pkt::tcp(
+                    (CLIENT, 40_502),
+                    (DANGLING_SLOT_VIP, VIP_PORT),
+                    SYN,
+                )),
+                Counter::DropBackendMissing,
+            ),
+            drop(
+                "slot naming an inactive backend",
+                client(Pkt::tcp(
+                    (CLIENT, 40_503),
+                    (DEAD_BACKEND_VIP, VIP_PORT),
+                    SYN,
+                )),
+                Counter::DropBackendMissing,
+            ),
+        ]);
+        assert!(
+            lab.conntrack().is_empty(),
+            "dropped packets create no flows"
+        );
+    });
+}
+
+#[test]
+fn forwarding_decisions() {
+    with_lab("forwarding_decisions", |lab| {
+        const VIP_ROUTED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+        const VIP_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+        const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+        const VIP_UNROUTED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+        const VIP_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+        const VIP_SIDE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
+        lab.program(&[
+            frontend(
+                "routed",
+                VIP_ROUTED,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(BACKEND_A, BACKEND_PORT)],
+            ),
+            frontend(
+                "unresolved",
+                VIP_UNRESOLVED,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(UNRESOLVED_BACKEND, BACKEND_PORT)],
+            ),
+            frontend(
+                "local",
+                VIP_LOCAL,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(LOCAL_BACKEND, BACKEND_PORT)],
+            ),
+            frontend(
+                "unrouted",
+                VIP_UNROUTED,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(UNROUTED_BACKEND, BACKEND_PORT)],
+            ),
+            frontend(
+                "gateway",
+                VIP_GATEWAY,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(ROUTED_BACKEND, BACKEND_PORT)],
+            ),
+            frontend(
+                "side",
+                VIP_SIDE,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(SIDE_BACKEND, BACKEND_PORT)],
+            ),
+        ]);
+        let (in0, out0, side0) = (lab.in0, lab.out0, lab.side0);
+        assert_ne!(side0.index, out0.index);
+        let syn = |port: u16, vip: Ipv4Addr| {
+            Pkt::tcp((CLIENT, port), (vip, VIP_PORT), SYN).eth(CLIENT_MAC, in0.mac)
+        };
+        let at_route_mtu = |port: u16, extra: usize| {
+            let payload = vec![0x5a; ROUTED_MTU - IPV4_HLEN - TCP_HLEN + extra];
+            Pkt::tcp((CLIENT, port), (VIP_GATEWAY, VIP_PORT), PSH | ACK)
+                .eth(CLIENT_MAC, in0.mac)
+                .payload(&payload)
+        };
+        let redirected = syn(41_001, VIP_ROUTED);
+        let ttl_two = syn(41_002, VIP_ROUTED).ttl(2);
+        let ttl_one = syn(41_003, VIP_ROUTED).ttl(1);
+        let unresolved = syn(41_004, VIP_UNRESOLVED);
+        let local = syn(41_005, VIP_LOCAL);
+        let local_reply = Pkt::tcp((LOCAL_BACKEND, BACKEND_PORT), (CLIENT, 41_005), SYN | ACK)
+            .eth(LOCAL_BACKEND_MAC, in0.mac);
+        let unrouted = syn(41_006, VIP_UNROUTED);
+        let fits = at_route_mtu(41_007, 0);
+        let too_big = at_route_mtu(41_008, 1);
+        let side = syn(41_009, VIP_SIDE);
+        let reply = Pkt::tcp((BACKEND_A, BACKEND_PORT), (CLIENT, 41_001), SYN | ACK)
+            .eth(BACKEND_A_MAC, out0.mac);
+        let reply_ttl_one = reply.clone().ttl(1);
+        let tagged = syn(41_010, VIP_ROUTED).tags(&[(TPID_8021Q, 100)]);
+        let qinq = syn(41_011, VIP_ROUTED).tags(&[(TPID_8021AD, 100), (TPID_8021Q, 200)]);
+        let tagged_reply = Pkt::tcp((BACKEND_A, BACKEND_PORT), (CLIENT, 41_010), SYN | ACK)
+            .eth(BACKEND_A_MAC, out0.mac)
+            .tags(&[(TPID_8021Q, 100)]);
+
+        let to_a = |packet: &Pkt| packet.clone().to(BACKEND_A, BACKEND_PORT);
+        let stack = |event| {
+            vec![
+                (Counter::StackService, 1),
+                (event, 1),
+                (Counter::FlowCreated, 1),
+            ]
+        };
+        let redirect = vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)];
+        lab.check_all(&[
+            Case {
+                name: "FIB success: redirected with the neighbour's and out0's MACs",
+                input: redirected.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_a(&redirected).hop(out0.mac, BACKEND_A_MAC)),
+                counters: redirect.clone(),
+            },
+            Case {
+                name: "TTL 2 is still forwarded, leaving with TTL 1",
+                input: ttl_two.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_a(&ttl_two).hop(out0.mac, BACKEND_A_MAC)),
+                counters: redirect.clone(),
+            },
+            Case {
+                name: "TTL 1 goes to the stack translated, TTL and MACs untouched",
+                input: ttl_one.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(to_a(&ttl_one)),
+                counters: stack(Counter::StackTtlExceeded),
+            },
+            Case {
+                name: "no neighbour entry",
+                input: unresolved.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(unresolved.clone().to(UNRESOLVED_BACKEND, BACKEND_PORT)),
+                counters: stack(Counter::StackNoNeighbour),
+            },
+            Case {
+                name: "egress == ingress: XDP_TX",
+                input: local.bytes(),
+                ingress: in0.index,
+                action: XDP_TX,
+                output: Expect::Frame(
+                    local
+                        .clone()
+                        .to(LOCAL_BACKEND, BACKEND_PORT)
+                        .hop(in0.mac, LOCAL_BACKEND_MAC),
+                ),
+                counters: vec![(Counter::TxService, 1), (Counter::FlowCreated, 1)],
+            },
+            Case {
+                name: "reply with egress == ingress: XDP_TX",
+                input: local_reply.bytes(),
+                ingress: in0.index,
+                action: XDP_TX,
+                output: Expect::Frame(
+                    local_reply
+                        .clone()
+                        .from(VIP_LOCAL, VIP_PORT)
+                        .hop(in0.mac, CLIENT_MAC),
+                ),
+                counters: vec![(Counter::TxReply, 1)],
+            },
+            Case {
+                name: "no route to the backend",
+                input: unrouted.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(unrouted.clone().to(UNROUTED_BACKEND, BACKEND_PORT)),
+                counters: stack(Counter::StackNoRoute),
+            },
+            Case {
+                name: "via a gateway at exactly the route MTU",
+                input: fits.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(
+                    fits.clone()
+                        .to(ROUTED_BACKEND, BACKEND_PORT)
+                        .hop(out0.mac, BACKEND_A_MAC),
+                ),
+                counters: redirect.clone(),
+            },
+            Case {
+                name: "one byte over the route MTU",
+                input: too_big.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(too_big.clone().to(ROUTED_BACKEND, BACKEND_PORT)),
+                counters: stack(Counter::StackFragNeeded),
+            },
+            Case {
+                name: "egress not in LB_TX_PORTS: stack, not re-MACed",
+                input: side.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(side.clone().to(SIDE_BACKEND, BACKEND_PORT)),
+                counters: stack(Counter::StackNotTxPort),
+            },
+            Case {
+                name: "reply redirected to the client",
+                input: reply.bytes(),
+                ingress: out0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(
+                    reply
+                        .clone()
+                        .from(VIP_ROUTED, VIP_PORT)
+                        .hop(in0.mac, CLIENT_MAC),
+                ),
+                counters: vec![(Counter::RedirectReply, 1)],
+            },
+            Case {
+                name: "reply with TTL 1",
+                input: reply_ttl_one.bytes(),
+                ingress: out0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(reply_ttl_one.clone().from(VIP_ROUTED, VIP_PORT)),
+                counters: vec![(Counter::StackReply, 1), (Counter::StackTtlExceeded, 1)],
+            },
+            Case {
+                name: "802.1Q-tagged: translated, left to the stack",
+                input: tagged.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(to_a(&tagged)),
+                counters: stack(Counter::StackVlan),
+            },
+            Case {
+                name: "QinQ-tagged: translated, left to the stack",
+                input: qinq.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(to_a(&qinq)),
+                counters: stack(Counter::StackVlan),
+            },
+            Case {
+                name: "802.1Q-tagged reply",
+                input: tagged_reply.bytes(),
+                ingress: out0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(tagged_reply.clone().from(VIP_ROUTED, VIP_PORT)),
+                counters: vec![(Counter::StackReply, 1), (Counter::StackVlan, 1)],
+            },
+        ]);
+    });
+}
+
+#[test]
+fn backend_removed_by_reconcile_reselects_its_flows() {
+    with_lab("backend_removed_by_reconcile_reselects_its_flows", |lab| {
+        let backends = [
+            (BACKEND_A, BACKEND_A_MAC),
+            (BACKEND_B, BACKEND_B_MAC),
+            (BACKEND_C, BACKEND_C_MAC),
+        ];
+        let web = |live: &[(Ipv4Addr, [u8; 6])]| {
+            let addrs: Vec<(Ipv4Addr, u16)> =
+                live.iter().map(|(addr, _)| (*addr, BACKEND_PORT)).collect();
+            frontend("web", VIP, VIP_PORT, IPPROTO_TCP, &addrs)
+        };
+        lab.program(&[web(&backends)]);
+        let in0 = lab.in0.index;
+        let candidates = |lab: &Lab, packet: &Pkt| -> Vec<Pkt> {
+            backends
+                .iter()
+                .map(|backend| to_backend(lab, packet, *backend, BACKEND_PORT))
+                .collect()
+        };
+        const FLOW_PORT: u16 = 42_000;
+        const FOLLOW_UPS: usize = 5;
+
+        let syn = from_client(lab, Pkt::tcp((CLIENT, FLOW_PORT), (VIP, VIP_PORT), SYN));
+        let new_flow = [(Counter::RedirectService, 1), (Counter::FlowCreated, 1)];
+        let removed = lab.check_any("SYN", &syn, in0, &candidates(lab, &syn), &new_flow);
+
+        // A second flow pinned to another backend, which the removal must not disturb.
+        let mut bystander = None;
+        for port in (FLOW_PORT + 1..).take(usize::from(MAX_NEW_FLOWS)) {
+            let other = from_client(lab, Pkt::tcp((CLIENT, port), (VIP, VIP_PORT), SYN));
+            let chosen = lab.check_any(
+                "SYN of another flow",
+                &other,
+                in0,
+                &candidates(lab, &other),
+                &new_flow,
+            );
+            if chosen != removed {
+                bystander = Some((port, chosen));
+                break;
+            }
+        }
+        let (bystander_port, bystander_backend) =
+            bystander.expect("some flow landed on another backend");
+
+        let remaining: Vec<(Ipv4Addr, [u8; 6])> = backends
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != removed)
+            .map(|(_, backend)| *backend)
+            .collect();
+        lab.program(&[web(&remaining)]);
+        let (_, live) = lab.resolve(&web(&remaining));
+        assert_eq!(live.len(), 2);
+        let flows_before = lab.conntrack().len();
+
+        let ack = from_client(lab, Pkt::tcp((CLIENT, FLOW_PORT), (VIP, VIP_PORT), ACK));
+        let reselected = lab.check_any(
+            "ACK after its backend was removed",
+            &ack,
+            in0,
+            &candidates(lab, &ack),
+            &[
+                (Counter::RedirectService, 1),
+                (Counter::FlowReselected, 1),
+                (Counter::FlowCreated, 1),
+            ],
+        );
+        assert_ne!(
+            reselected, removed,
+            "the flow still goes to the removed backend"
+        );
+        let (new_addr, _) = backends[reselected];
+        let (old_addr, old_mac) = backends[removed];
+
+        let table = lab.conntrack();
+        assert_eq!(
+            table.len(),
+            flows_before,
+            "the flow's entries were replaced, not added"
+        );
+        let original = table[&flow_key(
+            (CLIENT, FLOW_PORT),
+            (VIP, VIP_PORT),
+            IPPROTO_TCP,
+            DIRECTION_ORIGINAL,
+        )];
+        assert_eq!(
+            (original.nat_addr, original.nat_port, original.backend_id),
+            (
+                wire_addr(new_addr),
+                wire_port(BACKEND_PORT),
+                lab.backend_id(&web(&remaining), new_addr, BACKEND_PORT)
+            )
+        );
+        let reply_key = |addr| {
+            flow_key(
+                (addr, BACKEND_PORT),
+                (CLIENT, FLOW_PORT),
+                IPPROTO_TCP,
+                DIRECTION_REPLY,
+            )
+        };
+        assert!(
+            !table.contains_key(&reply_key(old_addr)),
+            "the removed backend's reply entry must go"
+        );
+        let reply = table.get(&reply_key(new_addr)).expect("new reply entry");
+        assert_eq!(
+            (reply.nat_addr, reply.nat_port),
+            (wire_addr(VIP), wire_port(VIP_PORT))
+        );
+
+        // A stray packet from the removed backend is no longer translated.
+        let out0 = lab.out0.index;
+        let stray =
+            Pkt::tcp((old_addr, BACKEND_PORT), (CLIENT, FLOW_PORT), ACK).eth(old_mac, lab.out0.mac);
+        lab.check(&Case {
+            name: "stray reply from the removed backend",
+            input: stray.bytes(),
+            ingress: out0,
+            action: XDP_PASS,
+            output: Expect::Unchanged,
+            counters: vec![(Counter::PassNoService, 1)],
+        });
+
+        for _ in 0..FOLLOW_UPS {
+            let again = lab.check_any(
+                "ACK after re-selection",
+                &ack,
+                in0,
+                &candidates(lab, &ack),
+                &[(Counter::RedirectService, 1)],
+            );
+            assert_eq!(again, reselected, "the re-selected flow must stick");
+            let bystander_ack = from_client(
+                lab,
+                Pkt::tcp((CLIENT, bystander_port), (VIP, VIP_PORT), ACK),
+            );
+            let kept = lab.check_any(
+                "ACK of the bystander flow",
+                &bystander_ack,
+                in0,
+                &candidates(lab, &bystander_ack),
+                &[(Counter::RedirectService, 1)],
+            );
+            assert_eq!(kept, bystander_backend, "an unaffected flow moved");
+        }
+    });
+}
+
+#[test]
+fn new_connection_on_a_closed_tuple_is_reselected() {
+    with_lab("new_connection_on_a_closed_tuple_is_reselected", |lab| {
+        let web = frontend(
+            "web",
+            VIP,
+            VIP_PORT,
+            IPPROTO_TCP,
+            &[(BACKEND_A, BACKEND_PORT)],
+        );
+        lab.program(std::slice::from_ref(&web));
+        let (in0, out0) = (lab.in0, lab.out0);
+        let backend_id = lab.backend_id(&web, BACKEND_A, BACKEND_PORT);
+
+        for (port, closing_flags, seen) in [(43_000, FIN | ACK, SEEN_FIN), (43_001, RST, SEEN_RST)]
+        {
+            let packet = |flags: u8| {
+                Pkt::tcp((CLIENT, port), (VIP, VIP_PORT), flags).eth(CLIENT_MAC, in0.mac)
+            };
+            let case = |name, flags, counters: &[(Counter, u64)]| {
+                let input = packet(flags);
+                Case {
+                    name,
+                    input: input.bytes(),
+                    ingress: in0.index,
+                    action: XDP_REDIRECT,
+                    output: Expect::Frame(
+                        input
+                            .clone()
+                            .to(BACKEND_A, BACKEND_PORT)
+                            .hop(out0.mac, BACKEND_A_MAC),
+                    ),
+                    counters: counters.to_vec(),
+                }
+            };
+            let original_key = flow_key(
+                (CLIENT, port),
+                (VIP, VIP_PORT),
+                IPPROTO_TCP,
+                DIRECTION_ORIGINAL,
+            );
+            let reply_key = flow_key(
+                (BACKEND_A, BACKEND_PORT),
+                (CLIENT, port),
+                IPPROTO_TCP,
+                DIRECTION_REPLY,
+            );
+            let entry = |lab: &Lab| lab.conntrack()[&original_key];
+            let forwarded = [(Counter::RedirectService, 1)];
+
+            lab.check(&case(
+                "SYN",
+                SYN,
+                &[(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+            ));
+            let first = entry(lab);
+            assert_eq!(first.tcp_flags, 0);
+            lab.check(&case("SYN retransmitted on the open flow", SYN, &forwarded));
+            assert_eq!(
+                entry(lab).created_ns,
+                first.created_ns,
+                "an open flow is kept"
+            );
+            lab.check(&case("closing segment", closing_flags, &forwarded));
+            assert_eq!(entry(lab).tcp_flags, seen, "the close is recorded");
+            lab.check(&case("ACK after the close", ACK, &forwarded));
+            lab.check(&case("SYN-ACK after the close", SYN | ACK, &forwarded));
+            assert_eq!(
+                entry(lab).created_ns,
+                first.created_ns,
+                "only a SYN reopens"
+            );
+
+            lab.check(&case(
+                "new SYN on the closed tuple",
+                SYN,
+                &[
+                    (Counter::RedirectService, 1),
+                    (Counter::FlowReselected, 1),
+                    (Counter::FlowCreated, 1),
+                ],
+            ));
+            let reopened = entry(lab);
+            assert!(
+                reopened.created_ns > first.created_ns,
+                "the entry was not recreated"
+            );
+            assert_eq!(
+                reopened,
+                FlowState {
+                    tcp_flags: 0,
+                    created_ns: reopened.created_ns,
+                    last_seen_ns: reopened.created_ns,
+                    ..first
+                }
+            );
+            assert_eq!(reopened.backend_id, backend_id);
+            let reply = lab.conntrack()[&reply_key];
+            assert_eq!(
+                (reply.nat_addr, reply.tcp_flags, reply.created_ns),
+                (wire_addr(VIP), 0, reopened.created_ns)
+            );
+            lab.check(&case("SYN retransmitted on the new flow", SYN, &forwarded));
+        }
+
+        // A flow first seen on its closing segment (picked up mid-stream, say after its entry was
+        // evicted) is closed from the start: the next SYN starts afresh.
+        const PICKED_UP_PORT: u16 = 43_002;
+        let packet = |flags: u8| {
+            Pkt::tcp((CLIENT, PICKED_UP_PORT), (VIP, VIP_PORT), flags).eth(CLIENT_MAC, in0.mac)
+        };
+        let translated = |packet: &Pkt| {
+            packet
+                .clone()
+                .to(BACKEND_A, BACKEND_PORT)
+                .hop(out0.mac, BACKEND_A_MAC)
+        };
+        let (fin, syn) = (packet(FIN | ACK), packet(SYN));
+        lab.check(&Case {
+            name: "FIN of an untracked flow",
+            input: fin.bytes(),
+            ingress: in0.index,
+            action: XDP_REDIRECT,
+            output: Expect::Frame(translated(&fin)),
+            counters: vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+        });
+        let table = lab.conntrack();
+        for key in [
+            flow_key(
+                (CLIENT, PICKED_UP_PORT),
+                (VIP, VIP_PORT),
+                IPPROTO_TCP,
+                DIRECTION_ORIGINAL,
+            ),
+            flow_key(
+                (BACKEND_A, BACKEND_PORT),
+                (CLIENT, PICKED_UP_PORT),
+                IPPROTO_TCP,
+                DIRECTION_REPLY,
+            ),
+        ] {
+            assert_eq!(table[&key].tcp_flags, SEEN_FIN, "{key:?}");
+        }
+        lab.check(&Case {
+            name: "SYN after a picked-up FIN",
+            input: syn.bytes(),
+            ingress: in0.index,
+            action: XDP_REDIRECT,
+            output: Expect::Frame(translated(&syn)),
+            counters: vec![
+                (Counter::RedirectService, 1),
+                (Counter::FlowReselected, 1),
+                (Counter::FlowCreated, 1),
+            ],
+        });
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The two entries of a flow share liveness and close state.
+
+/// Idle time that expires any flow (UDP lives 120 s, a closing TCP flow 120 s).
+const LONG_IDLE_NS: u64 = 600 * 1_000_000_000;
+/// Idle time past the refresh interval but within every lifetime.
+const SHORT_IDLE_NS: u64 = 2 * 1_000_000_000;
+
+impl Lab {
+    /// Moves a conntrack entry's last activity `idle_ns` into the past.
+    fn age(&self, key: &FlowKey, idle_ns: u64) {
+        let mut table = open_conntrack(&self.pin_dir).expect("opening LB_CONNTRACK");
+        let mut state = table.get(key, 0).expect("the entry exists");
+        state.last_seen_ns = monotonic_ns() - idle_ns;
+        table.insert(key, state, 0).expect("ageing the entry");
+    }
+}
+
+#[test]
+fn an_expired_flow_is_translated_neither_way() {
+    with_lab("an_expired_flow_is_translated_neither_way", |lab| {
+        lab.program(&[frontend(
+            "dns",
+            VIP,
+            DNS_PORT,
+            IPPROTO_UDP,
+            &[(BACKEND_A, BACKEND_DNS_PORT)],
+        )]);
+        let (in0, out0) = (lab.in0, lab.out0);
+        const PORT: u16 = 44_997;
+        let query = from_client(lab, Pkt::udp((CLIENT, PORT), (VIP, DNS_PORT)));
+        let answer =
+            Pkt::udp((BACKEND_A, BACKEND_DNS_PORT), (CLIENT, PORT)).eth(BACKEND_A_MAC, out0.mac);
+        lab.check(&Case {
+            name: "query",
+            input: query.bytes(),
+            ingress: in0.index,
+            action: XDP_REDIRECT,
+            output: Expect::Frame(to_backend(
+                lab,
+                &query,
+                (BACKEND_A, BACKEND_A_MAC),
+                BACKEND_DNS_PORT,
+            )),
+            counters: vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+        });
+        let original = flow_key(
+            (CLIENT, PORT),
+            (VIP, DNS_PORT),
+            IPPROTO_UDP,
+            DIRECTION_ORIGINAL,
+        );
+        let reply = flow_key(
+            (BACKEND_A, BACKEND_DNS_PORT),
+            (CLIENT, PORT),
+            IPPROTO_UDP,
+            DIRECTION_REPLY,
+        );
+        lab.age(&original, LONG_IDLE_NS);
+        lab.age(&reply, LONG_IDLE_NS);
+        // The tuple may now carry traffic that has nothing to do with the Service, e.g. the
+        // client talking to the pod directly from the same port: it must not be rewritten.
+        lab.check(&Case {
+            name: "a packet from the backend on an expired flow",
+            input: answer.bytes(),
+            ingress: out0.index,
+            action: XDP_PASS,
+            output: Expect::Unchanged,
+            counters: vec![(Counter::PassNoService, 1)],
+        });
+        assert!(
+            !lab.conntrack().contains_key(&reply),
+            "the expired reply entry is deleted"
+        );
+    });
+}
+
+#[test]
+fn either_direction_keeps_the_flow_alive() {
+    with_lab("either_direction_keeps_the_flow_alive", |lab| {
+        lab.program(&[frontend(
+            "dns",
+            VIP,
+            DNS_PORT,
+            IPPROTO_UDP,
+            &[(BACKEND_A, BACKEND_DNS_PORT), (BACKEND_B, BACKEND_DNS_PORT)],
+        )]);
+        let (in0, out0) = (lab.in0, lab.out0);
+        const PORT: u16 = 45_001;
+        let query = from_client(lab, Pkt::udp((CLIENT, PORT), (VIP, DNS_PORT)));
+        lab.dataplane
+            .test_run(&query.bytes(), in0.index)
+            .expect("first query");
+        let original = flow_key(
+            (CLIENT, PORT),
+            (VIP, DNS_PORT),
+            IPPROTO_UDP,
+            DIRECTION_ORIGINAL,
+        );
+        let chosen = lab.conntrack()[&original];
+        let (backend, backend_mac) = if chosen.nat_addr == wire_addr(BACKEND_A) {
+            (BACKEND_A, BACKEND_A_MAC)
+        } else {
+            (BACKEND_B, BACKEND_B_MAC)
+        };
+        let reply = flow_key(
+            (backend, BACKEND_DNS_PORT),
+            (CLIENT, PORT),
+            IPPROTO_UDP,
+            DIRECTION_REPLY,
+        );
+        // Only the backend has spoken lately (a server pushing datagrams): the client's own entry
+        // is past its lifetime, the reply entry is due for a refresh.
+        lab.age(&original, LONG_IDLE_NS);
+        lab.age(&reply, SHORT_IDLE_NS);
+        let push = Pkt::udp((backend, BACKEND_DNS_PORT), (CLIENT, PORT)).eth(backend_mac, out0.mac);
+        lab.check(&Case {
+            name: "the backend pushes a datagram",
+            input: push.bytes(),
+            ingress: out0.index,
+            action: XDP_REDIRECT,
+            output: Expect::Frame(push.clone().from(VIP, DNS_PORT).hop(in0.mac, CLIENT_MAC)),
+            counters: vec![(Counter::RedirectReply, 1)],
+        });
+        let now = monotonic_ns();
+        let table = lab.conntrack();
+        assert!(
+            now - table[&original].last_seen_ns < SHORT_IDLE_NS,
+            "the reply refreshed the client's entry too"
+        );
+        lab.check(&Case {
+            name: "the client speaks again and keeps its backend",
+            input: query.bytes(),
+            ingress: in0.index,
+            action: XDP_REDIRECT,
+            output: Expect::Frame(to_backend(
+                lab,
+                &query,
+                (backend, backend_mac),
+                BACKEND_DNS_PORT,
+            )),
+            counters: vec![(Counter::RedirectService, 1)],
+        });
+    });
+}
+
+#[test]
+fn a_reset_from_the_backend_closes_the_flow_for_the_client() {
+    with_lab(
+        "a_reset_from_the_backend_closes_the_flow_for_the_client",
+        |lab| {
+            let web = frontend(
+                "web",
+                VIP,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(BACKEND_A, BACKEND_PORT)],
+            );
+            lab.program(std::slice::from_ref(&web));
+            let (in0, out0) = (lab.in0, lab.out0);
+            const PORT: u16 = 46_000;
+            let syn = from_client(lab, Pkt::tcp((CLIENT, PORT), (VIP, VIP_PORT), SYN));
+            let dnat = to_backend(lab, &syn, (BACKEND_A, BACKEND_A_MAC), BACKEND_PORT);
+            lab.check(&Case {
+                name: "SYN",
+                input: syn.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(dnat.clone()),
+                counters: vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+            });
+            let reset = Pkt::tcp((BACKEND_A, BACKEND_PORT), (CLIENT, PORT), RST | ACK)
+                .eth(BACKEND_A_MAC, out0.mac);
+            lab.check(&Case {
+                name: "the backend resets the connection",
+                input: reset.bytes(),
+                ingress: out0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(reset.clone().from(VIP, VIP_PORT).hop(in0.mac, CLIENT_MAC)),
+                counters: vec![(Counter::RedirectReply, 1)],
+            });
+            let original = flow_key(
+                (CLIENT, PORT),
+                (VIP, VIP_PORT),
+                IPPROTO_TCP,
+                DIRECTION_ORIGINAL,
+            );
+            assert_eq!(
+                lab.conntrack()[&original].tcp_flags,
+                SEEN_RST,
+                "the client's entry learns of the reset"
+            );
+            lab.check(&Case {
+                name: "the client's new connection on the same tuple is a new flow",
+                input: syn.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(dnat),
+                counters: vec![
+                    (Counter::RedirectService, 1),
+                    (Counter::FlowReselected, 1),
+                    (Counter::FlowCreated, 1),
+                ],
+            });
+        },
+    );
+}
+
+#[test]
+fn a_flow_whose_service_lost_every_endpoint_is_dropped_not_reselected() {
+    with_lab(
+        "a_flow_whose_service_lost_every_endpoint_is_dropped_not_reselected",
+        |lab| {
+            let web = |backends: &[(Ipv4Addr, u16)]| {
+                frontend("web", VIP, VIP_PORT, IPPROTO_TCP, backends)
+            };
+            lab.program(&[web(&[(BACKEND_A, BACKEND_PORT)])]);
+            let in0 = lab.in0;
+            let ack = from_client(lab, Pkt::tcp((CLIENT, 47_000), (VIP, VIP_PORT), ACK));
+            lab.dataplane
+                .test_run(&ack.bytes(), in0.index)
+                .expect("first packet");
+            lab.program(&[web(&[])]);
+            for attempt in ["first", "second"] {
+                lab.check(&Case {
+                    name: if attempt == "first" {
+                        "the flow's next packet"
+                    } else {
+                        "and the one after"
+                    },
+                    input: ack.bytes(),
+                    ingress: in0.index,
+                    action: XDP_DROP,
+                    output: Expect::Unchanged,
+                    counters: vec![(Counter::DropNoBackend, 1)],
+                });
+            }
+        },
+    );
+}
