@@ -23,7 +23,13 @@ const READY_MARKER: &str = "ready: watching";
 /// (`target/<profile>/lb`).
 pub fn lb_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("LB_BIN") {
-        return Ok(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        // Test binaries run in their package's directory, so a relative path would silently
+        // mean something else than where the caller stood.
+        if !path.is_absolute() {
+            bail!("LB_BIN must be an absolute path, got {}", path.display());
+        }
+        return Ok(path);
     }
     let exe = std::env::current_exe()?;
     let profile_dir = exe
