@@ -1,6 +1,9 @@
 //! `lb agent`: attach the dataplane, then keep the Service maps equal to the manifests.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use notify::{RecursiveMode, Watcher as _};
@@ -12,7 +15,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    dataplane::{Dataplane, maps::ServiceMaps, system},
+    dataplane::{Dataplane, VethRedirect, maps::ServiceMaps, system},
     desired::{Note, desired_state},
     manifests::{ManifestError, Snapshot, load_dir},
     reconcile::Reconciler,
@@ -29,7 +32,14 @@ pub struct AgentOptions {
     pub pin_dir: PathBuf,
     /// Full re-read of the directory even without a change notification.
     pub resync: Duration,
+    /// Where the agent keeps the last good version of every object across restarts.
+    pub state_dir: PathBuf,
+    /// Whether the program may redirect into veths; see [`VethRedirect`].
+    pub veth_redirect: VethRedirect,
 }
+
+/// The file in the state directory holding the last good objects.
+const SNAPSHOT_FILE: &str = "manifests.json";
 
 /// Editors save in several steps (write a temporary file, rename, touch); one sync after they
 /// settle is enough.
@@ -39,6 +49,9 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 struct ManifestSource {
     dir: PathBuf,
     snapshot: Snapshot,
+    /// Where the snapshot is saved, and what was saved last (to write only on change).
+    snapshot_file: PathBuf,
+    saved: String,
     /// Reported once per change, not on every resync.
     last_errors: Vec<ManifestError>,
     last_notes: Vec<Note>,
@@ -60,6 +73,7 @@ impl ManifestSource {
             self.last_errors = load.errors.clone();
         }
         self.snapshot = load.snapshot;
+        self.save_snapshot();
         let (desired, notes) = desired_state(
             self.snapshot
                 .services
@@ -91,6 +105,59 @@ impl ManifestSource {
     }
 }
 
+impl ManifestSource {
+    fn new(dir: PathBuf, state_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+        let snapshot_file = state_dir.join(SNAPSHOT_FILE);
+        let (snapshot, saved) = match std::fs::read_to_string(&snapshot_file) {
+            Ok(json) => match Snapshot::from_json(&json) {
+                Ok(snapshot) => (snapshot, json),
+                Err(error) => {
+                    warn!(
+                        "ignoring {}: {error:#}; objects broken now have no last good version",
+                        snapshot_file.display()
+                    );
+                    (Snapshot::default(), String::new())
+                }
+            },
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                (Snapshot::default(), String::new())
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("reading {}", snapshot_file.display()));
+            }
+        };
+        Ok(Self {
+            dir,
+            snapshot,
+            snapshot_file,
+            saved,
+            last_errors: Vec::new(),
+            last_notes: Vec::new(),
+        })
+    }
+
+    /// Keeps the last good objects on disk, written atomically, only when they changed.
+    fn save_snapshot(&mut self) {
+        let result = self.snapshot.to_json().and_then(|json| {
+            if json != self.saved {
+                let temporary = self.snapshot_file.with_extension("json.tmp");
+                std::fs::write(&temporary, &json)?;
+                std::fs::rename(&temporary, &self.snapshot_file)?;
+                self.saved = json;
+            }
+            Ok(())
+        });
+        if let Err(error) = result {
+            warn!(
+                "saving {}: {error:#}; a restart would not know the last good objects",
+                self.snapshot_file.display()
+            );
+        }
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM. The dataplane stays attached afterwards.
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     system::check_privileges()?;
@@ -110,7 +177,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     let mut dataplane = Dataplane::load(&options.pin_dir)?;
     for interface in &options.interfaces {
-        dataplane.attach(interface)?;
+        dataplane.attach(interface, options.veth_redirect)?;
     }
     dataplane.detach_others(&options.interfaces)?;
     for warning in system::sysctl_warnings(&options.interfaces) {
@@ -134,12 +201,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         .watch(&options.manifests, RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", options.manifests.display()))?;
 
-    let mut source = ManifestSource {
-        dir: options.manifests.clone(),
-        snapshot: Snapshot::default(),
-        last_errors: Vec::new(),
-        last_notes: Vec::new(),
-    };
+    let mut source = ManifestSource::new(options.manifests.clone(), &options.state_dir)?;
     source.sync(&mut reconciler, &mut maps);
     info!(
         frontends = reconciler.frontend_count(),
@@ -150,15 +212,26 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut resync = interval_at(Instant::now() + options.resync, options.resync);
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut watching = true;
     loop {
         tokio::select! {
-            change = changes.recv() => {
-                if let Some(Err(error)) = change {
-                    warn!("watching {}: {error}", options.manifests.display());
+            change = changes.recv(), if watching => match change {
+                Some(change) => {
+                    if let Err(error) = change {
+                        warn!("watching {}: {error}", options.manifests.display());
+                    }
+                    sleep(DEBOUNCE).await;
+                    while changes.try_recv().is_ok() {}
                 }
-                sleep(DEBOUNCE).await;
-                while changes.try_recv().is_ok() {}
-            }
+                None => {
+                    warn!(
+                        "the watcher of {} stopped; changes now apply at the periodic resync",
+                        options.manifests.display()
+                    );
+                    watching = false;
+                    continue;
+                }
+            },
             _ = resync.tick() => {}
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,

@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration}
 use clap::{Parser, Subcommand, ValueEnum};
 use lb::{
     agent::{AgentOptions, run},
-    dataplane,
+    dataplane::{self, VethRedirect},
     inspect::{counters, format_table, service_rows, services_table},
 };
 use tracing_subscriber::EnvFilter;
@@ -46,6 +46,15 @@ enum Command {
         /// Seconds between full re-reads of the directory, on top of change notifications.
         #[arg(long, default_value_t = 30)]
         resync_seconds: u64,
+        /// Directory where the agent keeps the last good version of every object, so that an
+        /// object broken at start-up keeps its entries across a restart.
+        #[arg(long, default_value = "/var/lib/lb")]
+        state_dir: PathBuf,
+        /// Also redirect from XDP into veth interfaces. Only safe when every attached veth's
+        /// peer has GRO enabled or an XDP program (else the kernel drops the redirected frames);
+        /// without it, packets towards veths take the kernel stack.
+        #[arg(long)]
+        xdp_redirect_veth: bool,
     },
     /// List the Service frontends and endpoints the dataplane holds (from the pinned maps).
     ///
@@ -93,6 +102,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             manifests,
             interfaces,
             resync_seconds,
+            state_dir,
+            xdp_redirect_veth,
         } => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -102,6 +113,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 interfaces,
                 pin_dir: cli.pin_dir,
                 resync: Duration::from_secs(resync_seconds.max(1)),
+                state_dir,
+                veth_redirect: if xdp_redirect_veth {
+                    VethRedirect::Allowed
+                } else {
+                    VethRedirect::Never
+                },
             }))
         }
         Command::Services { output } => {

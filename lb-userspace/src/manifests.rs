@@ -44,7 +44,7 @@ impl fmt::Display for ObjectKey {
 }
 
 /// An object and the file it came from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Sourced<T> {
     pub file: PathBuf,
     pub object: T,
@@ -57,7 +57,52 @@ pub struct Snapshot {
     pub slices: BTreeMap<ObjectKey, Sourced<EndpointSlice>>,
 }
 
+/// The on-disk form of a [`Snapshot`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedSnapshot {
+    services: Vec<Sourced<Service>>,
+    slices: Vec<Sourced<EndpointSlice>>,
+}
+
+fn object_key(
+    kind: Kind,
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> ObjectKey {
+    ObjectKey {
+        kind,
+        namespace: metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+        name: metadata.name.clone().unwrap_or_default(),
+    }
+}
+
 impl Snapshot {
+    /// The snapshot as JSON, to be kept across agent restarts: the last good version of an
+    /// object that is broken when the agent starts comes from there.
+    pub fn to_json(&self) -> anyhow::Result<String> {
+        Ok(serde_json::to_string(&SavedSnapshot {
+            services: self.services.values().cloned().collect(),
+            slices: self.slices.values().cloned().collect(),
+        })?)
+    }
+
+    /// Reads back what [`Snapshot::to_json`] wrote.
+    pub fn from_json(json: &str) -> anyhow::Result<Self> {
+        let saved: SavedSnapshot = serde_json::from_str(json)?;
+        let mut snapshot = Snapshot::default();
+        for sourced in saved.services {
+            let key = object_key(Kind::Service, &sourced.object.metadata);
+            snapshot.services.insert(key, sourced);
+        }
+        for sourced in saved.slices {
+            let key = object_key(Kind::EndpointSlice, &sourced.object.metadata);
+            snapshot.slices.insert(key, sourced);
+        }
+        Ok(snapshot)
+    }
+
     fn insert(&mut self, key: ObjectKey, file: &Path, object: Object) {
         let file = file.to_owned();
         match object {

@@ -609,20 +609,16 @@ impl ServiceStore for MemoryStore {
         Ok(())
     }
     fn delete_service(&mut self, key: ServiceKey) -> anyhow::Result<()> {
-        self.services
-            .remove(&key)
-            .map(|_| ())
-            .context("no such service")
+        self.services.remove(&key);
+        Ok(())
     }
     fn set_info(&mut self, service_id: u32, info: &ServiceInfo) -> anyhow::Result<()> {
         self.infos.insert(service_id, *info);
         Ok(())
     }
     fn delete_info(&mut self, service_id: u32) -> anyhow::Result<()> {
-        self.infos
-            .remove(&service_id)
-            .map(|_| ())
-            .context("no such info")
+        self.infos.remove(&service_id);
+        Ok(())
     }
     fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())

@@ -80,6 +80,26 @@ pub fn lb(lb: &Path, pin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// How to run an agent.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentOptions<'a> {
+    /// The `lb` binary.
+    pub lb: &'a Path,
+    pub pin_dir: &'a Path,
+    pub manifests: &'a Path,
+    pub interfaces: &'a [String],
+    /// Where the agent keeps its last good objects (`--state-dir`).
+    pub state_dir: &'a Path,
+    /// Where its log goes.
+    pub log: &'a Path,
+    /// More `lb agent` flags.
+    pub extra_args: &'a [&'a str],
+}
+
+/// The flag that lets the program redirect into veths: the harness's topologies enable GRO on
+/// every veth peer, which is what such redirects need.
+pub const REDIRECT_VETH: &str = "--xdp-redirect-veth";
+
 /// A running `lb agent`; stopped (SIGTERM, then SIGKILL) on drop. The dataplane it attached
 /// stays until `lb reset`.
 pub struct Agent {
@@ -89,38 +109,28 @@ pub struct Agent {
 
 impl Agent {
     /// Starts the agent in `node` and waits until it reports ready.
-    pub fn start(
-        node: &Netns,
-        lb: &Path,
-        pin_dir: &Path,
-        manifests: &Path,
-        interfaces: &[String],
-        log: &Path,
-    ) -> anyhow::Result<Self> {
-        let mut agent = Self::spawn(node, lb, pin_dir, manifests, interfaces, log)?;
+    pub fn start(node: &Netns, options: &AgentOptions<'_>) -> anyhow::Result<Self> {
+        let mut agent = Self::spawn(node, options)?;
         agent.wait_ready()?;
         Ok(agent)
     }
 
     /// Starts the agent in `node` without waiting. It is killed if this thread exits first.
-    pub fn spawn(
-        node: &Netns,
-        lb: &Path,
-        pin_dir: &Path,
-        manifests: &Path,
-        interfaces: &[String],
-        log: &Path,
-    ) -> anyhow::Result<Self> {
-        let log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut command = node.command(lb)?;
+    pub fn spawn(node: &Netns, options: &AgentOptions<'_>) -> anyhow::Result<Self> {
+        let log_file = File::create(options.log)
+            .with_context(|| format!("creating {}", options.log.display()))?;
+        let mut command = node.command(options.lb)?;
         command
             .arg("--pin-dir")
-            .arg(pin_dir)
+            .arg(options.pin_dir)
             .arg("agent")
             .arg("--manifests")
-            .arg(manifests)
+            .arg(options.manifests)
             .arg("--interfaces")
-            .arg(interfaces.join(","))
+            .arg(options.interfaces.join(","))
+            .arg("--state-dir")
+            .arg(options.state_dir)
+            .args(options.extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file);
@@ -136,7 +146,7 @@ impl Agent {
         }
         Ok(Self {
             child: Some(node.spawn(&mut command)?),
-            log: log.to_owned(),
+            log: options.log.to_owned(),
         })
     }
 

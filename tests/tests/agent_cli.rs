@@ -98,11 +98,15 @@ fn settings_that_break_the_stack_path_are_warned_about() {
     let lb = lb_binary().expect("lb");
     let mut agent = lb_tests::agent::Agent::start(
         &netns,
-        &lb,
-        &pin_dir,
-        &workdir.join("manifests"),
-        &["d0".to_owned()],
-        &workdir.join("agent.log"),
+        &lb_tests::agent::AgentOptions {
+            lb: &lb,
+            pin_dir: &pin_dir,
+            manifests: &workdir.join("manifests"),
+            interfaces: &["d0".to_owned()],
+            state_dir: &workdir.join("state"),
+            log: &workdir.join("agent.log"),
+            extra_args: &[],
+        },
     )
     .expect("agent");
     let log = agent.log_text();

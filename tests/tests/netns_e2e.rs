@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use lb_tests::{
-    agent::{Agent, lb, lb_binary, wait_until},
+    agent::{Agent, AgentOptions, REDIRECT_VETH, lb, lb_binary, wait_until},
     netns::{Netns, unique_prefix},
     privilege::require_root,
     servers::{self, Reply, Server},
@@ -127,11 +127,15 @@ impl Cluster {
         ));
         self.agent = Some(Agent::start(
             &self.topology.node,
-            &self.lb,
-            &self.pin_dir,
-            &self.manifests(),
-            &self.topology.node_interfaces(),
-            &log,
+            &AgentOptions {
+                lb: &self.lb,
+                pin_dir: &self.pin_dir,
+                manifests: &self.manifests(),
+                interfaces: &self.topology.node_interfaces(),
+                state_dir: &self.workdir.join("state"),
+                log: &log,
+                extra_args: &[REDIRECT_VETH],
+            },
         )?);
         Ok(())
     }

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use lb_tests::{
-    agent::{Agent, lb},
+    agent::{Agent, AgentOptions, REDIRECT_VETH, lb},
     netns::{remove_leftovers, unique_prefix},
     servers::{self, Reply},
     topology::{BACKENDS, CLIENT_ADDR, Offload, SingleNode, backend_addr},
@@ -171,13 +171,19 @@ fn demo(lb_path: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
         topology.node_interfaces().join(","),
         log.display()
     );
+    let state_dir = std::env::temp_dir().join(format!("{prefix}-state"));
+    let interfaces = topology.node_interfaces();
     let mut agent = Agent::spawn(
         &topology.node,
-        lb_path,
-        &pin_dir,
-        &manifests,
-        &topology.node_interfaces(),
-        &log,
+        &AgentOptions {
+            lb: lb_path,
+            pin_dir: &pin_dir,
+            manifests: &manifests,
+            interfaces: &interfaces,
+            state_dir: &state_dir,
+            log: &log,
+            extra_args: &[REDIRECT_VETH],
+        },
     )?;
     if let Ok(mut plan) = cleanup.lock() {
         plan.agent_pid = agent.pid();
@@ -205,6 +211,7 @@ fn demo(lb_path: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
     drop(backend_servers);
     drop(topology);
     std::fs::remove_file(&log).ok();
+    std::fs::remove_dir_all(&state_dir).ok();
     if let Ok(mut plan) = cleanup.lock() {
         *plan = Cleanup::default();
     }

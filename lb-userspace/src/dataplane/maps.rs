@@ -4,53 +4,119 @@
 use std::{mem::size_of, path::Path};
 
 use anyhow::Context as _;
-use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use lb_common::{
     conntrack::{FlowKey, FlowState},
     limits::{
         MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS, MAP_STATS,
-        MAP_TX_PORTS,
+        MAP_TX_PORTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_TX_PORTS,
     },
     service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
-    stats::Counter,
+    stats::{COUNTER_COUNT, Counter},
 };
 
-/// Expected key and value sizes of the maps whose layout this crate defines.
-pub const LAYOUTS: [(&str, u32, u32); 5] = [
-    (
+/// What a pinned map must look like for this build to reuse it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Layout {
+    pub name: &'static str,
+    pub kind: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+const fn layout(
+    name: &'static str,
+    kind: MapType,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
+) -> Layout {
+    Layout {
+        name,
+        kind,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        max_entries,
+    }
+}
+
+/// `struct bpf_devmap_val`: the target ifindex and a chained program (unused).
+const DEVMAP_VALUE_SIZE: usize = 8;
+
+/// Every map of the object as this build defines it.
+pub const LAYOUTS: [Layout; 7] = [
+    layout(
         MAP_SERVICES,
-        size_of::<ServiceKey>() as u32,
-        size_of::<ServiceValue>() as u32,
+        MapType::Hash,
+        size_of::<ServiceKey>(),
+        size_of::<ServiceValue>(),
+        MAX_SERVICES,
     ),
-    (
+    layout(
         MAP_SLOTS,
-        size_of::<SlotKey>() as u32,
-        size_of::<u32>() as u32,
+        MapType::Hash,
+        size_of::<SlotKey>(),
+        size_of::<u32>(),
+        MAX_SLOTS,
     ),
-    (
+    layout(
         MAP_BACKENDS,
-        size_of::<u32>() as u32,
-        size_of::<Backend>() as u32,
+        MapType::Array,
+        size_of::<u32>(),
+        size_of::<Backend>(),
+        MAX_BACKENDS,
     ),
-    (
+    layout(
         MAP_SERVICE_INFO,
-        size_of::<u32>() as u32,
-        size_of::<ServiceInfo>() as u32,
+        MapType::Hash,
+        size_of::<u32>(),
+        size_of::<ServiceInfo>(),
+        MAX_SERVICES,
     ),
-    (
+    layout(
         MAP_CONNTRACK,
-        size_of::<FlowKey>() as u32,
-        size_of::<FlowState>() as u32,
+        MapType::LruHash,
+        size_of::<FlowKey>(),
+        size_of::<FlowState>(),
+        MAX_CONNTRACK,
+    ),
+    layout(
+        MAP_STATS,
+        MapType::PerCpuArray,
+        size_of::<u32>(),
+        size_of::<u64>(),
+        COUNTER_COUNT,
+    ),
+    layout(
+        MAP_TX_PORTS,
+        MapType::DevMapHash,
+        size_of::<u32>(),
+        DEVMAP_VALUE_SIZE,
+        MAX_TX_PORTS,
     ),
 ];
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
     let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "no lb map pinned at {}: start `lb agent` (with the same --pin-dir) first",
-            path.display()
-        )
+    let data = MapData::from_pin(&path).map_err(|error| {
+        let error = anyhow::Error::from(error);
+        let denied = error.chain().any(|cause| {
+            cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        });
+        if denied {
+            error.context(format!(
+                "reading {} needs root (or CAP_BPF): run lb with sudo",
+                path.display()
+            ))
+        } else {
+            error.context(format!(
+                "no lb map pinned at {}: start `lb agent` (with the same --pin-dir) first",
+                path.display()
+            ))
+        }
     })?;
     Ok(Map::from_map_data(data)?)
 }
@@ -105,7 +171,7 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Counter, u64)>> {
 
 /// Deleting an entry that is already gone is success: deletes must be idempotent so that a retry
 /// after a partial failure converges.
-fn absent_is_fine(result: Result<(), MapError>) -> anyhow::Result<()> {
+pub fn absent_is_fine(result: Result<(), MapError>) -> anyhow::Result<()> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(error))

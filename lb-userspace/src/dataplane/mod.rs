@@ -14,6 +14,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::os::fd::AsRawFd as _;
+
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -29,6 +31,8 @@ use lb_common::limits::{
     MAP_STATS, MAP_TX_PORTS,
 };
 use tracing::{info, warn};
+
+use crate::dataplane::maps::absent_is_fine;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -74,6 +78,36 @@ pub struct TestRun {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// An exclusive `flock` on the pin directory, held while this dataplane lives: two agents on
+    /// one pin directory would overwrite each other's ids and delete each other's entries.
+    _lock: fs::File,
+}
+
+/// Whether the program may redirect frames into veth interfaces. A redirect into a veth is only
+/// received when the veth's peer runs NAPI (GRO enabled or an XDP program attached), which the
+/// agent cannot see from this side; otherwise the kernel drops the frame after the program has
+/// returned. Without this, packets towards veths take the kernel stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VethRedirect {
+    #[default]
+    Never,
+    Allowed,
+}
+
+fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<fs::File> {
+    let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    // SAFETY: a valid open file descriptor.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "another lb agent is using {}: stop it first, or give this one its own --pin-dir",
+                pin_dir.display()
+            );
+        }
+        return Err(error).with_context(|| format!("locking {}", pin_dir.display()));
+    }
+    Ok(dir)
 }
 
 impl Dataplane {
@@ -81,6 +115,7 @@ impl Dataplane {
     /// creating and pinning them (first start).
     pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
         system::ensure_pin_dir(pin_dir)?;
+        let lock = lock_pin_dir(pin_dir)?;
         let pin_paths: Vec<(&str, PathBuf)> = ALL_MAPS
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
@@ -106,6 +141,7 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            _lock: lock,
         })
     }
 
@@ -118,8 +154,8 @@ impl Dataplane {
     }
 
     /// Attaches the program to `interface`, or atomically swaps it into the link pinned for that
-    /// interface by an earlier agent. Also allows redirects to the interface.
-    pub fn attach(&mut self, interface: &str) -> anyhow::Result<()> {
+    /// interface by an earlier agent, and allows redirects to it (veths only if `veth_redirect`).
+    pub fn attach(&mut self, interface: &str, veth_redirect: VethRedirect) -> anyhow::Result<()> {
         let ifindex = system::interface_index(interface)?;
         let links_dir = self.pin_dir.join(LINKS_SUBDIR);
         fs::create_dir_all(&links_dir)
@@ -152,13 +188,22 @@ impl Dataplane {
                 .pin(&link_pin)
                 .with_context(|| format!("pinning the XDP link at {}", link_pin.display()))?;
         }
+        // Loopback and some virtual devices answer no driver: they are not veths.
+        let driver = system::interface_driver(interface).unwrap_or_default();
+        let redirect = driver != system::VETH_DRIVER || veth_redirect == VethRedirect::Allowed;
         let mut tx_ports = maps::open_tx_ports(&self.pin_dir)?;
-        tx_ports
-            .insert(ifindex, ifindex, None, 0)
-            .with_context(|| format!("allowing redirects to {interface}"))?;
+        if redirect {
+            tx_ports
+                .insert(ifindex, ifindex, None, 0)
+                .with_context(|| format!("allowing redirects to {interface}"))?;
+        } else {
+            absent_is_fine(tx_ports.remove(ifindex))?;
+        }
         info!(
             interface,
             ifindex,
+            driver,
+            redirect,
             replaced,
             "XDP program {}",
             if replaced {
@@ -248,7 +293,7 @@ pub fn detach(pin_dir: &Path, interface: &str) -> anyhow::Result<()> {
         && let Ok(mut tx_ports) = maps::open_tx_ports(pin_dir)
     {
         // Absent already when the interface was re-created: nothing to undo then.
-        let _ = tx_ports.remove(ifindex);
+        absent_is_fine(tx_ports.remove(ifindex))?;
     }
     info!(interface, "XDP program detached");
     Ok(())
@@ -282,20 +327,27 @@ pub fn reset(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses maps pinned by an incompatible build: reusing them would corrupt every entry.
+/// Refuses maps pinned by an incompatible build (another layout, kind or capacity): reusing them
+/// would corrupt every entry or silently lose counters.
 fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
-    for (name, key, value) in maps::LAYOUTS {
-        let path = pin_dir.join(name);
+    for expected in maps::LAYOUTS {
+        let path = pin_dir.join(expected.name);
         let map = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
         let info = map.info()?;
-        if info.key_size() != key || info.value_size() != value {
+        let found = maps::Layout {
+            name: expected.name,
+            kind: info.map_type()?,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+        };
+        if found != expected {
             bail!(
-                "the map pinned at {} has key/value sizes {}/{} but this lb expects {key}/{value}; \
-                 it was left by an incompatible version: stop the agent and run `lb reset`",
+                "the map pinned at {} is {found:?} but this lb expects {expected:?}; it was left \
+                 by an incompatible version: stop the agent and run `lb reset` (which forgets \
+                 tracked flows)",
                 path.display(),
-                info.key_size(),
-                info.value_size(),
             );
         }
     }

@@ -1,12 +1,7 @@
 //! The host facts the dataplane depends on, checked up front so that a missing privilege, an
 //! unmounted bpffs or a mistyped interface ends in one sentence saying what to do, not an errno.
 
-use std::{
-    error::Error as StdError,
-    ffi::CString,
-    fs, io,
-    path::{Path, PathBuf},
-};
+use std::{error::Error as StdError, ffi::CString, fs, io, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
 
@@ -32,7 +27,7 @@ pub fn check_privileges() -> anyhow::Result<()> {
     if !(has(CAP_NET_ADMIN) && (has(CAP_BPF) || admin)) {
         bail!(
             "lb agent needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load XDP \
-             programs: run it with sudo, or as the privileged DaemonSet in deploy/"
+             programs: run it with sudo, or in a container granted those capabilities"
         );
     }
     Ok(())
@@ -146,8 +141,8 @@ pub fn explain_attach_error<E: StdError + Send + Sync + 'static>(
     }
 }
 
-/// `rp_filter` value of strict reverse-path filtering.
-const RP_FILTER_STRICT: &str = "1";
+/// `rp_filter` value of strict reverse-path filtering (0 is off, 2 is loose).
+const RP_FILTER_STRICT: u32 = 1;
 
 fn net_sysctl(key: &str) -> Option<String> {
     fs::read_to_string(format!("/proc/sys/net/{key}"))
@@ -161,16 +156,18 @@ pub fn sysctl_warnings(interfaces: &[String]) -> Vec<String> {
     let mut warnings = Vec::new();
     if net_sysctl("ipv4/ip_forward").as_deref() == Some("0") {
         warnings.push(
-            "net.ipv4.ip_forward is 0: translated packets the kernel must route (partial \
-             checksums, unresolved neighbours) will be dropped; set it to 1"
+            "net.ipv4.ip_forward is 0: this node does not forward, so every packet translated to \
+             a backend will be dropped; set it to 1"
                 .to_owned(),
         );
     }
-    let all = net_sysctl("ipv4/conf/all/rp_filter");
+    let rp_filter = |key: &str| {
+        net_sysctl(&format!("ipv4/conf/{key}/rp_filter")).and_then(|value| value.parse().ok())
+    };
+    let all: u32 = rp_filter("all").unwrap_or(0);
     for interface in interfaces {
-        let own = net_sysctl(&format!("ipv4/conf/{interface}/rp_filter"));
-        // The kernel applies the stricter (larger) of the two values.
-        if all.as_deref() == Some(RP_FILTER_STRICT) || own.as_deref() == Some(RP_FILTER_STRICT) {
+        // The kernel applies the larger of the two values; 2 (loose) outranks 1 (strict).
+        if all.max(rp_filter(interface).unwrap_or(0)) == RP_FILTER_STRICT {
             warnings.push(format!(
                 "strict reverse-path filtering (rp_filter=1) on {interface}: replies the kernel \
                  routes carry a Service address as source and will be dropped; set \
@@ -181,7 +178,65 @@ pub fn sysctl_warnings(interfaces: &[String]) -> Vec<String> {
     warnings
 }
 
-/// The default pin directory as a path.
-pub fn default_pin_dir() -> PathBuf {
-    PathBuf::from(lb_common::limits::DEFAULT_PIN_DIR)
+/// `SIOCETHTOOL` and `ETHTOOL_GDRVINFO` (linux/sockios.h, linux/ethtool.h).
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GDRVINFO: u32 = 0x3;
+/// `ETHTOOL_BUSINFO_LEN` and friends: the fixed string fields of `struct ethtool_drvinfo`.
+const DRVINFO_STRING_LEN: usize = 32;
+
+/// `struct ethtool_drvinfo`.
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; DRVINFO_STRING_LEN],
+    version: [u8; DRVINFO_STRING_LEN],
+    fw_version: [u8; DRVINFO_STRING_LEN],
+    bus_info: [u8; DRVINFO_STRING_LEN],
+    erom_version: [u8; DRVINFO_STRING_LEN],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
 }
+
+/// The kernel driver of `interface` (`veth`, `virtio_net`, `mlx5_core`, ...), asked over an
+/// ioctl so that it answers for this network namespace (sysfs may show another one).
+pub fn interface_driver(interface: &str) -> anyhow::Result<String> {
+    // SAFETY: all-zero is valid for these plain C structs.
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = interface.as_bytes();
+    if name.len() >= request.ifr_name.len() {
+        bail!("interface name {interface:?} is too long");
+    }
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name) {
+        *slot = *byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_data = (&mut info as *mut EthtoolDrvinfo).cast();
+    // SAFETY: plain socket call.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return Err(io::Error::last_os_error()).context("opening a socket for ethtool");
+    }
+    // SAFETY: `request` points at a valid drvinfo buffer for the duration of the call.
+    let result = unsafe { libc::ioctl(socket, SIOCETHTOOL, &mut request) };
+    let error = io::Error::last_os_error();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(socket) };
+    if result != 0 {
+        return Err(error).with_context(|| format!("asking {interface}'s driver (ethtool)"));
+    }
+    let end = info
+        .driver
+        .iter()
+        .position(|byte| *byte == 0)
+        .unwrap_or(DRVINFO_STRING_LEN);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// The driver name of virtual Ethernet pairs: their traffic comes from local sockets (pods), and
+/// redirecting into one needs its peer to run NAPI (GRO or an XDP program on the peer).
+pub const VETH_DRIVER: &str = "veth";
