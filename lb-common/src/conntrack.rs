@@ -35,6 +35,27 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+impl FlowKey {
+    /// The key of a packet from `src:src_port` to `dst:dst_port` (all in network byte order).
+    #[inline(always)]
+    pub const fn new(
+        (src_addr, src_port): (u32, u16),
+        (dst_addr, dst_port): (u32, u16),
+        proto: u8,
+        direction: u8,
+    ) -> Self {
+        FlowKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            direction,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// `FlowState::tcp_flags`: a FIN was seen in either direction (both entries of a flow carry it).
 pub const SEEN_FIN: u8 = 1;
 /// `FlowState::tcp_flags`: a RST was seen in either direction.

@@ -11,6 +11,7 @@
 
 pub mod checksum;
 pub mod conntrack;
+pub mod iface;
 pub mod limits;
 pub mod net;
 pub mod service;

@@ -22,6 +22,8 @@ pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
 pub const MAP_STATS: &str = "LB_STATS";
 /// Map: interfaces the program may redirect to (ifindex -> ifindex).
 pub const MAP_TX_PORTS: &str = "LB_TX_PORTS";
+/// Map: what the agent knows about each attached interface. See [`crate::iface::IfaceConfig`].
+pub const MAP_IFACES: &str = "LB_IFACES";
 
 /// Service frontends (one per Service address, port and protocol). 100,000 Services of a few
 /// ports each fit, which is beyond what the Kubernetes scalability SLOs test (10,000).
@@ -36,5 +38,6 @@ pub const MAX_BACKENDS: u32 = 1 << 19;
 /// node. The map is preallocated (about 59 MB) and an LRU: when it is full the least recently used
 /// flows are forgotten, never new ones refused.
 pub const MAX_CONNTRACK: u32 = 1 << 19;
-/// Interfaces the program can redirect to.
-pub const MAX_TX_PORTS: u32 = 1024;
+/// Interfaces the agent can attach to (and redirect to). A node's pods each add one veth;
+/// Kubernetes' default is at most 110 pods per node.
+pub const MAX_INTERFACES: u32 = 1024;

@@ -102,6 +102,11 @@ counters! {
     StackTtlExceeded = 21, "stack_ttl_exceeded", Event;
     /// The egress interface is not one the agent manages (not in `LB_TX_PORTS`).
     StackNotTxPort = 22, "stack_not_tx_port", Event;
+    /// A new flow's translated tuple would have collided with another live flow (the same client
+    /// port reaching the same endpoint through another Service) at every backend tried.
+    DropTupleCollision = 23, "drop_tuple_collision", Drop;
+    /// A new flow's first choice of backend collided with another live flow; another was chosen.
+    FlowCollisionAvoided = 24, "flow_collision_avoided", Event;
 }
 
 /// Number of entries in `LB_STATS`.

@@ -15,7 +15,7 @@ mod parse;
 mod select;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{service::ServiceKey, stats::Counter};
 
 use crate::{
@@ -46,13 +46,13 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
         _pad: 0,
     };
     if let Some(service) = maps::lookup_service(&frontend) {
-        let backend = select::select_backend(&packet, &service)?;
-        let partial = nat::rewrite(&packet, Side::Destination, backend.addr, backend.port);
+        let backend = select::select_backend(&packet, &frontend, &service)?;
+        let partial = nat::rewrite(ctx, &packet, Side::Destination, backend.addr, backend.port);
         return Ok(forward::forward(ctx, &packet, partial, Direction::Service));
     }
 
     if let Some(service) = select::lookup_reply(&packet) {
-        let partial = nat::rewrite(&packet, Side::Source, service.addr, service.port);
+        let partial = nat::rewrite(ctx, &packet, Side::Source, service.addr, service.port);
         return Ok(forward::forward(ctx, &packet, partial, Direction::Reply));
     }
 
@@ -70,11 +70,3 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-/// Keeps `xdp_action` in scope for readers: the verdicts the program returns.
-const _: [u32; 4] = [
-    xdp_action::XDP_PASS,
-    xdp_action::XDP_DROP,
-    xdp_action::XDP_TX,
-    xdp_action::XDP_REDIRECT,
-];

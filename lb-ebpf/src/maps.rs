@@ -10,7 +10,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     conntrack::{FlowKey, FlowState},
-    limits::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_TX_PORTS},
+    iface::{IFACE_LOCAL_SENDERS, IfaceConfig},
+    limits::{MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS},
     service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
     stats::COUNTER_COUNT,
 };
@@ -53,7 +54,13 @@ pub static LB_STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray:
 /// Interfaces the program may redirect to: ifindex -> ifindex. Userspace writes the interfaces
 /// it attached to; a FIB result outside this set goes to the kernel stack instead.
 #[btf_map]
-pub static LB_TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
+pub static LB_TX_PORTS: DevMapHash<{ MAX_INTERFACES as usize }> = DevMapHash::new();
+
+/// Attached interfaces: ifindex -> `IfaceConfig`. Userspace writes one entry per interface it
+/// attaches to; the program reads it only for a rewritten packet whose checksum looks partial.
+#[btf_map]
+pub static LB_IFACES: HashMap<u32, IfaceConfig, { MAX_INTERFACES as usize }, USER_WRITTEN> =
+    HashMap::new();
 
 /// Copies the frontend's value out of the map (a concurrent userspace update replaces the element
 /// rather than writing into it, so the copy is consistent).
@@ -67,4 +74,14 @@ pub fn lookup_service(key: &ServiceKey) -> Option<ServiceValue> {
 pub fn lookup_backend(id: u32) -> Option<Backend> {
     let backend = unsafe { *LB_BACKENDS.get_ptr(id)? };
     (backend.flags & lb_common::service::BACKEND_ACTIVE != 0).then_some(backend)
+}
+
+/// Whether packets arriving on `ifindex` may come from local sockets (and so carry partial
+/// checksums). Unknown interfaces are treated as NICs.
+#[inline(always)]
+pub fn has_local_senders(ifindex: u32) -> bool {
+    match LB_IFACES.get_ptr(ifindex) {
+        Some(config) => (unsafe { (*config).flags } & IFACE_LOCAL_SENDERS) != 0,
+        None => false,
+    }
 }

@@ -8,14 +8,21 @@
 //!   as 0xffff (RFC 768).
 //!
 //! The partial case is recognised by value, since XDP cannot see the socket buffer's
-//! `ip_summed`; see `lb_common::checksum::is_partial`.
+//! `ip_summed` (see `lb_common::checksum::is_partial`), and only on interfaces where local sockets
+//! send (veths, flagged in `LB_IFACES`): a NIC delivers complete checksums, so there a checksum
+//! that merely looks partial is complete.
 
 use lb_common::{
     checksum::{is_partial, partial_replace_u32, pseudo_header_sum, replace_u16, replace_u32},
     net::IPPROTO_UDP,
 };
 
-use crate::parse::{Packet, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET};
+use aya_ebpf::programs::XdpContext;
+
+use crate::{
+    maps::has_local_senders,
+    parse::{Packet, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET},
+};
 
 /// Which end of the packet a rewrite replaces.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -32,7 +39,7 @@ const UDP_ZERO_CHECKSUM_SENT_AS: u16 = 0xffff;
 /// Rewrites one side of `packet` to `addr:port`. Returns whether the L4 checksum is partial, in
 /// which case the packet must be finished by the kernel rather than redirected.
 #[inline(always)]
-pub fn rewrite(packet: &Packet, side: Side, addr: u32, port: u16) -> bool {
+pub fn rewrite(ctx: &XdpContext, packet: &Packet, side: Side, addr: u32, port: u16) -> bool {
     let ip = packet.ip;
     let ports = packet.l4.cast::<[u16; 2]>();
     let check_offset = if packet.proto == IPPROTO_UDP {
@@ -54,7 +61,8 @@ pub fn rewrite(packet: &Packet, side: Side, addr: u32, port: u16) -> bool {
                     packet.proto,
                     packet.l4_len,
                 ),
-            );
+            )
+            && has_local_senders(ctx.ingress_ifindex() as u32);
 
         let (old_addr, old_port) = match side {
             Side::Destination => {

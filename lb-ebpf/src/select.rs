@@ -2,15 +2,18 @@
 //!
 //! A packet to a Service follows its flow's conntrack entry while that entry is valid: not
 //! expired, not a new TCP connection reusing the tuple of a closed one, and pointing at a backend
-//! that `LB_BACKENDS` still holds with the same address and port. Otherwise a backend is drawn
-//! uniformly at random among the Service's slots (kube-proxy's behaviour) and recorded: the
-//! original entry (client -> VIP) names the backend, the reply entry (backend -> client) names the
-//! VIP to restore on the way back.
+//! that `LB_BACKENDS` still holds for this Service with the same address and port. Otherwise a
+//! backend is drawn uniformly at random among the Service's slots (kube-proxy's behaviour) and
+//! recorded: the original entry (client -> VIP) names the backend, the reply entry
+//! (backend -> client) names the VIP to restore on the way back.
 //!
 //! The two entries of a flow share one liveness and one close state: whenever a packet refreshes
 //! its own entry (at most once per `REFRESH_INTERVAL_NS`) or brings a new FIN/RST, the peer entry
 //! is updated too. So a flow is alive while either direction carries traffic, a reset sent by the
 //! backend closes the flow for the client's next SYN, and an expired flow translates neither way.
+//!
+//! Conntrack values are shared with other CPUs and with userspace: they are only ever accessed
+//! through raw pointers, field by field, never through references.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -21,12 +24,12 @@ use lb_common::{
         DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowKey, FlowState, REFRESH_INTERVAL_NS, SEEN_FIN,
         SEEN_RST, is_expired,
     },
-    service::{ServiceValue, SlotKey},
+    service::{Backend, ServiceKey, ServiceValue, SlotKey},
     stats::Counter,
 };
 
 use crate::{
-    maps::{LB_CONNTRACK, LB_SLOTS, lookup_backend},
+    maps::{LB_CONNTRACK, LB_SLOTS, lookup_backend, lookup_service},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::{Drop, count},
 };
@@ -39,32 +42,28 @@ pub struct Endpoint {
 
 /// `-EEXIST`: another CPU recorded the same new flow first.
 const EEXIST: i32 = -17;
+/// Backends tried for a new flow before giving up on a tuple collision.
+const COLLISION_ATTEMPTS: u32 = 3;
 
 #[inline(always)]
 fn original_key(packet: &Packet) -> FlowKey {
-    FlowKey {
-        src_addr: packet.src_addr,
-        dst_addr: packet.dst_addr,
-        src_port: packet.src_port,
-        dst_port: packet.dst_port,
-        proto: packet.proto,
-        direction: DIRECTION_ORIGINAL,
-        _pad: [0; 2],
-    }
+    FlowKey::new(
+        (packet.src_addr, packet.src_port),
+        (packet.dst_addr, packet.dst_port),
+        packet.proto,
+        DIRECTION_ORIGINAL,
+    )
 }
 
 /// The reply entry of a flow from `packet`'s client to `backend`.
 #[inline(always)]
 fn reply_key(packet: &Packet, backend_addr: u32, backend_port: u16) -> FlowKey {
-    FlowKey {
-        src_addr: backend_addr,
-        dst_addr: packet.src_addr,
-        src_port: backend_port,
-        dst_port: packet.src_port,
-        proto: packet.proto,
-        direction: DIRECTION_REPLY,
-        _pad: [0; 2],
-    }
+    FlowKey::new(
+        (backend_addr, backend_port),
+        (packet.src_addr, packet.src_port),
+        packet.proto,
+        DIRECTION_REPLY,
+    )
 }
 
 /// The `SEEN_*` bits `tcp_flags` contributes.
@@ -80,78 +79,154 @@ fn closing_bits(tcp_flags: u8) -> u8 {
     bits
 }
 
-/// Records that the flow is alive, and closing if the packet says so, on `state` and on the entry
-/// of the other direction (`peer`). Looks the peer up only when something changed. Updates race
-/// only with the same flow on another CPU, and every writer moves the values the same way.
 #[inline(always)]
-fn touch(state: &mut FlowState, peer: &FlowKey, tcp_flags: u8, now: u64) {
-    let closing = closing_bits(tcp_flags) & !state.tcp_flags;
-    let refresh = now.saturating_sub(state.last_seen_ns) > REFRESH_INTERVAL_NS;
-    if closing == 0 && !refresh {
-        return;
-    }
-    state.tcp_flags |= closing;
-    if refresh {
-        state.last_seen_ns = now;
-    }
-    if let Some(peer) = LB_CONNTRACK.get_ptr_mut(peer) {
-        // SAFETY: a live map value; see above for concurrent writers.
-        let peer = unsafe { &mut *peer };
-        peer.tcp_flags |= state.tcp_flags;
-        if peer.last_seen_ns < state.last_seen_ns {
-            peer.last_seen_ns = state.last_seen_ns;
+fn is_closed(tcp_flags: u8) -> bool {
+    tcp_flags & (SEEN_FIN | SEEN_RST) != 0
+}
+
+/// Records that the flow is alive, and closing if the packet says so, on `state` and on the entry
+/// of the other direction (`peer`). Looks the peer up only when something changed. Writes race
+/// only with the same flow on another CPU, and every writer moves the values the same way (flags
+/// only gain bits, timestamps only move forward).
+///
+/// # Safety
+/// `state` points at a live `LB_CONNTRACK` value.
+#[inline(always)]
+unsafe fn touch(state: *mut FlowState, peer: &FlowKey, tcp_flags: u8, now: u64) {
+    unsafe {
+        let flags = (*state).tcp_flags;
+        let closing = closing_bits(tcp_flags) & !flags;
+        let refresh = now.saturating_sub((*state).last_seen_ns) > REFRESH_INTERVAL_NS;
+        if closing == 0 && !refresh {
+            return;
+        }
+        (*state).tcp_flags = flags | closing;
+        if refresh {
+            (*state).last_seen_ns = now;
+        }
+        if let Some(peer) = LB_CONNTRACK.get_ptr_mut(peer) {
+            (*peer).tcp_flags |= flags | closing;
+            if refresh && (*peer).last_seen_ns < now {
+                (*peer).last_seen_ns = now;
+            }
         }
     }
 }
 
 /// Whether a tracked flow may keep its backend for this packet.
+///
+/// # Safety
+/// `state` points at a live `LB_CONNTRACK` value.
 #[inline(always)]
-fn still_pinned(state: &FlowState, packet: &Packet, now: u64) -> bool {
+unsafe fn still_pinned(state: *const FlowState, packet: &Packet, now: u64) -> bool {
+    let state = unsafe { *state };
     let new_connection = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let closed = state.tcp_flags & (SEEN_FIN | SEEN_RST) != 0;
-    if new_connection && closed {
+    if new_connection && is_closed(state.tcp_flags) {
         return false;
     }
-    if is_expired(state, packet.proto, now) {
+    if is_expired(&state, packet.proto, now) {
         return false;
     }
+    // A backend id freed and reused for another Service (or another endpoint) must not keep
+    // the flow: the endpoint must still serve this very Service at the same address and port.
     match lookup_backend(state.backend_id) {
-        Some(backend) => backend.addr == state.nat_addr && backend.port == state.nat_port,
+        Some(backend) => {
+            backend.addr == state.nat_addr
+                && backend.port == state.nat_port
+                && backend.service_id == state.service_id
+        }
         None => false,
     }
 }
 
-/// Chooses the backend for a packet to `service`: see the module documentation.
+/// Whether the reply tuple of a new flow to `backend` belongs to another live flow: the same
+/// client port reaching the same endpoint through another Service (the backend would see one
+/// connection, and the other flow's replies would get the wrong source).
 #[inline(always)]
-pub fn select_backend(packet: &Packet, service: &ServiceValue) -> Result<Endpoint, Drop> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let key = original_key(packet);
-    let mut replacing = false;
-    if let Some(state) = LB_CONNTRACK.get_ptr_mut(key) {
-        let state = unsafe { &mut *state };
-        if still_pinned(state, packet, now) {
-            let peer = reply_key(packet, state.nat_addr, state.nat_port);
-            touch(state, &peer, packet.tcp_flags, now);
-            return Ok(Endpoint {
-                addr: state.nat_addr,
-                port: state.nat_port,
-            });
-        }
-        // The old backend's reply entry would otherwise translate stray packets from it.
-        let _ = LB_CONNTRACK.remove(reply_key(packet, state.nat_addr, state.nat_port));
-        replacing = true;
-    }
+fn collides(packet: &Packet, backend: &Backend, now: u64) -> bool {
+    let Some(existing) = LB_CONNTRACK.get_ptr(reply_key(packet, backend.addr, backend.port)) else {
+        return false;
+    };
+    let existing = unsafe { *existing };
+    let same_service = existing.nat_addr == packet.dst_addr && existing.nat_port == packet.dst_port;
+    !same_service && !is_closed(existing.tcp_flags) && !is_expired(&existing, packet.proto, now)
+}
 
+/// Picks a backend among `service`'s slots at random, avoiding one whose translated tuple is taken
+/// by another live flow. Returns the backend id and entry.
+#[inline(always)]
+fn pick(packet: &Packet, service: &ServiceValue, now: u64) -> Result<(u32, Backend), Drop> {
     let backend_count = service.backend_count;
     if backend_count == 0 {
         return Err(Drop::NoBackend);
     }
-    let slot = SlotKey {
-        backend_set: service.backend_set,
-        slot: unsafe { bpf_get_prandom_u32() } % backend_count,
+    let first = unsafe { bpf_get_prandom_u32() } % backend_count;
+    for attempt in 0..COLLISION_ATTEMPTS {
+        if attempt >= backend_count {
+            break;
+        }
+        let mut slot = first + attempt;
+        if slot >= backend_count {
+            slot -= backend_count;
+        }
+        let key = SlotKey {
+            backend_set: service.backend_set,
+            slot,
+        };
+        let backend_id = unsafe { *LB_SLOTS.get_ptr(key).ok_or(Drop::BackendMissing)? };
+        let backend = lookup_backend(backend_id).ok_or(Drop::BackendMissing)?;
+        if !collides(packet, &backend, now) {
+            if attempt > 0 {
+                count(Counter::FlowCollisionAvoided);
+            }
+            return Ok((backend_id, backend));
+        }
+    }
+    Err(Drop::TupleCollision)
+}
+
+/// Chooses the backend for a packet to the frontend `key`, whose value is `service`: see the
+/// module documentation.
+#[inline(always)]
+pub fn select_backend(
+    packet: &Packet,
+    key: &ServiceKey,
+    service: &ServiceValue,
+) -> Result<Endpoint, Drop> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flow = original_key(packet);
+    let mut replacing = false;
+    if let Some(state) = LB_CONNTRACK.get_ptr_mut(flow) {
+        // SAFETY: a live map value.
+        unsafe {
+            let (nat_addr, nat_port) = ((*state).nat_addr, (*state).nat_port);
+            if still_pinned(state, packet, now) {
+                touch(
+                    state,
+                    &reply_key(packet, nat_addr, nat_port),
+                    packet.tcp_flags,
+                    now,
+                );
+                return Ok(Endpoint {
+                    addr: nat_addr,
+                    port: nat_port,
+                });
+            }
+            // The old backend's reply entry would otherwise translate stray packets from it.
+            let _ = LB_CONNTRACK.remove(reply_key(packet, nat_addr, nat_port));
+        }
+        replacing = true;
+    }
+
+    let (backend_id, backend) = match pick(packet, service, now) {
+        // The agent switched the Service to a new backend set between our two lookups and has
+        // already deleted the old set's slots: follow the switch once.
+        Err(Drop::BackendMissing) => match lookup_service(key) {
+            Some(fresh) if fresh.backend_set != service.backend_set => pick(packet, &fresh, now)?,
+            _ => return Err(Drop::BackendMissing),
+        },
+        other => other?,
     };
-    let backend_id = unsafe { *LB_SLOTS.get_ptr(slot).ok_or(Drop::BackendMissing)? };
-    let backend = lookup_backend(backend_id).ok_or(Drop::BackendMissing)?;
 
     let state = FlowState {
         nat_addr: backend.addr,
@@ -159,17 +234,17 @@ pub fn select_backend(packet: &Packet, service: &ServiceValue) -> Result<Endpoin
         tcp_flags: closing_bits(packet.tcp_flags),
         _pad: 0,
         backend_id,
-        service_id: service.service_id,
+        service_id: backend.service_id,
         created_ns: now,
         last_seen_ns: now,
     };
     let flags = if replacing { BPF_ANY } else { BPF_NOEXIST } as u64;
-    match LB_CONNTRACK.insert(key, state, flags) {
+    match LB_CONNTRACK.insert(flow, state, flags) {
         Ok(()) => {}
         Err(EEXIST) => {
             // Another CPU recorded this flow between our lookup and insert: follow its choice.
-            if let Some(winner) = LB_CONNTRACK.get_ptr(key) {
-                let winner = unsafe { &*winner };
+            if let Some(winner) = LB_CONNTRACK.get_ptr(flow) {
+                let winner = unsafe { *winner };
                 return Ok(Endpoint {
                     addr: winner.nat_addr,
                     port: winner.nat_port,
@@ -204,33 +279,36 @@ pub fn select_backend(packet: &Packet, service: &ServiceValue) -> Result<Endpoin
 }
 
 /// If `packet` is a backend's reply on a live tracked flow, the Service address and port to
-/// restore as its source. The entry of an expired flow is deleted instead: the tuple may be reused
-/// by traffic that has nothing to do with the Service.
+/// restore as its source. The entry of an expired flow, or of a closed one when the backend
+/// opens a new connection on the same tuple (a SYN), is deleted instead: the tuple now carries
+/// traffic that has nothing to do with the Service, such as the client talking to the pod
+/// directly from a reused port.
 #[inline(always)]
 pub fn lookup_reply(packet: &Packet) -> Option<Endpoint> {
     let key = FlowKey {
         direction: DIRECTION_REPLY,
         ..original_key(packet)
     };
-    // SAFETY: a live map value; see `touch` for concurrent writers.
-    let state = unsafe { &mut *LB_CONNTRACK.get_ptr_mut(key)? };
+    let state = LB_CONNTRACK.get_ptr_mut(key)?;
     let now = unsafe { bpf_ktime_get_ns() };
-    if is_expired(state, packet.proto, now) {
-        let _ = LB_CONNTRACK.remove(key);
-        return None;
+    // SAFETY: a live map value.
+    unsafe {
+        let current = *state;
+        let reopened = packet.tcp_flags & TCP_SYN != 0 && is_closed(current.tcp_flags);
+        if reopened || is_expired(&current, packet.proto, now) {
+            let _ = LB_CONNTRACK.remove(key);
+            return None;
+        }
+        let original = FlowKey::new(
+            (packet.dst_addr, packet.dst_port),
+            (current.nat_addr, current.nat_port),
+            packet.proto,
+            DIRECTION_ORIGINAL,
+        );
+        touch(state, &original, packet.tcp_flags, now);
+        Some(Endpoint {
+            addr: current.nat_addr,
+            port: current.nat_port,
+        })
     }
-    let original = FlowKey {
-        src_addr: packet.dst_addr,
-        dst_addr: state.nat_addr,
-        src_port: packet.dst_port,
-        dst_port: state.nat_port,
-        proto: packet.proto,
-        direction: DIRECTION_ORIGINAL,
-        _pad: [0; 2],
-    };
-    touch(state, &original, packet.tcp_flags, now);
-    Some(Endpoint {
-        addr: state.nat_addr,
-        port: state.nat_port,
-    })
 }

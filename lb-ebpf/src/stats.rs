@@ -15,6 +15,8 @@ pub enum Drop {
     NoBackend,
     /// The Service's backend set points at a missing slot or backend.
     BackendMissing,
+    /// Every backend tried would collide with another live flow's tuple.
+    TupleCollision,
 }
 
 impl Drop {
@@ -23,6 +25,7 @@ impl Drop {
             Drop::Malformed => Counter::DropMalformed,
             Drop::NoBackend => Counter::DropNoBackend,
             Drop::BackendMissing => Counter::DropBackendMissing,
+            Drop::TupleCollision => Counter::DropTupleCollision,
         }
     }
 }

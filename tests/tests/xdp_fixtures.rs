@@ -25,13 +25,14 @@ use etherparse::{
 use lb::{
     dataplane::{
         self, Dataplane,
-        maps::{ServiceMaps, open_conntrack, open_tx_ports, read_counters},
+        maps::{ServiceMaps, open_conntrack, open_ifaces, open_tx_ports, read_counters},
     },
     desired::{BackendAddr, DesiredState, Frontend},
     reconcile::Reconciler,
 };
 use lb_common::{
     conntrack::{DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowKey, FlowState, SEEN_FIN, SEEN_RST},
+    iface::{IFACE_LOCAL_SENDERS, IfaceConfig},
     service::{BACKEND_ACTIVE, Backend, ServiceKey, ServiceValue, SlotKey},
     stats::Counter,
 };
@@ -791,7 +792,25 @@ impl Lab {
                 .insert(iface.index, iface.index, None, 0)
                 .expect("allowing redirects");
         }
+        // As the agent describes veths: local sockets may send partial checksums on them.
+        for iface in [lab.in0, lab.out0, lab.side0] {
+            lab.set_local_senders(iface, true);
+        }
         lab
+    }
+
+    /// Flags `iface` in `LB_IFACES` as carrying local senders (a veth) or not (a NIC).
+    fn set_local_senders(&self, iface: Iface, local: bool) {
+        open_ifaces(&self.pin_dir)
+            .expect("opening LB_IFACES")
+            .insert(
+                iface.index,
+                IfaceConfig {
+                    flags: if local { IFACE_LOCAL_SENDERS } else { 0 },
+                },
+                0,
+            )
+            .expect("describing the interface");
     }
 
     /// Programs exactly `frontends` through the reconciler, as the agent does.
@@ -2911,6 +2930,208 @@ fn a_flow_whose_service_lost_every_endpoint_is_dropped_not_reselected() {
                     counters: vec![(Counter::DropNoBackend, 1)],
                 });
             }
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interface kinds, tuple collisions, reopened tuples.
+
+#[test]
+fn a_checksum_that_only_looks_partial_is_complete_on_a_nic() {
+    with_lab(
+        "a_checksum_that_only_looks_partial_is_complete_on_a_nic",
+        |lab| {
+            lab.program(&[frontend(
+                "dns",
+                VIP,
+                DNS_PORT,
+                IPPROTO_UDP,
+                &[(BACKEND_A, BACKEND_DNS_PORT)],
+            )]);
+            let in0 = lab.in0;
+            const PORT: u16 = 48_000;
+            // A UDP datagram whose complete, valid checksum happens to equal the folded
+            // pseudo-header sum, the value a partial checksum holds (1 datagram in 65,536 does).
+            let payload_len = 10;
+            let partial = from_client(
+                lab,
+                Pkt::udp((CLIENT, PORT), (VIP, DNS_PORT))
+                    .payload(&vec![0; payload_len])
+                    .check(Check::Partial),
+            );
+            let mut frame = partial.bytes();
+            let udp = ETH_HLEN + IPV4_HLEN;
+            let l4_len = UDP_HLEN + payload_len;
+            let pseudo = pseudo_header_sum(CLIENT, VIP, IPPROTO_UDP, l4_len);
+            // Pick the first payload word so that the whole sum is all ones.
+            let rest = fold(sum_words(pseudo, &frame[udp..udp + l4_len]));
+            let word = !rest;
+            frame[udp + UDP_HLEN..udp + UDP_HLEN + 2].copy_from_slice(&word.to_be_bytes());
+            assert_eq!(
+                fold(sum_words(pseudo, &frame[udp..udp + l4_len])),
+                0xffff,
+                "the datagram's checksum is complete and valid"
+            );
+            let mut payload = vec![0; payload_len];
+            payload[..2].copy_from_slice(&word.to_be_bytes());
+            let complete = from_client(
+                lab,
+                Pkt::udp((CLIENT, PORT), (VIP, DNS_PORT)).payload(&payload),
+            );
+            assert_eq!(
+                complete.bytes(),
+                frame,
+                "the same datagram, built independently"
+            );
+
+            // From a NIC: a complete checksum, fully updated, forwarded by XDP.
+            lab.set_local_senders(in0, false);
+            lab.check(&Case {
+                name: "from a NIC",
+                input: frame.clone(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_backend(
+                    lab,
+                    &complete,
+                    (BACKEND_A, BACKEND_A_MAC),
+                    BACKEND_DNS_PORT,
+                )),
+                counters: vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+            });
+            // From a veth the value is taken for a partial checksum (the documented 2^-16 risk
+            // that remains where local sockets send).
+            lab.set_local_senders(in0, true);
+            let run = lab.dataplane.test_run(&frame, in0.index).expect("test_run");
+            assert_eq!(action_name(run.action), action_name(XDP_PASS));
+        },
+    );
+}
+
+#[test]
+fn a_new_flow_avoids_a_tuple_taken_through_another_service() {
+    with_lab(
+        "a_new_flow_avoids_a_tuple_taken_through_another_service",
+        |lab| {
+            // Two Services sharing endpoints; a client reusing one source port for both.
+            let shared = [(BACKEND_A, BACKEND_PORT), (BACKEND_B, BACKEND_PORT)];
+            let api = frontend("api", VIP, VIP_PORT, IPPROTO_TCP, &shared);
+            let internal = frontend("api-internal", OTHER_VIP, VIP_PORT, IPPROTO_TCP, &shared);
+            let lonely = frontend(
+                "lonely",
+                OTHER_VIP,
+                DNS_PORT,
+                IPPROTO_TCP,
+                &[(BACKEND_A, BACKEND_PORT)],
+            );
+            lab.program(&[api, internal, lonely]);
+            let in0 = lab.in0;
+            let backend_of = |lab: &Lab, vip: Ipv4Addr, vip_port: u16, port: u16| {
+                let key = flow_key(
+                    (CLIENT, port),
+                    (vip, vip_port),
+                    IPPROTO_TCP,
+                    DIRECTION_ORIGINAL,
+                );
+                lab.conntrack()[&key].nat_addr
+            };
+            for port in 49_000..49_020 {
+                let first = from_client(lab, Pkt::tcp((CLIENT, port), (VIP, VIP_PORT), SYN));
+                lab.dataplane
+                    .test_run(&first.bytes(), in0.index)
+                    .expect("run");
+                let taken = backend_of(lab, VIP, VIP_PORT, port);
+                let second = from_client(lab, Pkt::tcp((CLIENT, port), (OTHER_VIP, VIP_PORT), SYN));
+                let run = lab
+                    .dataplane
+                    .test_run(&second.bytes(), in0.index)
+                    .expect("run");
+                assert_eq!(action_name(run.action), action_name(XDP_REDIRECT));
+                assert_ne!(
+                    backend_of(lab, OTHER_VIP, VIP_PORT, port),
+                    taken,
+                    "port {port}: both flows would be one connection at the backend"
+                );
+                // Each flow's replies still come back from its own Service.
+                for (vip, backend) in [
+                    (VIP, taken),
+                    (OTHER_VIP, backend_of(lab, OTHER_VIP, VIP_PORT, port)),
+                ] {
+                    let reply_key = FlowKey {
+                        src_addr: backend,
+                        dst_addr: wire_addr(CLIENT),
+                        src_port: wire_port(BACKEND_PORT),
+                        dst_port: wire_port(port),
+                        proto: IPPROTO_TCP,
+                        direction: DIRECTION_REPLY,
+                        _pad: [0; 2],
+                    };
+                    assert_eq!(lab.conntrack()[&reply_key].nat_addr, wire_addr(vip));
+                }
+            }
+            // With one endpoint only, the second flow cannot avoid the taken tuple: it is dropped,
+            // not allowed to hijack the first flow's replies. Find a port whose flow took A.
+            let port = (49_100..49_100 + MAX_NEW_FLOWS)
+                .find(|port| {
+                    let first = from_client(lab, Pkt::tcp((CLIENT, *port), (VIP, VIP_PORT), SYN));
+                    lab.dataplane
+                        .test_run(&first.bytes(), in0.index)
+                        .expect("run");
+                    backend_of(lab, VIP, VIP_PORT, *port) == wire_addr(BACKEND_A)
+                })
+                .expect("some flow lands on backend A");
+            let clash = from_client(lab, Pkt::tcp((CLIENT, port), (OTHER_VIP, DNS_PORT), SYN));
+            lab.check(&Case {
+                name: "the only endpoint's tuple is taken",
+                input: clash.bytes(),
+                ingress: in0.index,
+                action: XDP_DROP,
+                output: Expect::Unchanged,
+                counters: vec![(Counter::DropTupleCollision, 1)],
+            });
+        },
+    );
+}
+
+#[test]
+fn a_backend_opening_a_connection_on_a_closed_tuple_is_not_translated() {
+    with_lab(
+        "a_backend_opening_a_connection_on_a_closed_tuple_is_not_translated",
+        |lab| {
+            let web = frontend(
+                "web",
+                VIP,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(BACKEND_A, BACKEND_PORT)],
+            );
+            lab.program(std::slice::from_ref(&web));
+            let (in0, out0) = (lab.in0, lab.out0);
+            const PORT: u16 = 50_000;
+            let fin = from_client(lab, Pkt::tcp((CLIENT, PORT), (VIP, VIP_PORT), FIN | ACK));
+            lab.dataplane
+                .test_run(&fin.bytes(), in0.index)
+                .expect("run");
+            // The client now talks to the pod directly from the same port: the pod's SYN-ACK
+            // must reach it unchanged, not disguised as the Service.
+            let syn_ack = Pkt::tcp((BACKEND_A, BACKEND_PORT), (CLIENT, PORT), SYN | ACK)
+                .eth(BACKEND_A_MAC, out0.mac);
+            lab.check(&Case {
+                name: "SYN-ACK of a direct connection",
+                input: syn_ack.bytes(),
+                ingress: out0.index,
+                action: XDP_PASS,
+                output: Expect::Unchanged,
+                counters: vec![(Counter::PassNoService, 1)],
+            });
+            let reply_key = flow_key(
+                (BACKEND_A, BACKEND_PORT),
+                (CLIENT, PORT),
+                IPPROTO_TCP,
+                DIRECTION_REPLY,
+            );
+            assert!(!lab.conntrack().contains_key(&reply_key));
         },
     );
 }

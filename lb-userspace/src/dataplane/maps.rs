@@ -9,8 +9,10 @@ use lb_common::{
     conntrack::{FlowKey, FlowState},
     limits::{
         MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS, MAP_STATS,
-        MAP_TX_PORTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_TX_PORTS,
+        MAP_TX_PORTS, MAP_IFACES, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES,
+        MAX_SLOTS,
     },
+    iface::IfaceConfig,
     service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
     stats::{COUNTER_COUNT, Counter},
 };
@@ -45,7 +47,7 @@ const fn layout(
 const DEVMAP_VALUE_SIZE: usize = 8;
 
 /// Every map of the object as this build defines it.
-pub const LAYOUTS: [Layout; 7] = [
+pub const LAYOUTS: [Layout; 8] = [
     layout(
         MAP_SERVICES,
         MapType::Hash,
@@ -93,7 +95,14 @@ pub const LAYOUTS: [Layout; 7] = [
         MapType::DevMapHash,
         size_of::<u32>(),
         DEVMAP_VALUE_SIZE,
-        MAX_TX_PORTS,
+        MAX_INTERFACES,
+    ),
+    layout(
+        MAP_IFACES,
+        MapType::Hash,
+        size_of::<u32>(),
+        size_of::<IfaceConfig>(),
+        MAX_INTERFACES,
     ),
 ];
 
@@ -153,6 +162,11 @@ pub fn open_conntrack(pin_dir: &Path) -> anyhow::Result<HashMap<MapData, FlowKey
 /// Opens `LB_TX_PORTS`.
 pub fn open_tx_ports(pin_dir: &Path) -> anyhow::Result<DevMapHash<MapData>> {
     Ok(open(pin_dir, MAP_TX_PORTS)?.try_into()?)
+}
+
+/// Opens `LB_IFACES`.
+pub fn open_ifaces(pin_dir: &Path) -> anyhow::Result<HashMap<MapData, u32, IfaceConfig>> {
+    Ok(open(pin_dir, MAP_IFACES)?.try_into()?)
 }
 
 /// Reads `LB_STATS`, summed over CPUs, in `Counter::ALL` order.

@@ -26,9 +26,12 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::limits::{
-    LINKS_SUBDIR, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
-    MAP_STATS, MAP_TX_PORTS,
+use lb_common::{
+    iface::{IFACE_LOCAL_SENDERS, IfaceConfig},
+    limits::{
+        LINKS_SUBDIR, MAP_BACKENDS, MAP_CONNTRACK, MAP_IFACES, MAP_SERVICE_INFO, MAP_SERVICES,
+        MAP_SLOTS, MAP_STATS, MAP_TX_PORTS,
+    },
 };
 use tracing::{info, warn};
 
@@ -41,7 +44,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROGRAM_NAME: &str = "lb_xdp";
 
 /// Every map of the object; each is pinned at `<pin dir>/<name>`.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     MAP_SERVICES,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -49,6 +52,7 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_CONNTRACK,
     MAP_STATS,
     MAP_TX_PORTS,
+    MAP_IFACES,
 ];
 
 /// `struct xdp_md`, the context `BPF_PROG_TEST_RUN` takes for XDP programs.
@@ -190,7 +194,15 @@ impl Dataplane {
         }
         // Loopback and some virtual devices answer no driver: they are not veths.
         let driver = system::interface_driver(interface).unwrap_or_default();
-        let redirect = driver != system::VETH_DRIVER || veth_redirect == VethRedirect::Allowed;
+        let veth = driver == system::VETH_DRIVER;
+        let redirect = !veth || veth_redirect == VethRedirect::Allowed;
+        let config = IfaceConfig {
+            // Local sockets send on veths, with partial checksums left for offload.
+            flags: if veth { IFACE_LOCAL_SENDERS } else { 0 },
+        };
+        maps::open_ifaces(&self.pin_dir)?
+            .insert(ifindex, config, 0)
+            .with_context(|| format!("describing {interface} to the program"))?;
         let mut tx_ports = maps::open_tx_ports(&self.pin_dir)?;
         if redirect {
             tx_ports
@@ -294,6 +306,9 @@ pub fn detach(pin_dir: &Path, interface: &str) -> anyhow::Result<()> {
     {
         // Absent already when the interface was re-created: nothing to undo then.
         absent_is_fine(tx_ports.remove(ifindex))?;
+        if let Ok(mut ifaces) = maps::open_ifaces(pin_dir) {
+            absent_is_fine(ifaces.remove(&ifindex))?;
+        }
     }
     info!(interface, "XDP program detached");
     Ok(())
