@@ -6,6 +6,10 @@
 //! Service's name in its namespace, at the slice port whose name and protocol match the Service
 //! port (the EndpointSlice controller has already resolved `targetPort` there, named ports
 //! included). An endpoint whose readiness is unknown counts as ready, as the API documents.
+//!
+//! An endpoint still listed but not ready (failing its probe, or terminating) is *draining*: new
+//! flows do not get it, but flows already on it keep it, as they do with kube-proxy's conntrack.
+//! Only an endpoint that leaves the slices is gone for its established flows too.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -41,8 +45,12 @@ pub struct Frontend {
     pub port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
-    /// Sorted and without duplicates, so equal sets compare equal.
+    /// Ready endpoints: new flows are spread over them. Sorted and without duplicates, so equal
+    /// sets compare equal.
     pub backends: Vec<BackendAddr>,
+    /// Listed but not ready: established flows keep them, new flows do not get them. Sorted,
+    /// without duplicates, and disjoint from `backends`.
+    pub draining: Vec<BackendAddr>,
 }
 
 impl Frontend {
@@ -181,7 +189,7 @@ pub fn desired_state<'a>(
             let Ok(service_port) = u16::try_from(port.port) else {
                 continue; // Rejected by validation; unreachable for checked objects.
             };
-            let backends = ready_backends(slices, &port_name, proto);
+            let (backends, draining) = endpoints(slices, &port_name, proto);
             for addr in &addrs {
                 let frontend = Frontend {
                     namespace: namespace.clone(),
@@ -191,6 +199,7 @@ pub fn desired_state<'a>(
                     port: service_port,
                     proto,
                     backends: backends.clone(),
+                    draining: draining.clone(),
                 };
                 let key = frontend.key();
                 if let Some(owner) = desired.frontends.get(&key) {
@@ -207,9 +216,15 @@ pub fn desired_state<'a>(
     (desired, notes)
 }
 
-/// The ready endpoints of `slices` at the slice port named `port_name` with protocol `proto`.
-fn ready_backends(slices: &[&EndpointSlice], port_name: &str, proto: u8) -> Vec<BackendAddr> {
-    let mut backends = BTreeSet::new();
+/// The ready and the draining endpoints of `slices` at the slice port named `port_name` with
+/// protocol `proto`. An address ready in one slice and not in another counts as ready.
+fn endpoints(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    proto: u8,
+) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
+    let mut ready = BTreeSet::new();
+    let mut draining = BTreeSet::new();
     for slice in slices {
         let Some(target) = slice.ports.iter().flatten().find_map(|port| {
             let same_name = port.name.as_deref().unwrap_or_default() == port_name;
@@ -222,20 +237,27 @@ fn ready_backends(slices: &[&EndpointSlice], port_name: &str, proto: u8) -> Vec<
             continue;
         };
         for endpoint in slice.endpoints.iter().flatten() {
-            let ready = endpoint
+            let is_ready = endpoint
                 .conditions
                 .as_ref()
                 .and_then(|conditions| conditions.ready)
                 .unwrap_or(true);
             // kube-proxy uses the first address; the API says the others are fungible.
-            let address = endpoint
+            let Some(addr) = endpoint
                 .addresses
                 .first()
-                .and_then(|address| address.parse::<Ipv4Addr>().ok());
-            if let (true, Some(addr)) = (ready, address) {
-                backends.insert(BackendAddr { addr, port: target });
+                .and_then(|address| address.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            let backend = BackendAddr { addr, port: target };
+            if is_ready {
+                ready.insert(backend);
+            } else {
+                draining.insert(backend);
             }
         }
     }
-    backends.into_iter().collect()
+    let draining = draining.difference(&ready).copied().collect();
+    (ready.into_iter().collect(), draining)
 }

@@ -4,7 +4,9 @@
 //! For a frontend whose backends changed, new backends are written first, then the slots of a
 //! fresh backend set, then the one `LB_SERVICES` value that switches packets to the new set, and
 //! only then are the old slots and the departed backends removed. Backends that stay keep their
-//! ids, so established flows (whose conntrack entries name a backend id) are undisturbed.
+//! ids, so established flows (whose conntrack entries name a backend id) are undisturbed. A
+//! *draining* backend (listed but not ready) keeps its entry and id without a slot: its
+//! established flows continue, new flows never get it.
 //!
 //! Failures never leak: every entry that no frontend references any more (the old half of a
 //! switch, the new half of a switch that failed, what a removal leaves) goes on a garbage list
@@ -132,6 +134,8 @@ struct LiveFrontend {
     ids: Vec<u32>,
     /// Backends in slot order (parallel to `ids`).
     backends: Vec<BackendAddr>,
+    /// Backends kept for established flows only (in no slot), by address.
+    draining: BTreeMap<BackendAddr, u32>,
     info: Option<ServiceInfo>,
     /// The maps are not known to match `ids`/`backends` (a failed or interrupted write): rewrite.
     dirty: bool,
@@ -212,6 +216,7 @@ impl Reconciler {
                 value,
                 ids: Vec::new(),
                 backends: Vec::new(),
+                draining: BTreeMap::new(),
                 info: infos.get(&value.service_id).copied(),
                 dirty: false,
             };
@@ -240,6 +245,29 @@ impl Reconciler {
                 reconciler.backend_ids.mark_used(*id);
             }
             reconciler.live.insert(key, live);
+        }
+
+        // Active backends in no slot of their frontend are that frontend's draining ones.
+        let by_service_id: BTreeMap<u32, ServiceKey> = reconciler
+            .live
+            .iter()
+            .map(|(key, live)| (live.value.service_id, *key))
+            .collect();
+        for (id, backend) in &backends {
+            if reconciler.backend_ids.used.contains(id) {
+                continue;
+            }
+            let Some(live) = by_service_id
+                .get(&backend.service_id)
+                .and_then(|key| reconciler.live.get_mut(key))
+            else {
+                continue;
+            };
+            let addr = backend_addr(backend);
+            if !live.backends.contains(&addr) && !live.draining.contains_key(&addr) {
+                live.draining.insert(addr, *id);
+                reconciler.backend_ids.mark_used(*id);
+            }
         }
 
         // Strays keep their ids reserved until they are gone, so nothing new lands on them.
@@ -385,7 +413,30 @@ impl Reconciler {
     }
 
     fn matches(live: &LiveFrontend, frontend: &Frontend) -> bool {
-        live.backends == frontend.backends && live.info == Some(service_info(frontend))
+        live.backends == frontend.backends
+            && live
+                .draining
+                .keys()
+                .eq(Self::kept_draining(live, frontend).keys())
+            && live.info == Some(service_info(frontend))
+    }
+
+    /// Every backend entry the frontend holds, in a slot or draining, by address.
+    fn entries(live: &LiveFrontend) -> BTreeMap<BackendAddr, u32> {
+        let mut entries = live.draining.clone();
+        entries.extend(live.backends.iter().copied().zip(live.ids.iter().copied()));
+        entries
+    }
+
+    /// The draining backends to keep: only endpoints that already have an entry (from being
+    /// ready before) can have flows on them; one never ready needs none.
+    fn kept_draining(live: &LiveFrontend, frontend: &Frontend) -> BTreeMap<BackendAddr, u32> {
+        let entries = Self::entries(live);
+        frontend
+            .draining
+            .iter()
+            .filter_map(|backend| entries.get(backend).map(|id| (*backend, *id)))
+            .collect()
     }
 
     /// Allocates an id for `backend` and writes it. The id is recorded in `written` before the
@@ -471,6 +522,7 @@ impl Reconciler {
                 value,
                 ids,
                 backends: frontend.backends.clone(),
+                draining: BTreeMap::new(),
                 info: Some(info),
                 dirty: false,
             },
@@ -490,19 +542,17 @@ impl Reconciler {
             .context("update of an unknown frontend")?
             .clone();
         let service_id = live.value.service_id;
+        let entries = Self::entries(&live);
+        let draining = Self::kept_draining(&live, frontend);
+        let mut ids = live.ids.clone();
         if live.dirty || live.backends != frontend.backends {
             // Make: new backends, then the new set's slots, then the single switching write.
             let mut written = Vec::new();
             let result = (|| {
                 let mut ids = Vec::with_capacity(frontend.backends.len());
                 for backend in &frontend.backends {
-                    let kept = live
-                        .backends
-                        .iter()
-                        .position(|old| old == backend)
-                        .map(|position| live.ids[position]);
-                    ids.push(match kept {
-                        Some(id) => id,
+                    ids.push(match entries.get(backend) {
+                        Some(id) => *id,
                         None => self.write_backend(store, &mut written, service_id, backend)?,
                     });
                 }
@@ -516,21 +566,27 @@ impl Reconciler {
                 store.run(|store| store.set_service(key, &value))?;
                 Ok((value, ids))
             })();
-            let (value, ids) = result.map_err(|error| self.abandon(written, error))?;
-            // Break: the old set and the backends that left are garbage from now on.
+            let (value, new_ids) = result.map_err(|error| self.abandon(written, error))?;
+            // Break: the old set is garbage from now on.
             self.garbage.extend(Self::slots_of(&live.value));
-            self.garbage.extend(
-                live.ids
-                    .iter()
-                    .filter(|id| !ids.contains(id))
-                    .map(|id| Garbage::Backend(*id)),
-            );
             let entry = self.live.get_mut(&key).context("frontend vanished")?;
             entry.value = value;
-            entry.ids = ids;
+            entry.ids = new_ids.clone();
             entry.backends = frontend.backends.clone();
             entry.dirty = false;
+            ids = new_ids;
         }
+        // The backends that left both the slots and the draining set go.
+        self.garbage.extend(
+            entries
+                .values()
+                .filter(|id| !ids.contains(id) && !draining.values().any(|kept| kept == *id))
+                .map(|id| Garbage::Backend(*id)),
+        );
+        self.live
+            .get_mut(&key)
+            .context("frontend vanished")?
+            .draining = draining;
         let info = service_info(frontend);
         if live.info != Some(info) {
             let result = store.run(|store| store.set_info(service_id, &info));
@@ -553,8 +609,11 @@ impl Reconciler {
             .remove(&key)
             .context("removal of an unknown frontend")?;
         self.garbage.extend(Self::slots_of(&live.value));
-        self.garbage
-            .extend(live.ids.iter().map(|id| Garbage::Backend(*id)));
+        self.garbage.extend(
+            Self::entries(&live)
+                .values()
+                .map(|id| Garbage::Backend(*id)),
+        );
         self.garbage.insert(Garbage::Info(live.value.service_id));
         Ok(())
     }

@@ -120,6 +120,7 @@ fn frontend(
         port,
         proto,
         backends,
+        draining: Vec::new(),
     }
 }
 
@@ -273,6 +274,36 @@ fn only_ready_endpoints_are_backends_and_unknown_readiness_counts_as_ready() {
         only_backends(&state),
         backends(&["10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.6"], 8080)
     );
+    // Listed but not ready (failing a probe, or terminating): draining, not gone.
+    let frontend = state.frontends.values().next().expect("one frontend");
+    assert_eq!(frontend.draining, backends(&["10.0.0.2", "10.0.0.5"], 8080));
+}
+
+#[test]
+fn an_address_ready_in_one_slice_is_not_draining_because_of_another() {
+    let services = [cluster_ip_service(
+        "default",
+        "web",
+        "10.96.0.1",
+        "  - port: 80\n",
+    )];
+    let slices = [
+        slice(
+            "metadata:\n  name: web-1\n  labels: {kubernetes.io/service-name: web}\n\
+             addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+             - {addresses: [10.0.0.1], conditions: {ready: false}}\n\
+             - {addresses: [10.0.0.2], conditions: {ready: false}}\n",
+        ),
+        slice(
+            "metadata:\n  name: web-2\n  labels: {kubernetes.io/service-name: web}\n\
+             addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+             - {addresses: [10.0.0.1], conditions: {ready: true}}\n",
+        ),
+    ];
+    let (state, _) = desired(&services, &slices);
+    let frontend = state.frontends.values().next().expect("one frontend");
+    assert_eq!(frontend.backends, backends(&["10.0.0.1"], 8080));
+    assert_eq!(frontend.draining, backends(&["10.0.0.2"], 8080));
 }
 
 #[test]

@@ -625,6 +625,7 @@ fn frontend(
         port,
         proto,
         backends,
+        draining: Vec::new(),
     }
 }
 
@@ -3132,6 +3133,101 @@ fn a_backend_opening_a_connection_on_a_closed_tuple_is_not_translated() {
                 DIRECTION_REPLY,
             );
             assert!(!lab.conntrack().contains_key(&reply_key));
+        },
+    );
+}
+
+#[test]
+fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
+    with_lab(
+        "a_draining_backend_keeps_its_flows_and_gets_no_new_ones",
+        |lab| {
+            let endpoints = [(BACKEND_A, BACKEND_PORT), (BACKEND_B, BACKEND_PORT)];
+            let web = frontend("web", VIP, VIP_PORT, IPPROTO_TCP, &endpoints);
+            lab.program(std::slice::from_ref(&web));
+            let in0 = lab.in0;
+            let backend_of = |lab: &Lab, port: u16| {
+                let key = flow_key(
+                    (CLIENT, port),
+                    (VIP, VIP_PORT),
+                    IPPROTO_TCP,
+                    DIRECTION_ORIGINAL,
+                );
+                lab.conntrack()[&key].nat_addr
+            };
+            // An established flow on A.
+            let port = (51_000..51_000 + MAX_NEW_FLOWS)
+                .find(|port| {
+                    let syn = from_client(lab, Pkt::tcp((CLIENT, *port), (VIP, VIP_PORT), SYN));
+                    lab.dataplane
+                        .test_run(&syn.bytes(), in0.index)
+                        .expect("run");
+                    backend_of(lab, *port) == wire_addr(BACKEND_A)
+                })
+                .expect("some flow lands on A");
+
+            // A stops being ready (a failing probe, or its pod terminating).
+            let drained = Frontend {
+                backends: vec![BackendAddr {
+                    addr: BACKEND_B,
+                    port: BACKEND_PORT,
+                }],
+                draining: vec![BackendAddr {
+                    addr: BACKEND_A,
+                    port: BACKEND_PORT,
+                }],
+                ..web.clone()
+            };
+            lab.program(std::slice::from_ref(&drained));
+            let ack = from_client(lab, Pkt::tcp((CLIENT, port), (VIP, VIP_PORT), ACK));
+            lab.check(&Case {
+                name: "the established flow keeps its draining backend",
+                input: ack.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_backend(
+                    lab,
+                    &ack,
+                    (BACKEND_A, BACKEND_A_MAC),
+                    BACKEND_PORT,
+                )),
+                counters: vec![(Counter::RedirectService, 1)],
+            });
+            for new_port in 52_000..52_000 + MAX_NEW_FLOWS {
+                let syn = from_client(lab, Pkt::tcp((CLIENT, new_port), (VIP, VIP_PORT), SYN));
+                lab.dataplane
+                    .test_run(&syn.bytes(), in0.index)
+                    .expect("run");
+                assert_eq!(
+                    backend_of(lab, new_port),
+                    wire_addr(BACKEND_B),
+                    "a new flow got the draining backend"
+                );
+            }
+
+            // A leaves the slice: its established flow moves on (and TCP resets there).
+            let gone = Frontend {
+                draining: Vec::new(),
+                ..drained
+            };
+            lab.program(std::slice::from_ref(&gone));
+            lab.check(&Case {
+                name: "the flow of a removed endpoint is re-selected",
+                input: ack.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(to_backend(
+                    lab,
+                    &ack,
+                    (BACKEND_B, BACKEND_B_MAC),
+                    BACKEND_PORT,
+                )),
+                counters: vec![
+                    (Counter::RedirectService, 1),
+                    (Counter::FlowReselected, 1),
+                    (Counter::FlowCreated, 1),
+                ],
+            });
         },
     );
 }

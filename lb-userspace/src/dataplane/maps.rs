@@ -7,12 +7,12 @@ use anyhow::Context as _;
 use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use lb_common::{
     conntrack::{FlowKey, FlowState},
+    iface::IfaceConfig,
     limits::{
-        MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS, MAP_STATS,
-        MAP_TX_PORTS, MAP_IFACES, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES,
+        MAP_BACKENDS, MAP_CONNTRACK, MAP_IFACES, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
+        MAP_STATS, MAP_TX_PORTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES,
         MAX_SLOTS,
     },
-    iface::IfaceConfig,
     service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
     stats::{COUNTER_COUNT, Counter},
 };
