@@ -965,7 +965,7 @@ fn a_backend_that_stops_being_ready_drains_with_its_id_and_returns_with_it() {
     );
     assert_eq!(
         store.inner.backends[&second].flags,
-        lb_common::service::BACKEND_ACTIVE
+        BACKEND_ACTIVE
     );
     assert!(
         !store.calls.contains(&Call::ClearBackend(second)),
