@@ -963,10 +963,7 @@ fn a_backend_that_stops_being_ready_drains_with_its_id_and_returns_with_it() {
         store.inner.resolve(&web_key),
         Some(backends(&["10.1.0.1", "10.1.0.3"], 8080))
     );
-    assert_eq!(
-        store.inner.backends[&second].flags,
-        BACKEND_ACTIVE
-    );
+    assert_eq!(store.inner.backends[&second].flags, BACKEND_ACTIVE);
     assert!(
         !store.calls.contains(&Call::ClearBackend(second)),
         "{:?}",

@@ -18,6 +18,13 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The line the agent logs once the first sync is programmed.
 const READY_MARKER: &str = "ready: watching";
+/// Where bpffs is mounted; runs pin under `<BPFFS>/<prefix>`, never in lb's default directory.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// The pin directory of the run named `prefix`.
+pub fn pin_dir(prefix: &str) -> PathBuf {
+    Path::new(BPFFS).join(prefix)
+}
 
 /// The `lb` binary: `$LB_BIN`, else `lb` next to the running test's `deps` directory
 /// (`target/<profile>/lb`).
@@ -176,6 +183,13 @@ impl Agent {
     /// The agent's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the agent process is still running (it has not exited nor been stopped).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
     /// Everything the agent logged so far.

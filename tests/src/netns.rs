@@ -180,53 +180,17 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> anyhow::Result<
     Ok(())
 }
 
-fn pid_alive(pid: u32) -> bool {
-    PathBuf::from(format!("/proc/{pid}")).exists()
-}
-
-/// The pid embedded in a `<kind>-<pid>-...` name, if `name` has that shape.
-fn owner_pid(kind: &str, name: &str) -> Option<u32> {
-    name.strip_prefix(kind)?
-        .strip_prefix('-')?
-        .split('-')
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Deletes namespaces named `<kind>-<pid>-...` whose process is gone (leftovers of a killed run),
-/// and returns the names of bpffs pin directories `/sys/fs/bpf/<kind>-<pid>-...` of dead
-/// processes, for the caller to reset with `lb reset`.
-pub fn remove_leftovers(kind: &str) -> Vec<PathBuf> {
-    if let Ok(entries) = std::fs::read_dir(NETNS_DIR) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if owner_pid(kind, &name).is_some_and(|pid| !pid_alive(pid)) {
-                let _ = run("ip", &["netns", "del", &name]);
-            }
+/// Deletes every namespace named `<prefix>-...`: what a run with this prefix created, including
+/// the ones a build interrupted half-way had not handed to a guard yet.
+pub fn delete_with_prefix(prefix: &str) {
+    let ours = format!("{prefix}-");
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&ours) {
+            let _ = run("ip", &["netns", "del", &name]);
         }
-    }
-    let mut stale_pins = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if owner_pid(kind, &name).is_some_and(|pid| !pid_alive(pid)) {
-                stale_pins.push(entry.path());
-            }
-        }
-    }
-    stale_pins
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owner_pid_reads_only_our_names() {
-        assert_eq!(owner_pid("lbt", "lbt-1234-0-node"), Some(1234));
-        assert_eq!(owner_pid("lbt", "lbd-1234-0-node"), None);
-        assert_eq!(owner_pid("lbt", "lbtx-1234"), None);
-        assert_eq!(owner_pid("lbt", "someone-else"), None);
     }
 }

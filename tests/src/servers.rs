@@ -8,6 +8,7 @@
 use std::{
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -85,11 +86,41 @@ pub fn tcp(netns: &Netns, name: &str, port: u16) -> anyhow::Result<Server> {
     })
 }
 
-/// Starts a UDP identity server on `port` (all addresses) inside `netns`.
-pub fn udp(netns: &Netns, name: &str, port: u16) -> anyhow::Result<Server> {
+/// What a UDP socket puts in the checksum field of the datagrams it sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpChecksum {
+    /// A checksum, as Linux sends by default (completed by the stack or the offload).
+    Computed,
+    /// Zero, IPv4's "no checksum" (`SO_NO_CHECK`), which a translation must leave zero.
+    Zero,
+}
+
+/// Makes `socket` send `checksum`.
+pub fn set_udp_checksum(socket: &UdpSocket, checksum: UdpChecksum) -> std::io::Result<()> {
+    let no_check = libc::c_int::from(checksum == UdpChecksum::Zero);
+    // SAFETY: a valid socket, and an option buffer of the size given.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NO_CHECK,
+            (&no_check as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Starts a UDP identity server on `port` (all addresses) inside `netns`, replying with
+/// `checksum`.
+pub fn udp(netns: &Netns, name: &str, port: u16, checksum: UdpChecksum) -> anyhow::Result<Server> {
     let socket = netns
         .run(|| UdpSocket::bind(("0.0.0.0", port)))?
         .with_context(|| format!("binding UDP port {port} in {}", netns.name()))?;
+    set_udp_checksum(&socket, checksum).context("SO_NO_CHECK")?;
     socket.set_read_timeout(Some(POLL))?;
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = stop.clone();

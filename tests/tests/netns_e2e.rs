@@ -8,33 +8,38 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
     time::Duration,
 };
 
-use anyhow::Context as _;
 use lb_tests::{
-    agent::{Agent, AgentOptions, REDIRECT_VETH, lb, lb_binary, wait_until},
+    agent::{Agent, AgentOptions, REDIRECT_VETH, lb, lb_binary, pin_dir, wait_until},
+    capture::{CapturedUdp, UdpCapture},
+    echo::{
+        self, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLUSTER_IP, Connection, IO_TIMEOUT, TCP_FRONTEND,
+        TCP_PORT, UDP_FRONTEND, UDP_PORT, backend_index, backend_name, udp_request, udp_socket,
+    },
+    leftovers::{self, remove_test_leftovers_once},
     netns::{Netns, unique_prefix},
     privilege::require_root,
-    servers::{self, Reply, Server},
+    servers::{Reply, Server, UdpChecksum},
     topology::{BACKENDS, CLIENT_ADDR, Offload, SingleNode, backend_addr},
 };
 
-const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const TCP_PORT: u16 = 80;
-const UDP_PORT: u16 = 53;
-const BACKEND_TCP_PORT: u16 = 8080;
-const BACKEND_UDP_PORT: u16 = 5353;
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// New flows per check: all three backends appear with probability 1 - 3(2/3)^30 > 0.99999.
 const FLOWS: usize = 30;
 /// How long the agent may take to apply a manifest edit.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(15);
+/// A second Service's ClusterIP, in the client's routed Service CIDR.
+const SECOND_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+/// How long a connection to an address no Service holds may try: the node answers it with an
+/// ICMP unreachable at once, so this only bounds a silent drop.
+const UNSERVED_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The manifests of a Service `echo` with TCP 80 -> 8080 and UDP 53 -> 5353 on `backends`.
-fn echo_manifest(backends: &[usize]) -> String {
+/// The manifests of a Service `name` on `cluster_ip` with TCP 80 -> 8080 and UDP 53 -> 5353 on
+/// `backends`.
+fn service_manifest(name: &str, cluster_ip: Ipv4Addr, backends: &[usize]) -> String {
     let endpoints: String = backends
         .iter()
         .map(|index| format!("- addresses: [\"{}\"]\n", backend_addr(*index)))
@@ -43,10 +48,10 @@ fn echo_manifest(backends: &[usize]) -> String {
         "apiVersion: v1
 kind: Service
 metadata:
-  name: echo
+  name: {name}
   namespace: e2e
 spec:
-  clusterIP: {CLUSTER_IP}
+  clusterIP: {cluster_ip}
   ports:
   - name: http
     port: {TCP_PORT}
@@ -59,10 +64,10 @@ spec:
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: echo-1
+  name: {name}-1
   namespace: e2e
   labels:
-    kubernetes.io/service-name: echo
+    kubernetes.io/service-name: {name}
 addressType: IPv4
 ports:
 - name: http
@@ -75,41 +80,63 @@ endpoints:
     )
 }
 
+/// The Service `echo` (the demo's ClusterIP and ports) on `backends`.
+fn echo_manifest(backends: &[usize]) -> String {
+    service_manifest("echo", CLUSTER_IP, backends)
+}
+
+/// How a cluster is set up.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    offload: Offload,
+    /// What the backends' UDP replies carry.
+    backend_udp_checksum: UdpChecksum,
+    /// `lb agent` flags on top of the harness's.
+    agent_args: &'static [&'static str],
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            offload: Offload::default(),
+            backend_udp_checksum: UdpChecksum::Computed,
+            agent_args: &[REDIRECT_VETH],
+        }
+    }
+}
+
 /// A running single-node cluster: topology, identity servers, and an agent.
 struct Cluster {
     agent: Option<Agent>,
     lb: PathBuf,
     pin_dir: PathBuf,
     workdir: PathBuf,
+    agent_args: &'static [&'static str],
     _servers: Vec<Server>,
     topology: SingleNode,
 }
 
 impl Cluster {
-    fn start(offload: Offload) -> anyhow::Result<Self> {
-        let prefix = unique_prefix("lbt");
+    fn start(setup: Setup) -> anyhow::Result<Self> {
+        remove_test_leftovers_once();
+        let prefix = unique_prefix(leftovers::TESTS);
         let lb = lb_binary()?;
-        let topology = SingleNode::build(&prefix, offload)?;
-        let mut servers = Vec::new();
-        for (index, backend) in topology.backends.iter().enumerate() {
-            let name = format!("backend-{}", index + 1);
-            servers.push(servers::tcp(backend, &name, BACKEND_TCP_PORT)?);
-            servers.push(servers::udp(backend, &name, BACKEND_UDP_PORT)?);
-        }
-        let workdir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(workdir.join("manifests"))?;
-        std::fs::write(
-            workdir.join("manifests/echo.yaml"),
-            echo_manifest(&[0, 1, 2]),
-        )?;
+        let topology = SingleNode::build(&prefix, setup.offload)?;
+        let servers = echo::start_servers(&topology, setup.backend_udp_checksum)?;
         let mut cluster = Self {
             agent: None,
             lb,
-            pin_dir: PathBuf::from("/sys/fs/bpf").join(&prefix),
-            workdir,
+            pin_dir: pin_dir(&prefix),
+            workdir: std::env::temp_dir().join(&prefix),
+            agent_args: setup.agent_args,
             _servers: servers,
             topology,
         };
+        std::fs::create_dir_all(cluster.manifests())?;
+        std::fs::write(
+            cluster.manifests().join("echo.yaml"),
+            echo_manifest(&[0, 1, 2]),
+        )?;
         cluster.start_agent()?;
         Ok(cluster)
     }
@@ -134,7 +161,7 @@ impl Cluster {
                 interfaces: &self.topology.node_interfaces(),
                 state_dir: &self.workdir.join("state"),
                 log: &log,
-                extra_args: &[REDIRECT_VETH],
+                extra_args: self.agent_args,
             },
         )?);
         Ok(())
@@ -156,12 +183,21 @@ impl Cluster {
         &self.topology.client
     }
 
-    /// Endpoints the pinned maps hold for the TCP frontend.
-    fn tcp_endpoints(&self) -> Vec<String> {
+    /// The frontends the pinned maps hold, as `lb services` prints them (`10.96.0.10:80`).
+    fn frontends(&self) -> Vec<String> {
         let rows: Vec<serde_json::Value> =
             serde_json::from_str(&self.lb(&["services", "-o", "json"])).expect("services JSON");
         rows.iter()
-            .find(|row| row["protocol"] == "TCP")
+            .map(|row| row["frontend"].as_str().expect("frontend").to_owned())
+            .collect()
+    }
+
+    /// Endpoints the pinned maps hold for `frontend` (empty when they do not hold it).
+    fn endpoints(&self, frontend: SocketAddr, protocol: &str) -> Vec<String> {
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&self.lb(&["services", "-o", "json"])).expect("services JSON");
+        rows.iter()
+            .find(|row| row["frontend"] == frontend.to_string() && row["protocol"] == protocol)
             .map(|row| {
                 row["endpoints"]
                     .as_array()
@@ -171,6 +207,11 @@ impl Cluster {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Endpoints of the echo Service's TCP frontend.
+    fn tcp_endpoints(&self) -> Vec<String> {
+        self.endpoints(TCP_FRONTEND, "TCP")
     }
 }
 
@@ -184,97 +225,48 @@ impl Drop for Cluster {
     }
 }
 
-/// A TCP connection to the ClusterIP, one request line per call.
-struct Connection {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl Connection {
-    fn open(client: &Netns) -> anyhow::Result<Self> {
-        let target = SocketAddr::from((CLUSTER_IP, TCP_PORT));
-        let stream = client
-            .run(|| TcpStream::connect_timeout(&target, IO_TIMEOUT))?
-            .context("connecting to the ClusterIP")?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        // The handshake completing proves the SYN-ACK came back from the ClusterIP: a reply
-        // from the backend's own address would have been answered with a reset.
-        assert_eq!(stream.peer_addr()?, target);
-        let reader = BufReader::new(stream.try_clone()?);
-        Ok(Self { stream, reader })
-    }
-
-    fn request(&mut self) -> anyhow::Result<Reply> {
-        self.stream.write_all(b"hello\n")?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        let reply = Reply::parse(&line)?;
-        assert_eq!(
-            reply.client,
-            self.stream.local_addr()?,
-            "the backend must see the client's own address and port"
-        );
-        Ok(reply)
-    }
-}
-
-/// A connected UDP socket to the ClusterIP: the kernel only delivers datagrams whose source is
-/// the ClusterIP and port, so every reply received proves the reverse translation.
-fn udp_socket(client: &Netns, checksum: bool) -> anyhow::Result<UdpSocket> {
-    let socket = client.run(|| UdpSocket::bind(("0.0.0.0", 0)))??;
-    if !checksum {
-        // SO_NO_CHECK: send UDP with a zero checksum ("none"), which must stay zero.
-        let one: libc::c_int = 1;
-        // SAFETY: valid socket and option buffer.
-        let result = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                libc::SOL_SOCKET,
-                libc::SO_NO_CHECK,
-                (&one as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(result, 0, "SO_NO_CHECK");
-    }
-    socket.connect((CLUSTER_IP, UDP_PORT))?;
-    socket.set_read_timeout(Some(IO_TIMEOUT))?;
-    Ok(socket)
-}
-
-fn udp_request(socket: &UdpSocket) -> anyhow::Result<Reply> {
-    socket.send(b"ping")?;
-    let mut buffer = [0u8; 256];
-    let length = socket.recv(&mut buffer).context("no UDP reply")?;
-    let reply = Reply::parse(std::str::from_utf8(&buffer[..length])?)?;
-    assert_eq!(reply.client, socket.local_addr()?);
-    Ok(reply)
-}
-
-fn backend_index(reply: &Reply) -> usize {
-    (0..BACKENDS)
-        .find(|index| reply.backend == format!("backend-{}", index + 1))
-        .unwrap_or_else(|| panic!("unknown backend {}", reply.backend))
-}
-
-/// New TCP and UDP flows from the client; returns how many each backend took.
-fn spread(cluster: &Cluster, udp_checksum: bool) -> ([usize; BACKENDS], [usize; BACKENDS]) {
+/// New TCP and UDP flows from the client to the frontends `tcp_to` and `udp_to`; returns how
+/// many each backend took.
+fn spread_to(
+    cluster: &Cluster,
+    tcp_to: SocketAddr,
+    udp_to: SocketAddr,
+    udp_checksum: UdpChecksum,
+) -> ([usize; BACKENDS], [usize; BACKENDS]) {
     let mut tcp = [0; BACKENDS];
     let mut udp = [0; BACKENDS];
     for _ in 0..FLOWS {
-        let reply = Connection::open(cluster.client())
+        let reply = Connection::open(cluster.client(), tcp_to)
             .and_then(|mut connection| connection.request())
-            .expect("TCP request through the ClusterIP");
-        tcp[backend_index(&reply)] += 1;
-        let socket = udp_socket(cluster.client(), udp_checksum).expect("UDP socket");
-        let reply = udp_request(&socket).expect("UDP request through the ClusterIP");
-        udp[backend_index(&reply)] += 1;
+            .unwrap_or_else(|error| panic!("TCP request to {tcp_to}: {error:#}"));
+        tcp[backend_index(&reply).expect("backend")] += 1;
+        let reply = udp_socket(cluster.client(), udp_to, udp_checksum)
+            .and_then(|socket| udp_request(&socket))
+            .unwrap_or_else(|error| panic!("UDP request to {udp_to}: {error:#}"));
+        udp[backend_index(&reply).expect("backend")] += 1;
     }
     (tcp, udp)
 }
 
+/// [`spread_to`] the echo Service.
+fn spread(cluster: &Cluster, udp_checksum: UdpChecksum) -> ([usize; BACKENDS], [usize; BACKENDS]) {
+    spread_to(cluster, TCP_FRONTEND, UDP_FRONTEND, udp_checksum)
+}
+
 fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &str) -> u64 {
-    after[name] - before[name]
+    after[name]
+        .checked_sub(before[name])
+        .unwrap_or_else(|| panic!("{name} went down: the stats map was replaced"))
+}
+
+fn tcp_reply(connection: &mut Connection) -> Reply {
+    connection
+        .request()
+        .unwrap_or_else(|error| panic!("TCP request: {error:#}"))
+}
+
+fn udp_reply(socket: &std::net::UdpSocket) -> Reply {
+    udp_request(socket).unwrap_or_else(|error| panic!("UDP request: {error:#}"))
 }
 
 #[test]
@@ -283,9 +275,9 @@ fn tcp_and_udp_reach_every_backend_with_partial_checksums() {
         return;
     }
     // Linux's default: local sockets leave the L4 checksum to offload (CHECKSUM_PARTIAL).
-    let cluster = Cluster::start(Offload::default()).expect("cluster");
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
     let before = cluster.counters();
-    let (tcp, udp) = spread(&cluster, true);
+    let (tcp, udp) = spread(&cluster, UdpChecksum::Computed);
     assert!(tcp.iter().all(|n| *n > 0), "TCP spread {tcp:?}");
     assert!(udp.iter().all(|n| *n > 0), "UDP spread {udp:?}");
     let after = cluster.counters();
@@ -305,13 +297,16 @@ fn complete_checksums_take_the_redirect_path_and_the_stack_until_neighbours_reso
         return;
     }
     // As packets arrive from a NIC: complete checksums, so XDP may forward them itself.
-    let cluster = Cluster::start(Offload {
-        client_tx: false,
-        backend_tx: false,
+    let cluster = Cluster::start(Setup {
+        offload: Offload {
+            client_tx: false,
+            backend_tx: false,
+        },
+        ..Setup::default()
     })
     .expect("cluster");
     let before = cluster.counters();
-    let (tcp, udp) = spread(&cluster, true);
+    let (tcp, udp) = spread(&cluster, UdpChecksum::Computed);
     assert!(tcp.iter().all(|n| *n > 0), "TCP spread {tcp:?}");
     assert!(udp.iter().all(|n| *n > 0), "UDP spread {udp:?}");
     let after = cluster.counters();
@@ -324,6 +319,43 @@ fn complete_checksums_take_the_redirect_path_and_the_stack_until_neighbours_reso
     assert!(delta(&before, &after, "stack_service") > 0);
     assert_eq!(delta(&before, &after, "stack_partial_checksum"), 0);
 }
+
+#[test]
+fn without_veth_redirects_complete_checksums_take_the_stack() {
+    if !require_root("without_veth_redirects_complete_checksums_take_the_stack") {
+        return;
+    }
+    // Packets XDP could forward itself, but every node interface is a veth and the agent was
+    // not told their peers can receive redirects: the kernel must forward them all.
+    let cluster = Cluster::start(Setup {
+        offload: Offload {
+            client_tx: false,
+            backend_tx: false,
+        },
+        agent_args: &[],
+        ..Setup::default()
+    })
+    .expect("cluster");
+    let before = cluster.counters();
+    let (tcp, udp) = spread(&cluster, UdpChecksum::Computed);
+    assert!(tcp.iter().all(|n| *n > 0), "TCP spread {tcp:?}");
+    assert!(udp.iter().all(|n| *n > 0), "UDP spread {udp:?}");
+    let after = cluster.counters();
+    assert!(delta(&before, &after, "stack_not_tx_port") > 0, "{after:?}");
+    assert!(delta(&before, &after, "stack_service") > 0, "{after:?}");
+    assert!(delta(&before, &after, "stack_reply") > 0, "{after:?}");
+    assert_eq!(delta(&before, &after, "redirect_service"), 0, "{after:?}");
+    assert_eq!(delta(&before, &after, "redirect_reply"), 0, "{after:?}");
+    // Not the partial-checksum reason: the senders' checksums were complete.
+    assert_eq!(
+        delta(&before, &after, "stack_partial_checksum"),
+        0,
+        "{after:?}"
+    );
+}
+
+/// UDP datagrams through the echo Service, each on a new flow, per direction.
+const CAPTURED_REQUESTS: usize = 10;
 
 #[test]
 fn mixed_offload_and_zero_udp_checksums_are_accepted_by_the_receivers() {
@@ -341,8 +373,13 @@ fn mixed_offload_and_zero_udp_checksums_are_accepted_by_the_receivers() {
             backend_tx: false,
         },
     ] {
-        let cluster = Cluster::start(offload).expect("cluster");
-        let (tcp, udp) = spread(&cluster, false);
+        let cluster = Cluster::start(Setup {
+            offload,
+            backend_udp_checksum: UdpChecksum::Zero,
+            ..Setup::default()
+        })
+        .expect("cluster");
+        let (tcp, udp) = spread(&cluster, UdpChecksum::Zero);
         assert!(
             tcp.iter().all(|n| *n > 0),
             "{offload:?}: TCP spread {tcp:?}"
@@ -351,6 +388,52 @@ fn mixed_offload_and_zero_udp_checksums_are_accepted_by_the_receivers() {
             udp.iter().all(|n| *n > 0),
             "{offload:?}: UDP spread {udp:?}"
         );
+
+        // On the wire, as each receiver got them: requests at the backends, replies at the
+        // client, all without checksum (a translation must leave a zero checksum zero).
+        let at_client = UdpCapture::start(cluster.client()).expect("capture");
+        let at_backends: Vec<UdpCapture> = cluster
+            .topology
+            .backends
+            .iter()
+            .map(|backend| UdpCapture::start(backend).expect("capture"))
+            .collect();
+        for _ in 0..CAPTURED_REQUESTS {
+            udp_reply(
+                &udp_socket(cluster.client(), UDP_FRONTEND, UdpChecksum::Zero).expect("socket"),
+            );
+        }
+        let replies: Vec<CapturedUdp> = at_client
+            .take()
+            .expect("capture")
+            .into_iter()
+            .filter(|datagram| {
+                !datagram.outgoing && SocketAddr::V4(datagram.source) == UDP_FRONTEND
+            })
+            .collect();
+        let mut requests = Vec::new();
+        for capture in &at_backends {
+            requests.extend(
+                capture
+                    .take()
+                    .expect("capture")
+                    .into_iter()
+                    .filter(|datagram| {
+                        !datagram.outgoing && datagram.destination.port() == BACKEND_UDP_PORT
+                    }),
+            );
+        }
+        for (direction, datagrams) in [("requests", &requests), ("replies", &replies)] {
+            assert_eq!(
+                datagrams.len(),
+                CAPTURED_REQUESTS,
+                "{offload:?}: {direction} {datagrams:?}"
+            );
+            assert!(
+                datagrams.iter().all(|datagram| datagram.checksum == 0),
+                "{offload:?}: {direction} must arrive without checksum: {datagrams:?}"
+            );
+        }
     }
 }
 
@@ -359,16 +442,16 @@ fn a_flow_stays_on_its_backend() {
     if !require_root("a_flow_stays_on_its_backend") {
         return;
     }
-    let cluster = Cluster::start(Offload::default()).expect("cluster");
-    let mut connection = Connection::open(cluster.client()).expect("connect");
-    let first = connection.request().expect("request").backend;
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    let mut connection = Connection::open(cluster.client(), TCP_FRONTEND).expect("connect");
+    let first = tcp_reply(&mut connection).backend;
     for _ in 0..50 {
-        assert_eq!(connection.request().expect("request").backend, first);
+        assert_eq!(tcp_reply(&mut connection).backend, first);
     }
-    let socket = udp_socket(cluster.client(), true).expect("socket");
-    let first = udp_request(&socket).expect("request").backend;
+    let socket = udp_socket(cluster.client(), UDP_FRONTEND, UdpChecksum::Computed).expect("socket");
+    let first = udp_reply(&socket).backend;
     for _ in 0..50 {
-        assert_eq!(udp_request(&socket).expect("request").backend, first);
+        assert_eq!(udp_reply(&socket).backend, first);
     }
 }
 
@@ -377,7 +460,7 @@ fn traffic_not_for_a_service_passes_untouched() {
     if !require_root("traffic_not_for_a_service_passes_untouched") {
         return;
     }
-    let cluster = Cluster::start(Offload::default()).expect("cluster");
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
     let before = cluster.counters();
     let target = SocketAddr::from((backend_addr(1), BACKEND_TCP_PORT));
     let stream = cluster
@@ -390,7 +473,7 @@ fn traffic_not_for_a_service_passes_untouched() {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line).expect("read");
     let reply = Reply::parse(&line).expect("reply");
-    assert_eq!(reply.backend, "backend-2");
+    assert_eq!(reply.backend, backend_name(1));
     assert_eq!(reply.client.ip(), CLIENT_ADDR);
     let after = cluster.counters();
     assert!(delta(&before, &after, "pass_no_service") > 0);
@@ -402,25 +485,29 @@ fn agent_restart_keeps_an_open_tcp_connection() {
     if !require_root("agent_restart_keeps_an_open_tcp_connection") {
         return;
     }
-    let mut cluster = Cluster::start(Offload::default()).expect("cluster");
-    let mut connection = Connection::open(cluster.client()).expect("connect");
-    let backend = connection.request().expect("request").backend;
+    let mut cluster = Cluster::start(Setup::default()).expect("cluster");
+    let mut connection = Connection::open(cluster.client(), TCP_FRONTEND).expect("connect");
+    let backend = tcp_reply(&mut connection).backend;
+    let before = cluster.counters();
 
     // A crash: the agent dies without cleaning anything up.
     cluster.agent().kill();
     // The dataplane outlives it: links and maps are pinned.
     for _ in 0..5 {
-        assert_eq!(
-            connection.request().expect("request while down").backend,
-            backend
-        );
+        assert_eq!(tcp_reply(&mut connection).backend, backend);
     }
 
     cluster.start_agent().expect("restart");
     for _ in 0..5 {
+        assert_eq!(tcp_reply(&mut connection).backend, backend);
+    }
+    // The same backend could be chosen again by chance (1 in 3): the proof that conntrack kept
+    // the flow is that none of its packets made a flow or a new choice.
+    let after = cluster.counters();
+    for counter in ["flow_created", "flow_reselected"] {
         assert_eq!(
-            connection.request().expect("request after restart").backend,
-            backend
+            after[counter], before[counter],
+            "{counter}: the open connection's packets must find their flow across the restart"
         );
     }
     let log = cluster.agent().log_text();
@@ -434,7 +521,7 @@ fn agent_restart_keeps_an_open_tcp_connection() {
         "an idempotent restart writes nothing:\n{log}"
     );
     // And new flows still work.
-    let (tcp, _) = spread(&cluster, true);
+    let (tcp, _) = spread(&cluster, UdpChecksum::Computed);
     assert!(tcp.iter().all(|n| *n > 0), "TCP spread {tcp:?}");
 }
 
@@ -443,11 +530,11 @@ fn removing_an_endpoint_stops_new_flows_and_moves_its_udp_flows() {
     if !require_root("removing_an_endpoint_stops_new_flows_and_moves_its_udp_flows") {
         return;
     }
-    let cluster = Cluster::start(Offload::default()).expect("cluster");
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
     // A UDP flow (think DNS) pinned to backend 3 before it goes away.
     let pinned = (0..100)
-        .map(|_| udp_socket(cluster.client(), true).expect("socket"))
-        .find(|socket| udp_request(socket).expect("request").backend == "backend-3")
+        .map(|_| udp_socket(cluster.client(), UDP_FRONTEND, UdpChecksum::Computed).expect("socket"))
+        .find(|socket| udp_reply(socket).backend == backend_name(2))
         .expect("some UDP flow lands on backend 3");
 
     std::fs::write(
@@ -460,7 +547,7 @@ fn removing_an_endpoint_stops_new_flows_and_moves_its_udp_flows() {
         "the agent did not apply the edit: {:?}",
         cluster.tcp_endpoints()
     );
-    let (tcp, udp) = spread(&cluster, true);
+    let (tcp, udp) = spread(&cluster, UdpChecksum::Computed);
     assert_eq!(
         tcp[2], 0,
         "new TCP flows reached the removed backend: {tcp:?}"
@@ -471,8 +558,24 @@ fn removing_an_endpoint_stops_new_flows_and_moves_its_udp_flows() {
     );
     assert!(tcp[0] > 0 && tcp[1] > 0, "TCP spread {tcp:?}");
     // The pinned UDP flow moves to a live backend on its next datagram.
-    let moved = udp_request(&pinned).expect("request after removal").backend;
-    assert_ne!(moved, "backend-3");
+    let moved = udp_reply(&pinned).backend;
+    assert_ne!(moved, backend_name(2));
+}
+
+/// The broken edit of the echo Service these tests make, and where the agent must say it is.
+const BROKEN_FIELD: &str = "spec.ports[0].port";
+const BROKEN_OBJECT: &str = "Service e2e/echo";
+
+/// The echo manifest on `backends` with its Service's first port made invalid.
+fn broken_echo_manifest(backends: &[usize]) -> String {
+    echo_manifest(backends).replace(&format!("port: {TCP_PORT}\n"), "port: 0\n")
+}
+
+/// Whether `log` names the file, the object and the field of the broken echo Service.
+fn names_the_error(log: &str, manifest: &std::path::Path) -> bool {
+    log.contains(&manifest.display().to_string())
+        && log.contains(BROKEN_OBJECT)
+        && log.contains(BROKEN_FIELD)
 }
 
 #[test]
@@ -480,18 +583,15 @@ fn a_broken_manifest_keeps_the_service_and_names_the_field() {
     if !require_root("a_broken_manifest_keeps_the_service_and_names_the_field") {
         return;
     }
-    let mut cluster = Cluster::start(Offload::default()).expect("cluster");
+    let mut cluster = Cluster::start(Setup::default()).expect("cluster");
     // The Service breaks; the EndpointSlice in the same file changes validly (drops backend 3).
-    let broken = echo_manifest(&[0, 1]).replace("port: 80\n", "port: 0\n");
-    std::fs::write(cluster.manifests().join("echo.yaml"), broken).expect("edit");
     let manifest = cluster.manifests().join("echo.yaml");
+    std::fs::write(&manifest, broken_echo_manifest(&[0, 1])).expect("edit");
     assert!(
-        wait_until(APPLY_TIMEOUT, || {
-            let log = cluster.agent().log_text();
-            log.contains(&manifest.display().to_string())
-                && log.contains("Service e2e/echo")
-                && log.contains("spec.ports[0].port")
-        }),
+        wait_until(APPLY_TIMEOUT, || names_the_error(
+            &cluster.agent().log_text(),
+            &manifest
+        )),
         "the agent must name the file, object and field:\n{}",
         cluster.agent().log_text()
     );
@@ -502,9 +602,111 @@ fn a_broken_manifest_keeps_the_service_and_names_the_field() {
         "{:?}",
         cluster.tcp_endpoints()
     );
-    let (tcp, _) = spread(&cluster, true);
+    let (tcp, _) = spread(&cluster, UdpChecksum::Computed);
     assert!(
         tcp[0] > 0 && tcp[1] > 0 && tcp[2] == 0,
         "TCP spread {tcp:?}"
     );
+}
+
+#[test]
+fn a_restart_with_a_broken_manifest_keeps_the_service() {
+    if !require_root("a_restart_with_a_broken_manifest_keeps_the_service") {
+        return;
+    }
+    let mut cluster = Cluster::start(Setup::default()).expect("cluster");
+    let manifest = cluster.manifests().join("echo.yaml");
+    std::fs::write(&manifest, broken_echo_manifest(&[0, 1, 2])).expect("edit");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || names_the_error(
+            &cluster.agent().log_text(),
+            &manifest
+        )),
+        "the agent did not read the broken edit:\n{}",
+        cluster.agent().log_text()
+    );
+
+    // The restarted agent reads the Service broken: only what it kept in --state-dir says what
+    // the Service was.
+    cluster.agent().kill();
+    cluster.start_agent().expect("restart");
+    let log = cluster.agent().log_text();
+    assert!(
+        names_the_error(&log, &manifest),
+        "the restarted agent must name the file, object and field:\n{log}"
+    );
+    let all_backends = |port: u16| -> Vec<String> {
+        (0..BACKENDS)
+            .map(|index| format!("{}:{port}", backend_addr(index)))
+            .collect()
+    };
+    assert_eq!(cluster.tcp_endpoints(), all_backends(BACKEND_TCP_PORT));
+    assert_eq!(
+        cluster.endpoints(UDP_FRONTEND, "UDP"),
+        all_backends(BACKEND_UDP_PORT)
+    );
+    let (tcp, udp) = spread(&cluster, UdpChecksum::Computed);
+    assert!(tcp.iter().all(|n| *n > 0), "TCP spread {tcp:?}");
+    assert!(udp.iter().all(|n| *n > 0), "UDP spread {udp:?}");
+}
+
+#[test]
+fn a_second_manifest_file_serves_until_it_is_deleted() {
+    if !require_root("a_second_manifest_file_serves_until_it_is_deleted") {
+        return;
+    }
+    let mut cluster = Cluster::start(Setup::default()).expect("cluster");
+    let agent_pid = cluster.agent().pid();
+    let second_tcp = SocketAddr::from((SECOND_CLUSTER_IP, TCP_PORT));
+    let second_udp = SocketAddr::from((SECOND_CLUSTER_IP, UDP_PORT));
+    let second_file = cluster.manifests().join("echo-2.yaml");
+
+    std::fs::write(
+        &second_file,
+        service_manifest("echo-2", SECOND_CLUSTER_IP, &[0, 1, 2]),
+    )
+    .expect("add");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || {
+            cluster.endpoints(second_tcp, "TCP").len() == BACKENDS
+                && cluster.endpoints(second_udp, "UDP").len() == BACKENDS
+        }),
+        "the agent did not program the new Service: {:?}",
+        cluster.frontends()
+    );
+    let (tcp, udp) = spread_to(&cluster, second_tcp, second_udp, UdpChecksum::Computed);
+    assert!(tcp.iter().all(|n| *n > 0), "TCP spread {tcp:?}");
+    assert!(udp.iter().all(|n| *n > 0), "UDP spread {udp:?}");
+    assert_eq!(cluster.agent().pid(), agent_pid, "served without a restart");
+
+    std::fs::remove_file(&second_file).expect("delete");
+    let second_ip = format!("{SECOND_CLUSTER_IP}:");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || !cluster
+            .frontends()
+            .iter()
+            .any(|frontend| frontend.starts_with(&second_ip))),
+        "the agent did not remove the deleted Service: {:?}",
+        cluster.frontends()
+    );
+    let before = cluster.counters();
+    let connected = cluster
+        .client()
+        .run(|| TcpStream::connect_timeout(&second_tcp, UNSERVED_CONNECT_TIMEOUT))
+        .expect("thread");
+    assert!(
+        connected.is_err(),
+        "nothing serves {second_tcp} any more, yet a connection opened"
+    );
+    let after = cluster.counters();
+    assert!(
+        delta(&before, &after, "pass_no_service") > 0,
+        "the SYN must pass untranslated: {after:?}"
+    );
+    assert_eq!(delta(&before, &after, "flow_created"), 0, "{after:?}");
+
+    // The first Service was never touched.
+    let (tcp, udp) = spread(&cluster, UdpChecksum::Computed);
+    assert!(tcp.iter().all(|n| *n > 0), "TCP spread {tcp:?}");
+    assert!(udp.iter().all(|n| *n > 0), "UDP spread {udp:?}");
 }

@@ -7,125 +7,82 @@
 //! down, also on Ctrl-C or failure.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use lb_tests::{
-    agent::{Agent, AgentOptions, REDIRECT_VETH, lb},
-    netns::{remove_leftovers, unique_prefix},
-    servers::{self, Reply},
+    agent::{Agent, AgentOptions, REDIRECT_VETH, lb, pin_dir},
+    echo::{self, CLUSTER_IP, Connection, TCP_FRONTEND, UDP_FRONTEND, backend_index},
+    leftovers,
+    netns::{self, unique_prefix},
+    servers::{Reply, UdpChecksum},
     topology::{BACKENDS, CLIENT_ADDR, Offload, SingleNode, backend_addr},
 };
 
 use crate::{cargo, run_command, setup, workspace_root};
 
-/// The ClusterIP and ports of `examples/echo.yaml`.
-const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const TCP_PORT: u16 = 80;
-const UDP_PORT: u16 = 53;
-/// The backends' container ports, as the example's EndpointSlice lists them.
-const BACKEND_TCP_PORT: u16 = 8080;
-const BACKEND_UDP_PORT: u16 = 5353;
 /// Requests sent before checking that every backend answered...
 const MIN_REQUESTS: usize = 9;
 /// ...and the most sent while waiting for the last one to appear (all three miss one another
 /// with probability below 1e-9 at random selection).
 const MAX_REQUESTS: usize = 60;
-/// Per-request socket timeout.
-const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What to tear down if the demo is interrupted: read by the Ctrl-C handler.
+/// What to tear down if the demo is interrupted or fails: read by the Ctrl-C handler, which
+/// exits without running any destructor.
 #[derive(Default)]
 struct Cleanup {
-    namespaces: Vec<String>,
+    /// The run's prefix, known before anything is created: every namespace named `<prefix>-*`
+    /// is this run's, including those of a topology whose build was interrupted half-way.
+    prefix: Option<String>,
+    /// The agent's state directory and log.
+    workdir: Option<PathBuf>,
     agent_pid: Option<u32>,
     pin_dir: Option<PathBuf>,
     lb: Option<PathBuf>,
 }
 
 impl Cleanup {
+    /// Tears down everything planned. A namespace the interrupted build creates after the sweep
+    /// below still carries this process's pid: the next demo removes it as a leftover.
     fn run(&mut self) {
         if let Some(pid) = self.agent_pid.take() {
-            // SAFETY: signalling the agent process this demo started.
+            // SAFETY: signalling the agent process this demo started and has not reaped.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         if let (Some(lb_path), Some(pin_dir)) = (&self.lb, self.pin_dir.take()) {
             let _ = lb(lb_path, &pin_dir, &["reset"]);
         }
-        for name in self.namespaces.drain(..) {
-            let _ = lb_tests::netns::run("ip", &["netns", "del", &name]);
+        if let Some(prefix) = self.prefix.take() {
+            netns::delete_with_prefix(&prefix);
+        }
+        if let Some(workdir) = self.workdir.take() {
+            let _ = std::fs::remove_dir_all(workdir);
         }
     }
 }
 
-fn tcp_request(
-    client: &lb_tests::netns::Netns,
-    index: usize,
-) -> anyhow::Result<(Reply, SocketAddr)> {
-    let target = SocketAddr::from((CLUSTER_IP, TCP_PORT));
-    let stream = client
-        .run(|| TcpStream::connect_timeout(&target, IO_TIMEOUT))?
-        .with_context(|| format!("connecting to {target}"))?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    let local = stream.local_addr()?;
-    let peer = stream.peer_addr()?;
-    if peer != target {
-        bail!("connected to {peer}, expected the ClusterIP {target}");
-    }
-    (&stream).write_all(format!("request {index}\n").as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    Ok((Reply::parse(&line)?, local))
-}
-
-fn udp_request(client: &lb_tests::netns::Netns) -> anyhow::Result<(Reply, SocketAddr)> {
-    let target = SocketAddr::from((CLUSTER_IP, UDP_PORT));
-    let socket = client.run(|| UdpSocket::bind(("0.0.0.0", 0)))??;
-    // Connected: the kernel only delivers datagrams whose source is the ClusterIP.
-    socket.connect(target)?;
-    socket.set_read_timeout(Some(IO_TIMEOUT))?;
-    socket.send(b"ping")?;
-    let mut buffer = [0u8; 256];
-    let length = socket
-        .recv(&mut buffer)
-        .context("no UDP reply from the ClusterIP")?;
-    Ok((
-        Reply::parse(std::str::from_utf8(&buffer[..length])?)?,
-        socket.local_addr()?,
-    ))
-}
-
-/// Sends requests until every backend has answered; returns how many each answered.
+/// Sends requests to `frontend` until every backend has answered.
 fn exercise(
     protocol: &str,
-    port: u16,
-    mut request: impl FnMut(usize) -> anyhow::Result<(Reply, SocketAddr)>,
+    frontend: SocketAddr,
+    mut request: impl FnMut() -> anyhow::Result<(Reply, SocketAddr)>,
 ) -> anyhow::Result<()> {
     let mut answered = [0usize; BACKENDS];
-    for index in 0..MAX_REQUESTS {
-        let (reply, local) = request(index)?;
-        let backend = (0..BACKENDS)
-            .find(|b| reply.backend == format!("backend-{}", b + 1))
-            .with_context(|| format!("unknown backend {}", reply.backend))?;
+    for sent in 1..=MAX_REQUESTS {
+        // The helpers fail unless the backend saw the client's own address and port.
+        let (reply, local) = request()?;
+        let backend = backend_index(&reply)?;
         answered[backend] += 1;
         println!(
-            "  {protocol} {local} -> {CLUSTER_IP}:{port}: answered by {} ({}), which saw the client as {}",
+            "  {protocol} {local} -> {frontend}: answered by {} ({}), which saw the client as {}",
             reply.backend,
             backend_addr(backend),
             reply.client
         );
-        if reply.client.ip() != CLIENT_ADDR {
-            bail!(
-                "the backend saw {} instead of the client's address",
-                reply.client
-            );
-        }
-        if index + 1 >= MIN_REQUESTS && answered.iter().all(|count| *count > 0) {
+        if sent >= MIN_REQUESTS && answered.iter().all(|count| *count > 0) {
             println!("  {protocol}: every backend answered ({answered:?} requests each)\n");
             return Ok(());
         }
@@ -134,8 +91,16 @@ fn exercise(
 }
 
 fn demo(lb_path: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
-    let prefix = unique_prefix("lbd");
-    let pin_dir = PathBuf::from("/sys/fs/bpf").join(&prefix);
+    let prefix = unique_prefix(leftovers::DEMO);
+    let pin_dir = pin_dir(&prefix);
+    let workdir = std::env::temp_dir().join(&prefix);
+    {
+        let mut plan = cleanup.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        plan.prefix = Some(prefix.clone());
+        plan.workdir = Some(workdir.clone());
+        plan.pin_dir = Some(pin_dir.clone());
+        plan.lb = Some(lb_path.to_owned());
+    }
     println!("xtask: building the topology (namespaces {prefix}-*)");
     // Senders compute complete checksums, as packets arriving from a NIC carry: the XDP program
     // then forwards both directions itself (`redirect_*` in the stats below). With Linux's
@@ -147,31 +112,20 @@ fn demo(lb_path: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
             backend_tx: false,
         },
     )?;
-    {
-        let mut plan = cleanup.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        plan.namespaces = std::iter::once(topology.client.name())
-            .chain([topology.node.name()])
-            .chain(topology.backends.iter().map(|b| b.name()))
-            .map(str::to_owned)
-            .collect();
-        plan.pin_dir = Some(pin_dir.clone());
-        plan.lb = Some(lb_path.to_owned());
-    }
-    let mut backend_servers = Vec::new();
-    for (index, backend) in topology.backends.iter().enumerate() {
-        let name = format!("backend-{}", index + 1);
-        backend_servers.push(servers::tcp(backend, &name, BACKEND_TCP_PORT)?);
-        backend_servers.push(servers::udp(backend, &name, BACKEND_UDP_PORT)?);
-    }
-    let manifests = workspace_root().join("examples");
-    let log = std::env::temp_dir().join(format!("{prefix}-agent.log"));
+    let backend_servers = echo::start_servers(&topology, UdpChecksum::Computed)?;
+    let manifests = workspace_root().join(
+        Path::new(echo::EXAMPLE_MANIFEST)
+            .parent()
+            .context("the example manifest's directory")?,
+    );
+    std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+    let log = workdir.join("agent.log");
     println!(
         "xtask: starting `lb agent --manifests {} --interfaces {}` on the node (log: {})",
         manifests.display(),
         topology.node_interfaces().join(","),
         log.display()
     );
-    let state_dir = std::env::temp_dir().join(format!("{prefix}-state"));
     let interfaces = topology.node_interfaces();
     let mut agent = Agent::spawn(
         &topology.node,
@@ -180,7 +134,7 @@ fn demo(lb_path: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
             pin_dir: &pin_dir,
             manifests: &manifests,
             interfaces: &interfaces,
-            state_dir: &state_dir,
+            state_dir: &workdir.join("state"),
             log: &log,
             extra_args: &[REDIRECT_VETH],
         },
@@ -191,10 +145,14 @@ fn demo(lb_path: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
     agent.wait_ready()?;
 
     println!("\nxtask: requests from the client ({CLIENT_ADDR}) to the ClusterIP {CLUSTER_IP}");
-    exercise("TCP", TCP_PORT, |index| {
-        tcp_request(&topology.client, index)
+    exercise("TCP", TCP_FRONTEND, || {
+        let mut connection = Connection::open(&topology.client, TCP_FRONTEND)?;
+        Ok((connection.request()?, connection.local_addr()?))
     })?;
-    exercise("UDP", UDP_PORT, |_| udp_request(&topology.client))?;
+    exercise("UDP", UDP_FRONTEND, || {
+        let socket = echo::udp_socket(&topology.client, UDP_FRONTEND, UdpChecksum::Computed)?;
+        Ok((echo::udp_request(&socket)?, socket.local_addr()?))
+    })?;
 
     println!("xtask: $ lb services");
     print!("{}", lb(lb_path, &pin_dir, &["services"])?);
@@ -207,11 +165,13 @@ fn demo(lb_path: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
 
     println!("\nxtask: tearing down");
     agent.stop();
+    if let Ok(mut plan) = cleanup.lock() {
+        plan.agent_pid = None;
+    }
     lb(lb_path, &pin_dir, &["reset"])?;
     drop(backend_servers);
     drop(topology);
-    std::fs::remove_file(&log).ok();
-    std::fs::remove_dir_all(&state_dir).ok();
+    std::fs::remove_dir_all(&workdir).ok();
     if let Ok(mut plan) = cleanup.lock() {
         *plan = Cleanup::default();
     }
@@ -229,12 +189,11 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     let lb_path = workspace_root().join("target/debug/lb");
-    for stale in remove_leftovers("lbd") {
+    for stale in leftovers::remove(leftovers::DEMO, Some(&lb_path)) {
         println!(
-            "xtask: removing a killed demo's leftovers at {}",
+            "xtask: removed a killed demo's leftovers at {}",
             stale.display()
         );
-        let _ = lb(&lb_path, &stale, &["reset"]);
     }
 
     let cleanup = Arc::new(Mutex::new(Cleanup::default()));
@@ -250,7 +209,11 @@ pub fn run() -> anyhow::Result<()> {
 
     let result = demo(&lb_path, &cleanup);
     if let Ok(mut plan) = cleanup.lock() {
-        plan.run(); // Only does something when the demo failed half-way.
+        // Whatever demo() returned, its Agent guard has stopped and reaped the agent: the pid
+        // may already be another process's.
+        plan.agent_pid = None;
+        // Only does something when the demo failed half-way.
+        plan.run();
     }
     result?;
     println!("xtask: demo finished: all three backends answered through the ClusterIP");

@@ -8,9 +8,13 @@
 //! 5. end to end (root): real TCP and UDP through a ClusterIP in network namespaces;
 //! 6. demo (root): `cargo xtask demo`, the README's first command.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::bail;
+use lb_tests::{leftovers, privilege};
 
 use crate::{cargo, run_command, setup, workspace_root};
 
@@ -57,13 +61,30 @@ fn host() -> anyhow::Result<()> {
     run_command(cargo().args(["test", "-p", "lb-tests", "--lib"]))
 }
 
+/// The `lb` the build tier builds; the privileged tiers run it.
+fn lb_binary() -> PathBuf {
+    workspace_root().join("target/debug/lb")
+}
+
 fn privileged(test: &str) -> anyhow::Result<()> {
-    let lb = workspace_root().join("target/debug/lb");
     run_command(
         cargo()
             .args(["test", "-p", "lb-tests", "--test", test])
-            .env("LB_BIN", lb),
+            .env("LB_BIN", lb_binary()),
     )
+}
+
+/// Removes what killed test runs left (namespaces, pins, temporary files), so that the
+/// privileged tiers start from a clean host. Only names of dead test processes are touched.
+fn remove_test_leftovers() {
+    let lb = lb_binary();
+    let lb = lb.exists().then_some(lb.as_path());
+    for stale in leftovers::remove(leftovers::TESTS, lb) {
+        println!(
+            "xtask: removed a killed test run's leftovers at {}",
+            stale.display()
+        );
+    }
 }
 
 fn fixtures() -> anyhow::Result<()> {
@@ -115,13 +136,14 @@ const TIERS: [Tier; 6] = [
 /// Runs every tier and prints a summary.
 pub fn run() -> anyhow::Result<()> {
     setup::ensure()?;
-    let root = lb_tests::privilege::is_root();
+    let root = privilege::is_root();
     let mut results: Vec<(&str, &str, Duration)> = Vec::new();
     let mut failed = false;
     let mut build_failed = false;
+    let mut leftovers_removed = false;
     for tier in TIERS {
         if tier.needs_root && !root {
-            if std::env::var_os("CI").is_some() {
+            if privilege::in_ci() {
                 results.push((tier.name, "FAILED (CI must run it as root)", Duration::ZERO));
                 failed = true;
             } else {
@@ -136,6 +158,10 @@ pub fn run() -> anyhow::Result<()> {
         if build_failed && tier.name != "lint" {
             results.push((tier.name, "skipped: build failed", Duration::ZERO));
             continue;
+        }
+        if tier.needs_root && !leftovers_removed {
+            remove_test_leftovers();
+            leftovers_removed = true;
         }
         println!("\nxtask: ==== {} ====", tier.name);
         let started = Instant::now();

@@ -98,20 +98,18 @@ pub enum VethRedirect {
     Allowed,
 }
 
-fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<fs::File> {
+/// Takes the pin directory's exclusive lock; `None` when another process holds it.
+fn try_lock_pin_dir(pin_dir: &Path) -> anyhow::Result<Option<fs::File>> {
     let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
     // SAFETY: a valid open file descriptor.
     if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let error = std::io::Error::last_os_error();
         if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            bail!(
-                "another lb agent is using {}: stop it first, or give this one its own --pin-dir",
-                pin_dir.display()
-            );
+            return Ok(None);
         }
         return Err(error).with_context(|| format!("locking {}", pin_dir.display()));
     }
-    Ok(dir)
+    Ok(Some(dir))
 }
 
 impl Dataplane {
@@ -119,7 +117,12 @@ impl Dataplane {
     /// creating and pinning them (first start).
     pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
         system::ensure_pin_dir(pin_dir)?;
-        let lock = lock_pin_dir(pin_dir)?;
+        let Some(lock) = try_lock_pin_dir(pin_dir)? else {
+            bail!(
+                "another lb agent is using {}: stop it first, or give this one its own --pin-dir",
+                pin_dir.display()
+            );
+        };
         let pin_paths: Vec<(&str, PathBuf)> = ALL_MAPS
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
@@ -320,6 +323,14 @@ pub fn reset(pin_dir: &Path) -> anyhow::Result<()> {
     if !pin_dir.exists() {
         return Ok(());
     }
+    // Held until the end: no agent may start on the directory while it is being emptied.
+    let Some(_lock) = try_lock_pin_dir(pin_dir)? else {
+        bail!(
+            "an lb agent is running on {}: stop it first (resetting would delete the maps from \
+             under it)",
+            pin_dir.display()
+        );
+    };
     for interface in attached_interfaces(pin_dir)? {
         detach(pin_dir, &interface)?;
     }
