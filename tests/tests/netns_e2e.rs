@@ -710,3 +710,69 @@ fn a_second_manifest_file_serves_until_it_is_deleted() {
     assert!(tcp.iter().all(|n| *n > 0), "TCP spread {tcp:?}");
     assert!(udp.iter().all(|n| *n > 0), "UDP spread {udp:?}");
 }
+
+#[test]
+fn a_not_ready_endpoint_keeps_its_connections_until_it_leaves_the_slice() {
+    if !require_root("a_not_ready_endpoint_keeps_its_connections_until_it_leaves_the_slice") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    let mut connection = Connection::open(cluster.client(), TCP_FRONTEND).expect("connect");
+    let reply = connection.request().expect("request");
+    let pinned = backend_index(&reply).expect("backend");
+
+    // The pod fails its readiness probe (or starts terminating): still listed, not ready.
+    let address = format!("- addresses: [\"{}\"]\n", backend_addr(pinned));
+    let not_ready = echo_manifest(&[0, 1, 2]).replace(
+        &address,
+        &format!("{address}  conditions: {{ready: false}}\n"),
+    );
+    std::fs::write(cluster.manifests().join("echo.yaml"), not_ready).expect("edit");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints().len() == 2),
+        "the agent did not apply the edit: {:?}",
+        cluster.tcp_endpoints()
+    );
+    // The established connection keeps its backend...
+    for _ in 0..5 {
+        let reply = connection.request().expect("request while not ready");
+        assert_eq!(backend_index(&reply).expect("backend"), pinned);
+    }
+    // ...and no new flow gets it.
+    let (tcp, udp) = spread(&cluster, UdpChecksum::Computed);
+    assert_eq!(
+        tcp[pinned], 0,
+        "new TCP flows reached a not-ready endpoint: {tcp:?}"
+    );
+    assert_eq!(
+        udp[pinned], 0,
+        "new UDP flows reached a not-ready endpoint: {udp:?}"
+    );
+
+    // The endpoint leaves the slice: the connection gets a reset from the backend its next
+    // segment is sent to, not a blackhole.
+    let remaining: Vec<usize> = (0..BACKENDS).filter(|index| *index != pinned).collect();
+    std::fs::write(
+        cluster.manifests().join("echo.yaml"),
+        echo_manifest(&remaining),
+    )
+    .expect("edit");
+    let counters = cluster.counters();
+    assert!(
+        wait_until(APPLY_TIMEOUT, || {
+            // The endpoint list is unchanged (it had no slot); the entry's removal shows in the
+            // map only as the flow being re-selected, so poke the flow until that happens.
+            let _ = connection.request();
+            delta(&counters, &cluster.counters(), "flow_reselected") > 0
+        }),
+        "the removed endpoint's flow was never re-selected"
+    );
+    let started = std::time::Instant::now();
+    let error = connection
+        .request()
+        .expect_err("the moved connection must be reset");
+    assert!(
+        started.elapsed() < IO_TIMEOUT,
+        "the connection hung instead of being reset: {error:#}"
+    );
+}
