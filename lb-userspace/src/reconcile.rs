@@ -483,6 +483,34 @@ impl Reconciler {
         Ok(set)
     }
 
+    /// The "make" of make-before-break: writes the backends `entries` does not hold yet and the
+    /// slots of a fresh backend set for `backends`, and returns the `LB_SERVICES` value that
+    /// switches the frontend to them (the caller writes it) with the ids in slot order.
+    fn make(
+        &mut self,
+        store: &mut Counting<'_, impl ServiceStore>,
+        written: &mut Vec<Garbage>,
+        service_id: u32,
+        backends: &[BackendAddr],
+        entries: &BTreeMap<BackendAddr, u32>,
+    ) -> anyhow::Result<(ServiceValue, Vec<u32>)> {
+        let mut ids = Vec::with_capacity(backends.len());
+        for backend in backends {
+            ids.push(match entries.get(backend) {
+                Some(id) => *id,
+                None => self.write_backend(store, written, service_id, backend)?,
+            });
+        }
+        let backend_set = self.write_set(store, written, &ids)?;
+        let value = ServiceValue {
+            service_id,
+            backend_set,
+            backend_count: ids.len() as u32,
+            flags: 0,
+        };
+        Ok((value, ids))
+    }
+
     /// Hands what a failed operation wrote to the garbage and passes the error on.
     fn abandon(&mut self, written: Vec<Garbage>, error: anyhow::Error) -> anyhow::Error {
         self.garbage.extend(written);
@@ -500,18 +528,14 @@ impl Reconciler {
         let mut written = vec![Garbage::Info(service_id)];
         let info = service_info(frontend);
         let result = (|| {
-            let mut ids = Vec::with_capacity(frontend.backends.len());
-            for backend in &frontend.backends {
-                ids.push(self.write_backend(store, &mut written, service_id, backend)?);
-            }
-            let backend_set = self.write_set(store, &mut written, &ids)?;
-            store.run(|store| store.set_info(service_id, &info))?;
-            let value = ServiceValue {
+            let (value, ids) = self.make(
+                store,
+                &mut written,
                 service_id,
-                backend_set,
-                backend_count: ids.len() as u32,
-                flags: 0,
-            };
+                &frontend.backends,
+                &BTreeMap::new(),
+            )?;
+            store.run(|store| store.set_info(service_id, &info))?;
             store.run(|store| store.set_service(key, &value))?;
             Ok((value, ids))
         })();
@@ -549,20 +573,13 @@ impl Reconciler {
             // Make: new backends, then the new set's slots, then the single switching write.
             let mut written = Vec::new();
             let result = (|| {
-                let mut ids = Vec::with_capacity(frontend.backends.len());
-                for backend in &frontend.backends {
-                    ids.push(match entries.get(backend) {
-                        Some(id) => *id,
-                        None => self.write_backend(store, &mut written, service_id, backend)?,
-                    });
-                }
-                let backend_set = self.write_set(store, &mut written, &ids)?;
-                let value = ServiceValue {
+                let (value, ids) = self.make(
+                    store,
+                    &mut written,
                     service_id,
-                    backend_set,
-                    backend_count: ids.len() as u32,
-                    flags: 0,
-                };
+                    &frontend.backends,
+                    &entries,
+                )?;
                 store.run(|store| store.set_service(key, &value))?;
                 Ok((value, ids))
             })();

@@ -96,17 +96,21 @@ impl Connection {
         self.reader
             .read_line(&mut line)
             .context("no TCP reply through the connection")?;
-        let reply = Reply::parse(&line)?;
-        let local = self.local_addr()?;
-        if reply.client != local {
-            bail!(
-                "{} saw the client as {}, not as {local}",
-                reply.backend,
-                reply.client
-            );
-        }
-        Ok(reply)
+        seen_as(Reply::parse(&line)?, self.local_addr()?)
     }
+}
+
+/// `reply`, unless its backend saw the client as something else than `local`: the client's
+/// address and port must reach the backend untranslated.
+fn seen_as(reply: Reply, local: SocketAddr) -> anyhow::Result<Reply> {
+    if reply.client != local {
+        bail!(
+            "{} saw the client as {}, not as {local}",
+            reply.backend,
+            reply.client
+        );
+    }
+    Ok(reply)
 }
 
 /// A UDP socket in `client` connected to `target`, sending `checksum`. Connected, the kernel
@@ -137,16 +141,10 @@ pub fn udp_request(socket: &UdpSocket) -> anyhow::Result<Reply> {
     let length = socket
         .recv(&mut buffer)
         .with_context(|| format!("no UDP reply from {target}"))?;
-    let reply = Reply::parse(std::str::from_utf8(&buffer[..length])?)?;
-    let local = socket.local_addr()?;
-    if reply.client != local {
-        bail!(
-            "{} saw the client as {}, not as {local}",
-            reply.backend,
-            reply.client
-        );
-    }
-    Ok(reply)
+    seen_as(
+        Reply::parse(std::str::from_utf8(&buffer[..length])?)?,
+        socket.local_addr()?,
+    )
 }
 
 #[cfg(test)]
