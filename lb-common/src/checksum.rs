@@ -62,7 +62,8 @@ pub const fn pseudo_header_sum(src: u32, dst: u32, proto: u8, l4_len: u16) -> u3
 
 /// Whether an L4 checksum field holds a partial checksum: exactly the folded pseudo-header sum
 /// that Linux writes for `CHECKSUM_PARTIAL` (`~csum_tcpudp_magic(..)`). A complete checksum equals
-/// it only by a 2^-16 coincidence; see the crate README's limitations.
+/// it only by a 2^-16 coincidence; the datapath therefore applies this test only on interfaces
+/// where local sockets send (see the project README's limitations).
 #[inline(always)]
 pub const fn is_partial(field: u16, pseudo_sum: u32) -> bool {
     field == fold(pseudo_sum)

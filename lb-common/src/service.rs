@@ -71,10 +71,12 @@ pub struct Backend {
     pub service_id: u32,
 }
 
-/// Longest namespace or Service name Kubernetes allows (a DNS label), plus a NUL.
-pub const NAME_LEN: usize = 64;
-/// Longest Service port name Kubernetes allows (an IANA service name), plus a NUL.
-pub const PORT_NAME_LEN: usize = 16;
+/// Longest DNS label Kubernetes allows in a namespace, Service or Service port name.
+pub const MAX_LABEL_LEN: usize = 63;
+/// Size of a name field in `ServiceInfo`: a label plus a NUL.
+pub const NAME_LEN: usize = MAX_LABEL_LEN + 1;
+/// Size of the port-name field: Service port names are DNS labels too.
+pub const PORT_NAME_LEN: usize = NAME_LEN;
 
 /// Value of `LB_SVC_INFO` (key: `service_id`). Written by userspace for inspection commands, so
 /// that `lb services` can name what the maps hold even while the agent is down. The datapath never

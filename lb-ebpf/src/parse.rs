@@ -82,6 +82,10 @@ const IP_VERSION_4: u8 = 4;
 const IP_FRAGMENT_MASK: u16 = 0x3fff;
 /// IHL and TCP data offset count 32-bit words.
 const WORD: usize = 4;
+/// The IPv4 version sits in the high nibble of the first byte, the IHL in the low one; the TCP
+/// data offset sits in the high nibble of byte 12.
+const HIGH_NIBBLE_SHIFT: u8 = 4;
+const LOW_NIBBLE_MASK: u8 = 0x0f;
 
 /// Offset of the checksum field in a TCP header.
 pub const TCP_CHECK_OFFSET: usize = 16;
@@ -96,15 +100,19 @@ pub const TCP_ACK: u8 = 0x10;
 
 /// A parsed IPv4 TCP or UDP packet that is not a fragment.
 pub struct Packet {
+    /// The Ethernet header (rewritten with the next hop's addresses on redirect).
     pub eth: *mut EthHdr,
+    /// The IPv4 header, options excluded from the struct but included in the bounds check.
     pub ip: *mut Ipv4Hdr,
     /// Start of the TCP or UDP header; see the module invariants.
     pub l4: *mut u8,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
     /// The frame carries at least one VLAN tag.
     pub tagged: bool,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// Addresses and ports as they were before any rewrite, network byte order.
     pub src_addr: u32,
     pub dst_addr: u32,
     pub src_port: u16,
@@ -113,10 +121,15 @@ pub struct Packet {
     pub l4_len: u16,
 }
 
+/// What `parse` found.
 pub enum Parsed {
+    /// Another EtherType (ARP, IPv6, ...): passed untouched.
     NotIpv4,
+    /// IPv4 carrying neither TCP nor UDP: passed untouched.
     NotTcpUdp,
+    /// An IPv4 fragment (first or later): passed untouched.
     Fragment,
+    /// A TCP or UDP packet to consider.
     Packet(Packet),
 }
 
@@ -158,8 +171,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
 
     let ip: *mut Ipv4Hdr = header_at(ctx, l3_offset)?;
     let version_ihl = unsafe { (*ip).version_ihl };
-    let ip_hlen = (version_ihl & 0x0f) as usize * WORD;
-    if version_ihl >> 4 != IP_VERSION_4 || ip_hlen < IPV4_MIN_HLEN {
+    let ip_hlen = (version_ihl & LOW_NIBBLE_MASK) as usize * WORD;
+    if version_ihl >> HIGH_NIBBLE_SHIFT != IP_VERSION_4 || ip_hlen < IPV4_MIN_HLEN {
         return Err(Drop::Malformed);
     }
     let tot_len = u16::from_be(unsafe { (*ip).tot_len }) as usize;
@@ -182,7 +195,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
     let mut tcp_flags = 0;
     let l4: *mut u8 = if proto == IPPROTO_TCP {
         let tcp: *mut TcpHdr = header_at(ctx, l4_offset)?;
-        let tcp_hlen = (unsafe { (*tcp).data_offset } >> 4) as usize * WORD;
+        let tcp_hlen = (unsafe { (*tcp).data_offset } >> HIGH_NIBBLE_SHIFT) as usize * WORD;
         if tcp_hlen < TCP_MIN_HLEN || tcp_hlen > l4_len {
             return Err(Drop::Malformed);
         }

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path};
 use aya::maps::MapError;
 use lb_common::{
     net::{addr_from_wire, port_from_wire, proto_name},
-    service::{NAME_LEN, ServiceInfo, SlotKey},
+    service::{ServiceInfo, SlotKey},
 };
 use serde::Serialize;
 
@@ -71,7 +71,7 @@ pub fn service_rows(pin_dir: &Path) -> anyhow::Result<Vec<ServiceRow>> {
             endpoints.push(endpoint);
         }
         rows.push(ServiceRow {
-            namespace: name_of(|info| &info.namespace[..NAME_LEN]),
+            namespace: name_of(|info| &info.namespace[..]),
             name: name_of(|info| &info.name[..]),
             port_name: info.map(|info| text(&info.port_name)).unwrap_or_default(),
             frontend: format!("{}:{}", addr_from_wire(key.addr), port_from_wire(key.port)),

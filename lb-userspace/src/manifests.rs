@@ -208,9 +208,9 @@ enum Object {
 const MANIFEST_EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 /// Namespace of objects that name none, as `kubectl apply` assumes.
 pub const DEFAULT_NAMESPACE: &str = "default";
-/// Longest object name or namespace (an RFC 1123 label).
-const MAX_NAME_LEN: usize = 63;
-/// Longest port name (an IANA service name).
+/// Longest object name, namespace or Service port name (a DNS label), as `LB_SVC_INFO` stores it.
+const MAX_NAME_LEN: usize = lb_common::service::MAX_LABEL_LEN;
+/// Longest named container port a targetPort may refer to (an IANA service name).
 const MAX_PORT_NAME_LEN: usize = 15;
 
 /// The manifest files of `dir`, sorted; not recursive, like `kubectl apply -f DIR`.

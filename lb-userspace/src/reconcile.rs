@@ -50,8 +50,8 @@ pub trait ServiceStore {
     fn read_infos(&self) -> anyhow::Result<Vec<(u32, ServiceInfo)>>;
 }
 
-/// Encodes the names of a frontend for `LB_SVC_INFO`, truncating at the field sizes (which the
-/// Kubernetes name limits never exceed).
+/// Encodes the names of a frontend for `LB_SVC_INFO`. Validated names always fit; the
+/// truncation only guards the fixed-size fields.
 pub fn service_info(frontend: &Frontend) -> ServiceInfo {
     fn copy<const N: usize>(text: &str) -> [u8; N] {
         let mut field = [0u8; N];

@@ -1016,3 +1016,19 @@ fn a_restarted_reconciler_adopts_draining_backends_without_writing() {
     );
     assert_eq!(restarted_store.inner, before);
 }
+
+#[test]
+fn names_up_to_the_kubernetes_limits_are_stored_whole() {
+    // Namespace, Service and Service port names are DNS labels of up to 63 characters.
+    let label = "a".repeat(63);
+    let frontend = Frontend {
+        namespace: label.clone(),
+        name: label.clone(),
+        port_name: label.clone(),
+        ..web(Vec::new())
+    };
+    let info = lb::reconcile::service_info(&frontend);
+    assert_eq!(text(&info.namespace), label);
+    assert_eq!(text(&info.name), label);
+    assert_eq!(text(&info.port_name), label);
+}

@@ -155,7 +155,7 @@ pub fn run() -> anyhow::Result<()> {
             }
             continue;
         }
-        if build_failed && tier.name != "lint" {
+        if build_failed {
             results.push((tier.name, "skipped: build failed", Duration::ZERO));
             continue;
         }
