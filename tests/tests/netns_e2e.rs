@@ -225,8 +225,8 @@ impl Drop for Cluster {
     }
 }
 
-/// New TCP and UDP flows from the client to the frontends `tcp_to` and `udp_to`; returns how
-/// many each backend took.
+/// `FLOWS` new TCP and UDP flows from the client to the frontends `tcp_to` and `udp_to`;
+/// returns how many each backend took.
 fn spread_to(
     cluster: &Cluster,
     tcp_to: SocketAddr,
@@ -235,15 +235,25 @@ fn spread_to(
 ) -> ([usize; BACKENDS], [usize; BACKENDS]) {
     let mut tcp = [0; BACKENDS];
     let mut udp = [0; BACKENDS];
+    // Every socket stays open until the spread ends: a closed one frees its source port, and
+    // the kernel may hand that port out again, so two "new" flows would share one tuple (and
+    // one conntrack entry), and the flow count would come up short.
+    let mut open_connections = Vec::with_capacity(FLOWS);
+    let mut open_sockets = Vec::with_capacity(FLOWS);
     for _ in 0..FLOWS {
-        let reply = Connection::open(cluster.client(), tcp_to)
-            .and_then(|mut connection| connection.request())
+        let mut connection = Connection::open(cluster.client(), tcp_to)
+            .unwrap_or_else(|error| panic!("TCP connection to {tcp_to}: {error:#}"));
+        let reply = connection
+            .request()
             .unwrap_or_else(|error| panic!("TCP request to {tcp_to}: {error:#}"));
         tcp[backend_index(&reply).expect("backend")] += 1;
-        let reply = udp_socket(cluster.client(), udp_to, udp_checksum)
-            .and_then(|socket| udp_request(&socket))
+        open_connections.push(connection);
+        let socket = udp_socket(cluster.client(), udp_to, udp_checksum)
+            .unwrap_or_else(|error| panic!("UDP socket to {udp_to}: {error:#}"));
+        let reply = udp_request(&socket)
             .unwrap_or_else(|error| panic!("UDP request to {udp_to}: {error:#}"));
         udp[backend_index(&reply).expect("backend")] += 1;
+        open_sockets.push(socket);
     }
     (tcp, udp)
 }
