@@ -33,11 +33,14 @@ pub const MAX_SERVICES: u32 = 1 << 18;
 pub const MAX_SLOTS: u32 = MAX_BACKENDS * 2;
 /// Backends (one per Service frontend and endpoint). Ids index an array, 0 is never used.
 pub const MAX_BACKENDS: u32 = 1 << 19;
-/// Connection-tracking entries. Each flow takes two (original and reply direction), so this holds
-/// 262,144 flows: what kube-proxy's default (`--conntrack-max-per-core` 32,768) allows an 8-core
-/// node. The map is preallocated (about 59 MB) and an LRU: when it is full the least recently used
-/// flows are forgotten, never new ones refused.
+/// Connection-tracking entries by default. Each flow takes two (original and reply direction), so
+/// this holds 262,144 flows: what kube-proxy's default (`--conntrack-max-per-core` 32,768) allows
+/// an 8-core node. The map is preallocated (about 59 MB) and an LRU: when it is full the least
+/// recently used flows are forgotten, never new ones refused. `lb agent --conntrack-flows`
+/// changes it at start-up.
 pub const MAX_CONNTRACK: u32 = 1 << 19;
+/// Conntrack entries each flow takes: one per direction.
+pub const CONNTRACK_ENTRIES_PER_FLOW: u32 = 2;
 /// Interfaces the agent can attach to (and redirect to). A node's pods each add one veth;
 /// Kubernetes' default is at most 110 pods per node.
 pub const MAX_INTERFACES: u32 = 1024;

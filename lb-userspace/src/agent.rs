@@ -15,7 +15,11 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    dataplane::{Dataplane, VethRedirect, maps::ServiceMaps, system},
+    dataplane::{
+        Dataplane, VethRedirect,
+        maps::{Capacities, ServiceMaps},
+        system,
+    },
     desired::{Note, desired_state},
     manifests::{ManifestError, Snapshot, load_dir},
     reconcile::Reconciler,
@@ -36,6 +40,8 @@ pub struct AgentOptions {
     pub state_dir: PathBuf,
     /// Whether the program may redirect into veths; see [`VethRedirect`].
     pub veth_redirect: VethRedirect,
+    /// Map sizes.
+    pub capacities: Capacities,
 }
 
 /// The file in the state directory holding the last good objects.
@@ -175,7 +181,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         );
     }
 
-    let mut dataplane = Dataplane::load(&options.pin_dir)?;
+    let mut dataplane = Dataplane::load(&options.pin_dir, &options.capacities)?;
     for interface in &options.interfaces {
         dataplane.attach(interface, options.veth_redirect)?;
     }

@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration}
 use clap::{Parser, Subcommand, ValueEnum};
 use lb::{
     agent::{AgentOptions, run},
-    dataplane::{self, VethRedirect},
+    dataplane::{self, VethRedirect, maps::Capacities},
     inspect::{counters, format_table, service_rows, services_table},
 };
 use tracing_subscriber::EnvFilter;
@@ -55,6 +55,11 @@ enum Command {
         /// without it, packets towards veths take the kernel stack.
         #[arg(long)]
         xdp_redirect_veth: bool,
+        /// Flows the conntrack map can track (two entries each, about 112 bytes per entry,
+        /// preallocated). Beyond it the least recently used flows are forgotten. Changing it on
+        /// a node with pinned maps needs `lb reset` first.
+        #[arg(long, default_value_t = lb_common::limits::MAX_CONNTRACK / lb_common::limits::CONNTRACK_ENTRIES_PER_FLOW)]
+        conntrack_flows: u32,
     },
     /// List the Service frontends and endpoints the dataplane holds (from the pinned maps).
     ///
@@ -104,7 +109,9 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             resync_seconds,
             state_dir,
             xdp_redirect_veth,
+            conntrack_flows,
         } => {
+            let capacities = Capacities::for_flows(conntrack_flows)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -119,6 +126,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     VethRedirect::Never
                 },
+                capacities,
             }))
         }
         Command::Services { output } => {

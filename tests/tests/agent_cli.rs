@@ -95,6 +95,11 @@ impl Scratch {
     /// Starts an agent on [`INTERFACE`] with the scratch manifests; `name` keeps its log and
     /// state apart from other agents'.
     fn start_agent(&mut self, name: &str) -> anyhow::Result<&mut Agent> {
+        self.start_agent_with(name, &[])
+    }
+
+    /// [`Scratch::start_agent`] with more `lb agent` flags.
+    fn start_agent_with(&mut self, name: &str, extra_args: &[&str]) -> anyhow::Result<&mut Agent> {
         let agent = Agent::start(
             &self.netns,
             &AgentOptions {
@@ -104,7 +109,7 @@ impl Scratch {
                 interfaces: &[INTERFACE.to_owned()],
                 state_dir: &self.workdir.join(format!("{name}-state")),
                 log: &self.workdir.join(format!("{name}.log")),
-                extra_args: &[],
+                extra_args,
             },
         )?;
         self.agents.push(agent);
@@ -269,4 +274,48 @@ fn reset_refuses_to_empty_the_pin_directory_of_a_running_agent() {
         "the maps were deleted from under the agent"
     );
     assert!(scratch.agents[0].running(), "the agent stopped");
+}
+
+/// The conntrack entries the map pinned in `scratch` was created with.
+fn pinned_conntrack_entries(scratch: &Scratch) -> u32 {
+    let path = scratch.pin_dir.join(lb_common::limits::MAP_CONNTRACK);
+    aya::maps::MapData::from_pin(&path)
+        .and_then(|map| map.info())
+        .map(|info| info.max_entries())
+        .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()))
+}
+
+#[test]
+fn the_conntrack_size_is_chosen_at_start_and_a_new_size_needs_a_reset() {
+    if !privileged("the_conntrack_size_is_chosen_at_start_and_a_new_size_needs_a_reset") {
+        return;
+    }
+    const FLOWS: u32 = 1_000;
+    const OTHER_FLOWS: u32 = 2_000;
+    let mut scratch = Scratch::new();
+    let flows = FLOWS.to_string();
+    scratch
+        .start_agent_with("sized", &["--conntrack-flows", &flows])
+        .expect("agent");
+    assert_eq!(
+        pinned_conntrack_entries(&scratch),
+        FLOWS * lb_common::limits::CONNTRACK_ENTRIES_PER_FLOW
+    );
+    scratch.agents[0].stop();
+
+    // Another size would mean recreating the map and forgetting every flow: refused, with the
+    // way out named, and the pinned map left as it was.
+    let mut resized = scratch.agent_command(INTERFACE, &scratch.manifests());
+    let other = OTHER_FLOWS.to_string();
+    resized.args(["--conntrack-flows", &other]);
+    let stderr = stderr_of(&mut resized);
+    assert!(
+        stderr.contains("holds 2000 entries but 4000 were asked for")
+            && stderr.contains("lb reset"),
+        "{stderr}"
+    );
+    assert_eq!(
+        pinned_conntrack_entries(&scratch),
+        FLOWS * lb_common::limits::CONNTRACK_ENTRIES_PER_FLOW
+    );
 }

@@ -25,7 +25,9 @@ use etherparse::{
 use lb::{
     dataplane::{
         self, Dataplane,
-        maps::{ServiceMaps, open_conntrack, open_ifaces, open_tx_ports, read_counters},
+        maps::{
+            Capacities, ServiceMaps, open_conntrack, open_ifaces, open_tx_ports, read_counters,
+        },
     },
     desired::{BackendAddr, DesiredState, Frontend},
     reconcile::Reconciler,
@@ -772,7 +774,8 @@ fn with_lab(test: &str, body: impl FnOnce(&mut Lab) + Send) {
 impl Lab {
     fn new(netns: &Netns, pin_dir: PathBuf) -> Self {
         let pins = PinGuard(pin_dir.clone());
-        let dataplane = Dataplane::load(&pin_dir).expect("loading the XDP program");
+        let dataplane =
+            Dataplane::load(&pin_dir, &Capacities::default()).expect("loading the XDP program");
         let mut maps = ServiceMaps::open(&pin_dir).expect("opening the service maps");
         let (reconciler, swept) =
             Reconciler::from_store(&mut maps).expect("reading the service maps");

@@ -9,9 +9,9 @@ use lb_common::{
     conntrack::{FlowKey, FlowState},
     iface::IfaceConfig,
     limits::{
-        MAP_BACKENDS, MAP_CONNTRACK, MAP_IFACES, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
-        MAP_STATS, MAP_TX_PORTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES,
-        MAX_SLOTS,
+        CONNTRACK_ENTRIES_PER_FLOW, MAP_BACKENDS, MAP_CONNTRACK, MAP_IFACES, MAP_SERVICE_INFO,
+        MAP_SERVICES, MAP_SLOTS, MAP_STATS, MAP_TX_PORTS, MAX_BACKENDS, MAX_CONNTRACK,
+        MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS,
     },
     service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
     stats::{COUNTER_COUNT, Counter},
@@ -46,7 +46,50 @@ const fn layout(
 /// `struct bpf_devmap_val`: the target ifindex and a chained program (unused).
 const DEVMAP_VALUE_SIZE: usize = 8;
 
-/// Every map of the object as this build defines it.
+/// Map sizes chosen at start-up. Only conntrack is configurable so far: it is the one map whose
+/// right size depends on the node's traffic rather than on the cluster's object counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// `LB_CONNTRACK` entries (two per flow).
+    pub conntrack_entries: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            conntrack_entries: MAX_CONNTRACK,
+        }
+    }
+}
+
+impl Capacities {
+    /// Room for `flows` tracked flows.
+    pub fn for_flows(flows: u32) -> anyhow::Result<Self> {
+        let conntrack_entries = flows
+            .checked_mul(CONNTRACK_ENTRIES_PER_FLOW)
+            .filter(|entries| *entries > 0)
+            .with_context(|| {
+                format!(
+                    "{flows} tracked flows: need between 1 and {} flows",
+                    u32::MAX / CONNTRACK_ENTRIES_PER_FLOW
+                )
+            })?;
+        Ok(Self { conntrack_entries })
+    }
+
+    /// Every map of the object as this build defines it, with these capacities.
+    pub fn layouts(&self) -> [Layout; 8] {
+        let mut layouts = LAYOUTS;
+        for layout in &mut layouts {
+            if layout.name == MAP_CONNTRACK {
+                layout.max_entries = self.conntrack_entries;
+            }
+        }
+        layouts
+    }
+}
+
+/// Every map of the object as this build defines it, with the default [`Capacities`].
 pub const LAYOUTS: [Layout; 8] = [
     layout(
         MAP_SERVICES,

@@ -35,7 +35,7 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use crate::dataplane::maps::absent_is_fine;
+use crate::dataplane::maps::{Capacities, absent_is_fine};
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -114,8 +114,9 @@ fn try_lock_pin_dir(pin_dir: &Path) -> anyhow::Result<Option<fs::File>> {
 
 impl Dataplane {
     /// Loads the program, reusing the maps already pinned in `pin_dir` (an agent restart) or
-    /// creating and pinning them (first start).
-    pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
+    /// creating and pinning them (first start) with `capacities`. Pinned maps of other sizes are
+    /// refused: resizing a map means recreating it, which forgets what it holds.
+    pub fn load(pin_dir: &Path, capacities: &Capacities) -> anyhow::Result<Self> {
         system::ensure_pin_dir(pin_dir)?;
         let Some(lock) = try_lock_pin_dir(pin_dir)? else {
             bail!(
@@ -131,11 +132,12 @@ impl Dataplane {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        loader.map_max_entries(MAP_CONNTRACK, capacities.conntrack_entries);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(system::explain_bpf_error)
             .context("loading the eBPF object")?;
-        check_pinned_layouts(pin_dir)?;
+        check_pinned_layouts(pin_dir, capacities)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .with_context(|| format!("the object has no program {PROGRAM_NAME}"))?
@@ -355,8 +357,8 @@ pub fn reset(pin_dir: &Path) -> anyhow::Result<()> {
 
 /// Refuses maps pinned by an incompatible build (another layout, kind or capacity): reusing them
 /// would corrupt every entry or silently lose counters.
-fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
-    for expected in maps::LAYOUTS {
+fn check_pinned_layouts(pin_dir: &Path, capacities: &Capacities) -> anyhow::Result<()> {
+    for expected in capacities.layouts() {
         let path = pin_dir.join(expected.name);
         let map = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
@@ -368,6 +370,20 @@ fn check_pinned_layouts(pin_dir: &Path) -> anyhow::Result<()> {
             value_size: info.value_size(),
             max_entries: info.max_entries(),
         };
+        if found.max_entries != expected.max_entries
+            && found.kind == expected.kind
+            && found.key_size == expected.key_size
+            && found.value_size == expected.value_size
+        {
+            bail!(
+                "the map pinned at {} holds {} entries but {} were asked for; resizing it means \
+                 recreating it: stop the agent and run `lb reset` (which forgets tracked flows), or \
+                 keep the current size",
+                path.display(),
+                found.max_entries,
+                expected.max_entries,
+            );
+        }
         if found != expected {
             bail!(
                 "the map pinned at {} is {found:?} but this lb expects {expected:?}; it was left \
