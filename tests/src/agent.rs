@@ -54,6 +54,21 @@ pub fn lb_binary() -> anyhow::Result<PathBuf> {
     Ok(lb)
 }
 
+/// The `lb` binary named by `$LB_BIN` (absolute), for programs that do not live in cargo's
+/// test layout (the benchmark).
+pub fn lb_binary_from_env() -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(
+        std::env::var_os("LB_BIN").context("set LB_BIN to the lb binary (cargo xtask does)")?,
+    );
+    if !path.is_absolute() || !path.exists() {
+        bail!(
+            "LB_BIN must be the absolute path of the lb binary, got {}",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Polls `condition` every 50 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

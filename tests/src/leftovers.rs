@@ -20,6 +20,8 @@ use crate::{
 pub const TESTS: &str = "lbt";
 /// The kind of `cargo xtask demo`'s names.
 pub const DEMO: &str = "lbd";
+/// The kind of `cargo xtask bench`'s names.
+pub const BENCH: &str = "lbb";
 
 fn pid_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()

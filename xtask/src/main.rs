@@ -2,8 +2,11 @@
 //!
 //! - `cargo xtask demo`: build, then load-balance real traffic in network namespaces.
 //! - `cargo xtask test`: every test tier; exits non-zero on any failure.
+//! - `cargo xtask bench [--quick]`: lb against the floor, kube-proxy's layouts and no load
+//!   balancer; writes a report with plots.
 //! - `cargo xtask setup`: only install what is missing.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -32,6 +35,16 @@ enum Task {
     /// Run every test tier: lints, host tests, BPF_PROG_TEST_RUN fixtures, network-namespace
     /// end-to-end tests, and the demo.
     Test,
+    /// Benchmarks: per-packet cost against a floor program, end to end against kube-proxy's
+    /// iptables and nftables layouts and no load balancer. Reports to target/bench/.
+    Bench {
+        /// A reduced set, under 5 minutes (the full set stays under 30).
+        #[arg(long)]
+        quick: bool,
+        /// Only these sections, comma separated (packet, e2e).
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,6 +53,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::ensure(),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
+        Task::Bench { quick, only } => bench::run(&bench::BenchOptions { quick, only }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

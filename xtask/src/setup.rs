@@ -1,7 +1,8 @@
 //! Installs what building and testing lb needs, only when it is missing, saying what and why.
 //!
 //! - Debian packages: iproute2 (`ip`, namespaces and veths), ethtool (checksum offload and GRO
-//!   of test veths), bpftool (inspecting maps and programs), util-linux (`nsenter`).
+//!   of test veths), bpftool (inspecting maps and programs), util-linux (`nsenter`); for the
+//!   benchmark also iperf3, iptables, nftables and fonts-dejavu-core.
 //! - The nightly toolchain's `rust-src` component: the eBPF crate is built with
 //!   `-Z build-std=core` for the BPF target.
 //! - bpf-linker, the linker of Rust eBPF objects, built against the nightly toolchain's own LLVM
@@ -21,23 +22,61 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The toolchain that builds the eBPF object (aya-build runs `rustup run nightly cargo`).
 const EBPF_TOOLCHAIN: &str = "nightly";
 
-/// A command the tests or the demo run, and the Debian package that provides it.
-const PACKAGES: [(&str, &str, &str); 4] = [
+/// What a Debian package provides that a run needs: a command, or a file.
+#[derive(Clone, Copy)]
+enum Provides {
+    Command(&'static str),
+    File(&'static str),
+}
+
+/// Something a run needs, the Debian package that provides it, and why.
+type Need = (Provides, &'static str, &'static str);
+
+/// What the tests and the demo run.
+const PACKAGES: [Need; 4] = [
     (
-        "ip",
+        Provides::Command("ip"),
         "iproute2",
         "network namespaces, veths, addresses and routes",
     ),
     (
-        "ethtool",
+        Provides::Command("ethtool"),
         "ethtool",
         "checksum offload and GRO settings of the test veths",
     ),
-    ("bpftool", "bpftool", "inspecting lb's maps and programs"),
     (
-        "nsenter",
+        Provides::Command("bpftool"),
+        "bpftool",
+        "inspecting lb's maps and programs",
+    ),
+    (
+        Provides::Command("nsenter"),
         "util-linux",
         "running lb inside a node's network namespace by hand",
+    ),
+];
+
+/// What `cargo xtask bench` runs on top.
+const BENCH_PACKAGES: [Need; 4] = [
+    (
+        Provides::Command("iperf3"),
+        "iperf3",
+        "throughput through each contender",
+    ),
+    (
+        Provides::Command("iptables-legacy-restore"),
+        "iptables",
+        "kube-proxy's iptables-mode rule layout, the first peer",
+    ),
+    (
+        Provides::Command("nft"),
+        "nftables",
+        "kube-proxy's nftables-mode rule layout, the second peer",
+    ),
+    (
+        Provides::File("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
+        "fonts-dejavu-core",
+        "the text of the benchmark's plots",
     ),
 ];
 
@@ -57,18 +96,26 @@ fn is_root() -> bool {
     lb_tests::privilege::is_root()
 }
 
-fn ensure_packages() -> anyhow::Result<()> {
-    let missing: Vec<_> = PACKAGES
+fn ensure_packages(needs: &[Need]) -> anyhow::Result<()> {
+    let missing: Vec<_> = needs
         .iter()
-        .filter(|(program, _, _)| !found(program))
+        .filter(|(provides, _, _)| match provides {
+            Provides::Command(program) => !found(program),
+            Provides::File(path) => !Path::new(path).exists(),
+        })
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    for (program, package, why) in &missing {
-        println!("xtask: installing Debian package {package} (for `{program}`: {why})");
+    for (provides, package, why) in &missing {
+        let what = match provides {
+            Provides::Command(program) => format!("`{program}`"),
+            Provides::File(path) => path.to_string(),
+        };
+        println!("xtask: installing Debian package {package} (for {what}: {why})");
     }
-    let names: Vec<&str> = missing.iter().map(|(_, package, _)| *package).collect();
+    let mut names: Vec<&str> = missing.iter().map(|(_, package, _)| *package).collect();
+    names.dedup();
     if !is_root() {
         bail!(
             "missing {}: install them with `sudo apt-get install -y {}`",
@@ -228,8 +275,14 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 
 /// Installs whatever is missing; quick and silent when nothing is.
 pub fn ensure() -> anyhow::Result<()> {
-    ensure_packages()?;
+    ensure_packages(&PACKAGES)?;
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
     Ok(())
+}
+
+/// [`ensure`], plus what the benchmark runs (iperf3, iptables, nftables, a font for the plots).
+pub fn ensure_bench() -> anyhow::Result<()> {
+    ensure()?;
+    ensure_packages(&BENCH_PACKAGES)
 }

@@ -2,11 +2,13 @@
 //! any fails. Tiers after a failed build are skipped (they would only fail the same way).
 //!
 //! 1. lint: rustfmt, clippy on the host crates and on the eBPF crate (BPF target), warnings denied;
-//! 2. build: `lb` and its embedded eBPF object;
-//! 3. host: unit and host tests (checksums, types, manifests, desired state, reconciler);
+//! 2. build: `lb` and its embedded eBPF object, and the benchmark;
+//! 3. host: unit and host tests (checksums, types, manifests, desired state, reconciler, the
+//!    benchmark's rule sets and report);
 //! 4. fixtures (root): the XDP program under BPF_PROG_TEST_RUN, packet in, packet out;
 //! 5. end to end (root): real TCP and UDP through a ClusterIP in network namespaces;
-//! 6. demo (root): `cargo xtask demo`, the README's first command.
+//! 6. demo (root): `cargo xtask demo`, the README's first command;
+//! 7. benchmark smoke run (root): `cargo xtask bench`'s every path once, at the smallest size.
 
 use std::{
     path::PathBuf,
@@ -51,14 +53,17 @@ fn lint() -> anyhow::Result<()> {
 }
 
 fn build() -> anyhow::Result<()> {
-    run_command(cargo().args(["build", "-p", "lb-userspace"]))?;
+    run_command(cargo().args(["build", "-p", "lb-userspace", "-p", "lb-bench"]))?;
     // Default members only: lb-ebpf builds for the BPF target alone (through lb-userspace).
     run_command(cargo().args(["test", "--no-run", "--quiet"]))
 }
 
 fn host() -> anyhow::Result<()> {
     run_command(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace"]))?;
-    run_command(cargo().args(["test", "-p", "lb-tests", "--lib"]))
+    run_command(cargo().args(["test", "-p", "lb-tests", "--lib"]))?;
+    // The benchmark's own tests: workload, rule-set generators (loaded for real in a namespace
+    // when root), report and plots.
+    run_command(cargo().args(["test", "-p", "lb-bench"]))
 }
 
 /// The `lb` the build tier builds; the privileged tiers run it.
@@ -100,7 +105,22 @@ fn demo() -> anyhow::Result<()> {
     crate::demo::run()
 }
 
-const TIERS: [Tier; 6] = [
+/// `lb-bench --smoke`: every benchmark path once at the smallest size, every verdict checked,
+/// so that `cargo xtask bench` cannot rot between runs. Its figures are not looked at.
+fn bench_smoke() -> anyhow::Result<()> {
+    let out = std::env::temp_dir().join(format!("lb-bench-smoke-{}", std::process::id()));
+    let result = run_command(
+        std::process::Command::new(workspace_root().join("target/debug/lb-bench"))
+            .env("LB_BIN", lb_binary())
+            .arg("--smoke")
+            .arg("--out")
+            .arg(&out),
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    result
+}
+
+const TIERS: [Tier; 7] = [
     Tier {
         name: "lint",
         needs_root: false,
@@ -131,11 +151,17 @@ const TIERS: [Tier; 6] = [
         needs_root: true,
         run: demo,
     },
+    Tier {
+        name: "benchmark smoke run",
+        needs_root: true,
+        run: bench_smoke,
+    },
 ];
 
 /// Runs every tier and prints a summary.
 pub fn run() -> anyhow::Result<()> {
-    setup::ensure()?;
+    // The benchmark's tools too: its tests and smoke run are part of every test run.
+    setup::ensure_bench()?;
     let root = privilege::is_root();
     let mut results: Vec<(&str, &str, Duration)> = Vec::new();
     let mut failed = false;

@@ -40,6 +40,14 @@ use crate::dataplane::maps::{Capacities, absent_is_fine};
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// The benchmark's floor program (`lb-ebpf/src/bin/lb-floor.rs`), built by the same build script.
+/// Only `cargo xtask bench` loads it.
+#[cfg(feature = "bench")]
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor"));
+/// Name of the floor's XDP program inside [`FLOOR_OBJECT`].
+#[cfg(feature = "bench")]
+pub const FLOOR_PROGRAM_NAME: &str = "lb_floor";
+
 /// Name of the XDP program inside the object.
 pub const PROGRAM_NAME: &str = "lb_xdp";
 
@@ -236,29 +244,24 @@ impl Dataplane {
     /// `ingress_ifindex` of the calling thread's network namespace (0: that namespace's loopback).
     /// Returns the XDP action and the packet as the program left it. Maps are the live ones.
     pub fn test_run(&mut self, packet: &[u8], ingress_ifindex: u32) -> anyhow::Result<TestRun> {
-        // Room for a program that grows the packet; ours never does.
-        const OUTPUT_SLACK: usize = 256;
-        let mut output = vec![0u8; packet.len() + OUTPUT_SLACK];
-        let context = XdpMd {
-            data: 0,
-            data_end: u32::try_from(packet.len())?,
-            data_meta: 0,
-            ingress_ifindex,
-            rx_queue_index: 0,
-            egress_ifindex: 0,
-        };
-        let result = self.program()?.test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut output),
-            ctx_in: Some(bytemuck::bytes_of(&context)),
-            ..TestRunOptions::default()
-        })?;
-        output.truncate(result.data_size_out as usize);
-        Ok(TestRun {
-            action: result.return_value,
-            packet: output,
-            duration: result.duration,
-        })
+        test_run_xdp(self.program()?, packet, ingress_ifindex, 1)
+    }
+
+    /// The kernel's id of the loaded program (as `bpftool prog show` lists it).
+    pub fn program_id(&mut self) -> anyhow::Result<u32> {
+        Ok(self.program()?.info()?.id())
+    }
+
+    /// [`Dataplane::test_run`] `repeat` times in one call; the duration is the mean per run.
+    /// The kernel hands every repetition the same buffer, so from the second one on a program
+    /// that rewrites the packet sees its own output: only meaningful for packets left untouched.
+    pub fn test_run_repeated(
+        &mut self,
+        packet: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> anyhow::Result<TestRun> {
+        test_run_xdp(self.program()?, packet, ingress_ifindex, repeat)
     }
 
     /// Detaches the program from interfaces attached by an earlier agent but no longer wanted.
@@ -281,6 +284,40 @@ fn replace_in_pinned_link(program: &mut Xdp, link_pin: &Path) -> anyhow::Result<
     // Dropping our handle closes only our file descriptor: the pin keeps the link alive.
     drop(program.take_link(link_id)?);
     Ok(())
+}
+
+/// Runs the loaded XDP `program` on `packet` with `BPF_PROG_TEST_RUN`, `repeat` times (at least
+/// once), as if it had arrived on `ingress_ifindex` of the calling thread's network namespace.
+pub fn test_run_xdp(
+    program: &Xdp,
+    packet: &[u8],
+    ingress_ifindex: u32,
+    repeat: u32,
+) -> anyhow::Result<TestRun> {
+    // Room for a program that grows the packet; ours never does.
+    const OUTPUT_SLACK: usize = 256;
+    let mut output = vec![0u8; packet.len() + OUTPUT_SLACK];
+    let context = XdpMd {
+        data: 0,
+        data_end: u32::try_from(packet.len())?,
+        data_meta: 0,
+        ingress_ifindex,
+        rx_queue_index: 0,
+        egress_ifindex: 0,
+    };
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut output),
+        ctx_in: Some(bytemuck::bytes_of(&context)),
+        repeat: repeat.max(1),
+        ..TestRunOptions::default()
+    })?;
+    output.truncate(result.data_size_out as usize);
+    Ok(TestRun {
+        action: result.return_value,
+        packet: output,
+        duration: result.duration,
+    })
 }
 
 /// Interfaces that have a pinned XDP link under `pin_dir`.

@@ -1,0 +1,599 @@
+//! End to end in network namespaces: client -> node -> three backends (the harness's
+//! single-node topology), through the last-created Service's ClusterIP, for each contender at
+//! each scale. Every contender gets fresh namespaces of its own (a backend's TIME_WAIT socket
+//! from a direct connection would otherwise reject the same tuple arriving translated), and the
+//! rounds alternate between contenders so that drift of the shared machine hits them all alike.
+//!
+//! Per round: new connections for a bounded time from concurrent clients (connect, one request
+//! line, the reply line, close from the client side so TIME_WAIT stays with the client), with
+//! each connection's latency and the whole machine's CPU time; then one iperf3 TCP stream.
+
+use std::{
+    io::{BufRead as _, BufReader, ErrorKind, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use lb_tests::{
+    agent::{Agent, AgentOptions, REDIRECT_VETH},
+    netns::Netns,
+    topology::{BACKENDS, Offload, SingleNode, backend_addr},
+};
+
+use crate::{
+    bpfstats::{self, RunTimeStats},
+    results::{Contender, EndToEnd, Programming, Sample, quantile},
+    rules::{iptables, nftables},
+    workload::{self, IPERF_PORT, SyntheticService, TARGET_PORT, Traffic},
+};
+
+/// Endpoints per Service.
+const ENDPOINTS: usize = BACKENDS;
+/// Accepting threads per backend server: connections are short, a small pool keeps up.
+const SERVER_THREADS: usize = 4;
+/// How often blocked loops look at their stop flag.
+const POLL: Duration = Duration::from_millis(20);
+/// A connection attempt or read that takes longer than this counts as failed.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// What a client sends and a backend answers.
+const REQUEST: &[u8] = b"GET\n";
+const REPLY: &[u8] = b"OK\n";
+/// The client's ephemeral ports: wide, and TIME_WAIT ports reused, so that a run of tens of
+/// thousands of connections never waits for a free port.
+const CLIENT_PORT_RANGE: &str = "1024 65535";
+/// `USER_HZ`: the unit of /proc/stat.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+/// How often, and how long, to look for an endpoint change in lb's maps.
+const CHANGE_POLL: Duration = Duration::from_micros(200);
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How much to measure.
+#[derive(Clone, Debug)]
+pub struct E2ePlan {
+    pub services: Vec<usize>,
+    pub contenders: Vec<Contender>,
+    pub rounds: usize,
+    /// Length of one connection-rate run.
+    pub load_duration: Duration,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Length of one iperf3 run, whole seconds.
+    pub iperf_seconds: u32,
+    /// Times one endpoint is changed in each loaded rule set.
+    pub changes: usize,
+}
+
+/// A pooled server of the bench protocol: read the request line, answer, wait for the client
+/// to close, close.
+struct Server {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line)?;
+    (&stream).write_all(REPLY)?;
+    // The client closes first; reading its FIN keeps TIME_WAIT on its side.
+    line.clear();
+    reader.read_until(b'\n', &mut line)?;
+    Ok(())
+}
+
+impl Server {
+    fn start(netns: &Netns, port: u16) -> anyhow::Result<Self> {
+        let listener = netns
+            .run(|| TcpListener::bind(("0.0.0.0", port)))?
+            .with_context(|| format!("binding port {port} in {}", netns.name()))?;
+        listener.set_nonblocking(true)?;
+        let listener = Arc::new(listener);
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..SERVER_THREADS)
+            .map(|_| {
+                let listener = Arc::clone(&listener);
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match listener.accept() {
+                            Ok((stream, _)) => {
+                                let _ = serve(stream);
+                            }
+                            Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                                std::thread::sleep(POLL / 20);
+                            }
+                            Err(_) => std::thread::sleep(POLL),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Ok(Self { stop, threads })
+    }
+}
+
+/// A child process killed on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One contender's topology, servers and loaded rules (or agent).
+struct Stage {
+    contender: Contender,
+    topology: SingleNode,
+    _servers: Vec<Server>,
+    _iperf: Process,
+    agent: Option<Agent>,
+    pin_dir: PathBuf,
+    workdir: PathBuf,
+    /// Where the clients connect: the traffic Service, or a backend for `Direct`.
+    target: SocketAddr,
+    iperf_target: SocketAddr,
+    load_ms: f64,
+    change_ms: Vec<f64>,
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.stop();
+        }
+        if self.contender == Contender::Lb {
+            let _ = lb::dataplane::reset(&self.pin_dir);
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+        let _ = std::fs::remove_dir_all(&self.workdir);
+    }
+}
+
+/// The whole machine's busy CPU time so far, seconds (every CPU, all of /proc/stat's busy
+/// columns: user, nice, system, irq, softirq, steal).
+fn busy_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().unwrap_or_default())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    const BUSY: [usize; 6] = [0, 1, 2, 5, 6, 7];
+    let ticks: u64 = BUSY.iter().filter_map(|index| fields.get(*index)).sum();
+    Ok(ticks as f64 / CLOCK_TICKS_PER_SECOND)
+}
+
+/// What one connection-rate run saw.
+struct Load {
+    connections: u64,
+    failures: u64,
+    rate: f64,
+    latencies_us: Vec<f64>,
+    cpu_us_per_connection: f64,
+}
+
+fn one_connection(target: SocketAddr) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.write_all(REQUEST)?;
+    let mut reply = [0u8; 3];
+    std::io::Read::read_exact(&mut stream, &mut reply)?;
+    if reply != REPLY {
+        return Err(std::io::Error::other("unexpected reply"));
+    }
+    Ok(())
+}
+
+fn run_load(client: &Netns, target: SocketAddr, plan: &E2ePlan) -> anyhow::Result<Load> {
+    let cpu_before = busy_cpu_seconds()?;
+    let started = Instant::now();
+    let deadline = started + plan.load_duration;
+    let per_client = client.run(|| {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..plan.clients)
+                .map(|_| {
+                    // Threads inherit the network namespace of the thread that creates them.
+                    scope.spawn(move || {
+                        let mut latencies = Vec::new();
+                        let mut failures = 0u64;
+                        while Instant::now() < deadline {
+                            let begin = Instant::now();
+                            match one_connection(target) {
+                                Ok(()) => latencies.push(begin.elapsed().as_secs_f64() * 1e6),
+                                Err(_) => failures += 1,
+                            }
+                        }
+                        (latencies, failures)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|worker| worker.join().unwrap_or_default())
+                .collect::<Vec<_>>()
+        })
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = busy_cpu_seconds()? - cpu_before;
+    let mut latencies_us = Vec::new();
+    let mut failures = 0;
+    for (latencies, failed) in per_client {
+        latencies_us.extend(latencies);
+        failures += failed;
+    }
+    let connections = latencies_us.len() as u64;
+    Ok(Load {
+        connections,
+        failures,
+        rate: connections as f64 / elapsed,
+        cpu_us_per_connection: cpu * 1e6 / connections.max(1) as f64,
+        latencies_us,
+    })
+}
+
+/// One iperf3 TCP stream from the client, Gbit/s.
+fn run_iperf(client: &Netns, target: SocketAddr, seconds: u32) -> anyhow::Result<f64> {
+    let output = client.exec(
+        "iperf3",
+        &[
+            "-c",
+            &target.ip().to_string(),
+            "-p",
+            &target.port().to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ],
+    )?;
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let bits = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 reported no received throughput")?;
+    Ok(bits / 1e9)
+}
+
+impl Stage {
+    fn build(
+        contender: Contender,
+        prefix: &str,
+        services: &[SyntheticService],
+        lb_bin: &Path,
+    ) -> anyhow::Result<Self> {
+        let name = format!("{prefix}-{}", contender_tag(contender));
+        let topology = SingleNode::build(&name, Offload::default())?;
+        topology
+            .client
+            .sysctl("ipv4.ip_local_port_range", CLIENT_PORT_RANGE)?;
+        topology.client.sysctl("ipv4.tcp_tw_reuse", "1")?;
+        let servers = topology
+            .backends
+            .iter()
+            .map(|backend| Server::start(backend, TARGET_PORT))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut iperf_command = topology.backends[0].command("iperf3")?;
+        iperf_command
+            .args(["-s", "-p", &IPERF_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let iperf = Process(topology.backends[0].spawn(&mut iperf_command)?);
+        let traffic = services.last().context("no Services")?;
+        let iperf_service = &services[services.len() - 2];
+        let workdir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&workdir)?;
+        let pin_dir = lb_tests::agent::pin_dir(&name);
+        let mut stage = Self {
+            contender,
+            topology,
+            _servers: servers,
+            _iperf: iperf,
+            agent: None,
+            pin_dir,
+            workdir,
+            target: SocketAddr::V4(SocketAddrV4::new(traffic.cluster_ip, traffic.port)),
+            iperf_target: SocketAddr::V4(SocketAddrV4::new(
+                iperf_service.cluster_ip,
+                iperf_service.port,
+            )),
+            load_ms: f64::NAN,
+            change_ms: Vec::new(),
+        };
+        let node = &stage.topology.node;
+        match contender {
+            Contender::Lb => {
+                let manifests = stage.workdir.join("manifests");
+                std::fs::create_dir_all(&manifests)?;
+                std::fs::write(
+                    manifests.join("services.yaml"),
+                    workload::manifests_yaml(services)?,
+                )?;
+                let started = Instant::now();
+                let agent = Agent::start(
+                    node,
+                    &AgentOptions {
+                        lb: lb_bin,
+                        pin_dir: &stage.pin_dir,
+                        manifests: &manifests,
+                        interfaces: &stage.topology.node_interfaces(),
+                        state_dir: &stage.workdir.join("state"),
+                        log: &stage.workdir.join("agent.log"),
+                        extra_args: &[REDIRECT_VETH],
+                    },
+                )?;
+                stage.load_ms = started.elapsed().as_secs_f64() * 1e3;
+                stage.agent = Some(agent);
+            }
+            Contender::Iptables => {
+                let rules = iptables::ruleset(services);
+                stage.load_ms = iptables::load(node, &rules, false)?.as_secs_f64() * 1e3;
+            }
+            Contender::Nftables => {
+                let scripts = nftables::ruleset(services);
+                stage.load_ms = nftables::load(node, &scripts)?.as_secs_f64() * 1e3;
+            }
+            Contender::Direct => {
+                stage.target = SocketAddr::V4(SocketAddrV4::new(backend_addr(0), TARGET_PORT));
+                stage.iperf_target = SocketAddr::V4(SocketAddrV4::new(backend_addr(0), IPERF_PORT));
+            }
+        }
+        // One connection must work before anything is measured.
+        let target = stage.target;
+        stage
+            .topology
+            .client
+            .run(|| one_connection(target))?
+            .with_context(|| format!("{}: no connection to {target}", contender.label()))?;
+        Ok(stage)
+    }
+
+    /// Replaces one endpoint of the first Service `changes` times, timing each change until it
+    /// is in force: rule sets until the tool returns, lb until the map holds the new endpoint.
+    /// Run after the traffic rounds, since the first Service may be one that carries traffic.
+    fn measure_changes(
+        &mut self,
+        services: &[SyntheticService],
+        changes: usize,
+    ) -> anyhow::Result<()> {
+        let mut current = services.to_vec();
+        for change in changed_versions(services, changes) {
+            let node = &self.topology.node;
+            let elapsed = match self.contender {
+                Contender::Iptables => {
+                    iptables::load(node, &iptables::change_endpoint(&current, &change), true)?
+                }
+                Contender::Nftables => {
+                    nftables::load(node, &[nftables::change_endpoint(&current, &change)])?
+                }
+                Contender::Lb => self.lb_change(&current, &change)?,
+                Contender::Direct => return Ok(()),
+            };
+            self.change_ms.push(elapsed.as_secs_f64() * 1e3);
+            let index = change.index;
+            current[index] = change;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the manifests with `change` and waits until lb's maps serve its endpoints.
+    fn lb_change(
+        &self,
+        current: &[SyntheticService],
+        change: &SyntheticService,
+    ) -> anyhow::Result<Duration> {
+        let mut next = current.to_vec();
+        next[change.index] = change.clone();
+        let yaml = workload::manifests_yaml(&next)?;
+        let manifests = self.workdir.join("manifests");
+        let temporary = self.workdir.join("services.yaml.tmp");
+        std::fs::write(&temporary, yaml)?;
+        let maps = lb::dataplane::maps::ServiceMaps::open(&self.pin_dir)?;
+        let key = lb_common::service::ServiceKey {
+            addr: u32::from_ne_bytes(change.cluster_ip.octets()),
+            port: change.port.to_be(),
+            proto: change.protocol.number(),
+            _pad: 0,
+        };
+        let wanted: Vec<u32> = change
+            .endpoints
+            .iter()
+            .map(|addr| u32::from_ne_bytes(addr.octets()))
+            .collect();
+        let started = Instant::now();
+        // A rename is atomic: the agent never reads half a file.
+        std::fs::rename(&temporary, manifests.join("services.yaml"))?;
+        loop {
+            if frontend_backends(&maps, &key).is_ok_and(|mut found| {
+                found.sort_unstable();
+                let mut wanted = wanted.clone();
+                wanted.sort_unstable();
+                found == wanted
+            }) {
+                return Ok(started.elapsed());
+            }
+            ensure!(
+                started.elapsed() < CHANGE_TIMEOUT,
+                "lb did not apply an endpoint change within {CHANGE_TIMEOUT:?}"
+            );
+            std::thread::sleep(CHANGE_POLL);
+        }
+    }
+
+    /// The id of lb's program, from the pinned link on the client-facing interface.
+    fn lb_program_id(&self) -> anyhow::Result<Option<u32>> {
+        if self.contender != Contender::Lb {
+            return Ok(None);
+        }
+        let link = self
+            .pin_dir
+            .join(lb_common::limits::LINKS_SUBDIR)
+            .join(lb_tests::topology::NODE_CLIENT_INTERFACE);
+        Ok(Some(bpfstats::linked_program_id(&link)?))
+    }
+}
+
+/// The backend addresses (network byte order) `key` is served by, as the maps hold them.
+fn frontend_backends(
+    maps: &lb::dataplane::maps::ServiceMaps,
+    key: &lb_common::service::ServiceKey,
+) -> anyhow::Result<Vec<u32>> {
+    let value = maps.services.get(key, 0)?;
+    (0..value.backend_count)
+        .map(|slot| {
+            let id = maps.slots.get(
+                &lb_common::service::SlotKey {
+                    backend_set: value.backend_set,
+                    slot,
+                },
+                0,
+            )?;
+            Ok(maps.backends.get(&id, 0)?.addr)
+        })
+        .collect()
+}
+
+/// `count` versions of the first Service with one endpoint replaced each time, as a rolling
+/// update would.
+fn changed_versions(services: &[SyntheticService], count: usize) -> Vec<SyntheticService> {
+    (0..count)
+        .map(|version| {
+            let mut changed = services[0].clone();
+            let replaced = changed.endpoints.len() - 1;
+            changed.endpoints[replaced] =
+                Ipv4Addr::new(10, 127, (version / 250) as u8, (version % 250 + 1) as u8);
+            changed
+        })
+        .collect()
+}
+
+fn contender_tag(contender: Contender) -> &'static str {
+    match contender {
+        Contender::Lb => "lb",
+        Contender::Iptables => "ipt",
+        Contender::Nftables => "nft",
+        Contender::Direct => "dir",
+    }
+}
+
+/// Measurements of one contender across the rounds.
+#[derive(Default)]
+struct Rounds {
+    rate: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    cpu: Vec<f64>,
+    iperf: Vec<f64>,
+    in_situ: Vec<f64>,
+    failures: u64,
+}
+
+/// Runs the end-to-end plan. Returns the end-to-end rows and the rule-set load timings.
+pub fn run(
+    plan: &E2ePlan,
+    prefix: &str,
+    lb_bin: &Path,
+    progress: &dyn Fn(&str),
+) -> anyhow::Result<(Vec<EndToEnd>, Vec<Programming>)> {
+    let _stats = RunTimeStats::enable()?;
+    let mut rows = Vec::new();
+    let mut programming = Vec::new();
+    for &count in &plan.services {
+        let services = workload::services(count, ENDPOINTS, Traffic::HttpAndIperf);
+        let mut stages = Vec::new();
+        for &contender in &plan.contenders {
+            progress(&format!(
+                "end to end: {count} Services, loading {}",
+                contender.label()
+            ));
+            let stage = Stage::build(contender, &format!("{prefix}-{count}"), &services, lb_bin)?;
+            progress(&format!(
+                "end to end: {} loaded in {:.0} ms",
+                contender.label(),
+                stage.load_ms
+            ));
+            stages.push(stage);
+        }
+        let mut measured: Vec<Rounds> = stages.iter().map(|_| Rounds::default()).collect();
+        for round in 0..plan.rounds {
+            progress(&format!(
+                "end to end: {count} Services, round {}",
+                round + 1
+            ));
+            for (stage, rounds) in stages.iter().zip(&mut measured) {
+                let program = stage.lb_program_id()?;
+                let before = program.map(bpfstats::program_runs).transpose()?;
+                let mut load = run_load(&stage.topology.client, stage.target, plan)?;
+                if let (Some(id), Some(before)) = (program, before) {
+                    let after = bpfstats::program_runs(id)?;
+                    if let Some(ns) = after.ns_per_run_since(&before) {
+                        rounds.in_situ.push(ns);
+                    }
+                }
+                ensure!(
+                    load.connections > 0,
+                    "{}: no connection succeeded",
+                    stage.contender.label()
+                );
+                rounds.rate.push(load.rate);
+                rounds.p50.push(quantile(&mut load.latencies_us, 0.5));
+                rounds.p99.push(quantile(&mut load.latencies_us, 0.99));
+                rounds.cpu.push(load.cpu_us_per_connection);
+                rounds.failures += load.failures;
+                rounds.iperf.push(run_iperf(
+                    &stage.topology.client,
+                    stage.iperf_target,
+                    plan.iperf_seconds,
+                )?);
+            }
+        }
+        for stage in &mut stages {
+            stage.measure_changes(&services, plan.changes)?;
+        }
+        for (stage, rounds) in stages.iter().zip(measured) {
+            rows.push(EndToEnd {
+                contender: stage.contender,
+                services: count,
+                connections_per_second: Sample::from_rounds(rounds.rate),
+                latency_p50_us: Sample::from_rounds(rounds.p50),
+                latency_p99_us: Sample::from_rounds(rounds.p99),
+                cpu_us_per_connection: Sample::from_rounds(rounds.cpu),
+                iperf_gbps: Sample::from_rounds(rounds.iperf),
+                in_situ_ns_per_packet: (!rounds.in_situ.is_empty())
+                    .then(|| Sample::from_rounds(rounds.in_situ)),
+                failed_connections: rounds.failures,
+            });
+            if stage.contender != Contender::Direct {
+                programming.push(Programming {
+                    contender: stage.contender,
+                    services: count,
+                    endpoints_per_service: ENDPOINTS,
+                    load_ms: Sample::from_rounds(vec![stage.load_ms]),
+                    change_ms: Sample::from_rounds(stage.change_ms.clone()),
+                });
+            }
+        }
+        drop(stages);
+    }
+    Ok((rows, programming))
+}

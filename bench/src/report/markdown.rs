@@ -1,0 +1,311 @@
+//! `report.md`: a table per measurement, the ratios to each peer and to the floor, the targets
+//! with where the run stands, the machine and the method.
+
+use std::fmt::Write as _;
+
+use crate::results::{Contender, EndToEnd, PacketCost, Results};
+
+/// The issue's targets, as ratios in the same run.
+const TARGET_ESTABLISHED_VS_FLOOR: f64 = 2.5;
+const TARGET_NEW_FLOW_VS_FLOOR: f64 = 4.0;
+/// Per-packet cost may grow at most this much from the smallest to the largest scale.
+const TARGET_FLAT_GROWTH: f64 = 0.10;
+const TARGET_RATE_VS_DIRECT: f64 = 0.9;
+const TARGET_LATENCY_VS_DIRECT: f64 = 1.1;
+const TARGET_RATE_VS_IPTABLES_10K: f64 = 1.4;
+const TARGET_RATE_VS_NFTABLES_10K: f64 = 1.1;
+const TARGET_LATENCY_VS_IPTABLES_10K: f64 = 0.65;
+const TARGET_RATE_VS_IPTABLES_30K: f64 = 2.5;
+const TEN_THOUSAND: usize = 10_000;
+const THIRTY_THOUSAND: usize = 30_000;
+
+fn figure(value: f64, decimals: usize) -> String {
+    if value.is_finite() {
+        format!("{value:.decimals$}")
+    } else {
+        "–".to_owned()
+    }
+}
+
+fn ratio(value: f64, base: f64) -> String {
+    if value.is_finite() && base.is_finite() && base > 0.0 {
+        format!("{:.2}x", value / base)
+    } else {
+        "–".to_owned()
+    }
+}
+
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "**not met**",
+        None => "not measured",
+    }
+}
+
+fn packet_section(out: &mut String, rows: &[PacketCost]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## Per-packet cost (BPF_PROG_TEST_RUN)\n\n\
+         `lb_xdp` against the floor program (parse Ethernet, IPv4, TCP; `XDP_PASS`), same rounds. \
+         `single`: one run per syscall, the floor's single-run cost subtracted and its repeated \
+         cost added (the kernel reruns a repeated call on the same, already rewritten, buffer). \
+         In situ: the kernel's own `run_time_ns / run_cnt` over the same runs (program only, no \
+         test-run timer; single runs start with cold caches, which a NIC's busy poll loop would \
+         not).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| case | Services | tracked flows | lb ns/pkt | floor ns/pkt | ratio | in-situ lb ns | in-situ floor ns | method |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.case,
+            row.services,
+            row.tracked_flows,
+            figure(row.ns_per_packet.median, 1),
+            figure(row.floor_ns.median, 1),
+            figure(row.ratio_to_floor.median, 2),
+            figure(row.in_situ_ns.median, 1),
+            figure(row.in_situ_floor_ns.median, 1),
+            row.method
+        );
+    }
+    out.push('\n');
+}
+
+fn e2e_row(rows: &[EndToEnd], contender: Contender, services: usize) -> Option<&EndToEnd> {
+    rows.iter()
+        .find(|row| row.contender == contender && row.services == services)
+}
+
+fn e2e_section(out: &mut String, rows: &[EndToEnd]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## End to end (network namespaces)\n\n\
+         client -> node -> 3 backends, to the last-created Service's ClusterIP (direct: to one \
+         backend's address). Connections: connect, one request line, the reply, close, from \
+         concurrent clients for a bounded time. CPU: the whole machine's busy time per \
+         connection (client, node and backends share the 2 cores). iperf3: one TCP stream to a \
+         one-endpoint Service.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| Services | contender | conn/s | vs direct | vs iptables | vs nftables | p50 µs | p99 µs | CPU µs/conn | iperf3 Gbit/s | failed | in-situ ns/pkt |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut sizes: Vec<usize> = rows.iter().map(|row| row.services).collect();
+    sizes.dedup();
+    for services in sizes {
+        let base = |contender| {
+            e2e_row(rows, contender, services)
+                .map_or(f64::NAN, |row| row.connections_per_second.median)
+        };
+        for contender in Contender::ALL {
+            let Some(row) = e2e_row(rows, contender, services) else {
+                continue;
+            };
+            let rate = row.connections_per_second.median;
+            let _ = writeln!(
+                out,
+                "| {services} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                contender.label(),
+                figure(rate, 0),
+                ratio(rate, base(Contender::Direct)),
+                ratio(rate, base(Contender::Iptables)),
+                ratio(rate, base(Contender::Nftables)),
+                figure(row.latency_p50_us.median, 0),
+                figure(row.latency_p99_us.median, 0),
+                figure(row.cpu_us_per_connection.median, 0),
+                figure(row.iperf_gbps.median, 2),
+                row.failed_connections,
+                row.in_situ_ns_per_packet
+                    .as_ref()
+                    .map_or("–".to_owned(), |sample| figure(sample.median, 0)),
+            );
+        }
+    }
+    out.push('\n');
+}
+
+fn programming_section(out: &mut String, results: &Results) {
+    if results.programming.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## Loading the Services, changing one endpoint\n\n\
+         lb: `lb agent` start to ready (reading the YAML included). iptables: \
+         `iptables-legacy-restore` of the whole rule set; a change is kube-proxy's partial sync \
+         (`--noflush`, KUBE-SERVICES rewritten in full). nftables: `nft -f`, at most 1,000 \
+         Services per transaction; a change is one transaction.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| Services | contender | load ms | one endpoint change ms |\n|---:|---|---:|---:|"
+    );
+    for row in &results.programming {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            row.services,
+            row.contender.label(),
+            figure(row.load_ms.median, 1),
+            figure(row.change_ms.median, 1)
+        );
+    }
+    out.push('\n');
+}
+
+/// The worst ratio of `case` to the floor over every scale.
+fn worst_packet_ratio(rows: &[PacketCost], case: &str) -> Option<f64> {
+    rows.iter()
+        .filter(|row| row.case == case)
+        .map(|row| row.ratio_to_floor.median)
+        .filter(|value| value.is_finite())
+        .reduce(f64::max)
+}
+
+/// How much `case`'s cost grows from its cheapest to its dearest scale.
+fn packet_growth(rows: &[PacketCost], case: &str) -> Option<f64> {
+    let costs: Vec<f64> = rows
+        .iter()
+        .filter(|row| row.case == case)
+        .map(|row| row.ns_per_packet.median)
+        .filter(|value| value.is_finite())
+        .collect();
+    let min = costs.iter().copied().reduce(f64::min)?;
+    let max = costs.iter().copied().reduce(f64::max)?;
+    Some(max / min - 1.0)
+}
+
+fn targets_section(out: &mut String, results: &Results) {
+    let packet = &results.packet;
+    let e2e = &results.end_to_end;
+    let mut lines: Vec<(String, String, Option<bool>)> = Vec::new();
+    let established = worst_packet_ratio(packet, "tcp_established");
+    lines.push((
+        format!("established flow ≤ {TARGET_ESTABLISHED_VS_FLOOR}x floor"),
+        established.map_or("–".to_owned(), |r| format!("{r:.2}x (worst scale)")),
+        established.map(|r| r <= TARGET_ESTABLISHED_VS_FLOOR),
+    ));
+    let new = worst_packet_ratio(packet, "tcp_new");
+    lines.push((
+        format!("first packet of a flow ≤ {TARGET_NEW_FLOW_VS_FLOOR}x floor"),
+        new.map_or("–".to_owned(), |r| format!("{r:.2}x (worst scale)")),
+        new.map(|r| r <= TARGET_NEW_FLOW_VS_FLOOR),
+    ));
+    for case in ["tcp_established", "tcp_new"] {
+        let growth = packet_growth(packet, case);
+        lines.push((
+            format!("{case} flat across Services and tracked flows (≤ 10% growth)"),
+            growth.map_or("–".to_owned(), |g| format!("{:.1}%", g * 100.0)),
+            growth.map(|g| g <= TARGET_FLAT_GROWTH),
+        ));
+    }
+    let mut sizes: Vec<usize> = e2e.iter().map(|row| row.services).collect();
+    sizes.dedup();
+    for services in sizes {
+        let get = |contender| e2e_row(e2e, contender, services);
+        if let (Some(lb), Some(direct)) = (get(Contender::Lb), get(Contender::Direct)) {
+            let rate = lb.connections_per_second.median / direct.connections_per_second.median;
+            lines.push((
+                format!("{services} Services: conn/s ≥ {TARGET_RATE_VS_DIRECT}x direct"),
+                format!("{rate:.2}x"),
+                Some(rate >= TARGET_RATE_VS_DIRECT),
+            ));
+            let latency = lb.latency_p50_us.median / direct.latency_p50_us.median;
+            lines.push((
+                format!("{services} Services: median latency ≤ {TARGET_LATENCY_VS_DIRECT}x direct"),
+                format!("{latency:.2}x"),
+                Some(latency <= TARGET_LATENCY_VS_DIRECT),
+            ));
+        }
+        let lb = get(Contender::Lb);
+        if services == TEN_THOUSAND {
+            if let (Some(lb), Some(ipt)) = (lb, get(Contender::Iptables)) {
+                let rate = lb.connections_per_second.median / ipt.connections_per_second.median;
+                lines.push((
+                    format!("10,000 Services: conn/s ≥ {TARGET_RATE_VS_IPTABLES_10K}x iptables"),
+                    format!("{rate:.2}x"),
+                    Some(rate >= TARGET_RATE_VS_IPTABLES_10K),
+                ));
+                let latency = lb.latency_p50_us.median / ipt.latency_p50_us.median;
+                lines.push((
+                    format!(
+                        "10,000 Services: median latency ≤ {TARGET_LATENCY_VS_IPTABLES_10K}x iptables"
+                    ),
+                    format!("{latency:.2}x"),
+                    Some(latency <= TARGET_LATENCY_VS_IPTABLES_10K),
+                ));
+            }
+            if let (Some(lb), Some(nft)) = (lb, get(Contender::Nftables)) {
+                let rate = lb.connections_per_second.median / nft.connections_per_second.median;
+                lines.push((
+                    format!("10,000 Services: conn/s ≥ {TARGET_RATE_VS_NFTABLES_10K}x nftables"),
+                    format!("{rate:.2}x"),
+                    Some(rate >= TARGET_RATE_VS_NFTABLES_10K),
+                ));
+            }
+        }
+        if services == THIRTY_THOUSAND
+            && let (Some(lb), Some(ipt)) = (lb, get(Contender::Iptables))
+        {
+            let rate = lb.connections_per_second.median / ipt.connections_per_second.median;
+            lines.push((
+                format!("30,000 Services: conn/s ≥ {TARGET_RATE_VS_IPTABLES_30K}x iptables"),
+                format!("{rate:.2}x"),
+                Some(rate >= TARGET_RATE_VS_IPTABLES_30K),
+            ));
+        }
+    }
+    let _ = writeln!(out, "## Targets\n\n| target | measured | |\n|---|---:|---|");
+    for (target, measured, met) in lines {
+        let _ = writeln!(out, "| {target} | {measured} | {} |", verdict(met));
+    }
+    out.push('\n');
+}
+
+/// The whole report.
+pub fn render(results: &Results) -> String {
+    let mut out = String::new();
+    let machine = &results.machine;
+    let _ = writeln!(
+        out,
+        "# lb benchmark report\n\n\
+         Run {} ({}, {} rounds per figure, medians). Machine: {}, {} cores, {:.0} GiB, Linux {}.\n\
+         Client, node, backends and load generator share the machine's cores: figures are \
+         relative, compare them within this run.\n",
+        results.started,
+        if results.quick {
+            "quick set"
+        } else {
+            "full set"
+        },
+        results.rounds,
+        machine.cpu,
+        machine.cores,
+        machine.memory_gib,
+        machine.kernel,
+    );
+    targets_section(&mut out, results);
+    packet_section(&mut out, &results.packet);
+    e2e_section(&mut out, &results.end_to_end);
+    programming_section(&mut out, results);
+    if !results.notes.is_empty() {
+        let _ = writeln!(out, "## Notes\n");
+        for note in &results.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+    }
+    out
+}
