@@ -30,7 +30,7 @@ use lb_tests::{
 
 use crate::{
     bpfstats::{self, RunTimeStats},
-    results::{Contender, EndToEnd, Programming, Sample, quantile},
+    results::{Contender, EndToEnd, Memory, Programming, Sample, quantile},
     rules::{iptables, nftables},
     workload::{self, IPERF_PORT, SyntheticService, TARGET_PORT, Traffic},
 };
@@ -514,10 +514,11 @@ pub fn run(
     prefix: &str,
     lb_bin: &Path,
     progress: &dyn Fn(&str),
-) -> anyhow::Result<(Vec<EndToEnd>, Vec<Programming>)> {
+) -> anyhow::Result<(Vec<EndToEnd>, Vec<Programming>, Vec<Memory>)> {
     let _stats = RunTimeStats::enable()?;
     let mut rows = Vec::new();
     let mut programming = Vec::new();
+    let mut memory = Vec::new();
     for &count in &plan.services {
         let services = workload::services(count, ENDPOINTS, Traffic::HttpAndIperf);
         let mut stages = Vec::new();
@@ -569,6 +570,18 @@ pub fn run(
         }
         for stage in &mut stages {
             stage.measure_changes(&services, plan.changes)?;
+            if let Some(agent) = &stage.agent {
+                let maps = crate::memory::pinned_maps(&stage.pin_dir)?;
+                memory.push(Memory {
+                    services: count,
+                    endpoints_per_service: ENDPOINTS,
+                    agent_rss_mib: crate::memory::resident_mib(
+                        agent.pid().context("the agent is not running")?,
+                    )?,
+                    map_memlock_mib: maps.iter().map(|(_, mib)| mib).sum(),
+                    maps,
+                });
+            }
         }
         for (stage, rounds) in stages.iter().zip(measured) {
             rows.push(EndToEnd {
@@ -595,5 +608,5 @@ pub fn run(
         }
         drop(stages);
     }
-    Ok((rows, programming))
+    Ok((rows, programming, memory))
 }

@@ -3,7 +3,9 @@
 //! memory and packet rate, interleaved in one run, written to a results directory.
 
 mod bpfstats;
+mod control;
 mod e2e;
+mod memory;
 mod packet;
 mod report;
 mod results;
@@ -43,8 +45,11 @@ struct Cli {
 enum Section {
     /// Per-packet cost with BPF_PROG_TEST_RUN.
     Packet,
-    /// Connection rate, latency and iperf3 through each contender in namespaces.
+    /// Connection rate, latency and iperf3 through each contender in namespaces; rule-set
+    /// load and change times; the agent's memory.
     E2e,
+    /// Cold programming and single endpoint changes through the reconciler and real maps.
+    Control,
 }
 
 /// Rounds of every measurement; the figures are their medians.
@@ -55,6 +60,12 @@ const E2E_CLIENTS: usize = 4;
 const SMOKE_RUNS: u32 = 200;
 const SMOKE_FLOWS: usize = 1_000;
 const SMOKE_LOAD: Duration = Duration::from_millis(300);
+const SMOKE_CONTROL_SERVICES: usize = 100;
+const SMOKE_CHANGES: usize = 10;
+/// Endpoints per Service in the control-plane section, as the scenario has it.
+const CONTROL_ENDPOINTS: usize = 10;
+/// Single endpoint changes per round: enough for a p99.
+const CONTROL_CHANGES: usize = 200;
 
 fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -110,6 +121,14 @@ fn main() -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
     };
+    let lb_bin = lb_tests::agent::lb_binary_from_env()?;
+    // A killed run skips its clean-up; its namespaces, pins and files go now.
+    for stale in lb_tests::leftovers::remove(lb_tests::leftovers::BENCH, Some(&lb_bin)) {
+        progress(&format!(
+            "removed a killed run's leftovers at {}",
+            stale.display()
+        ));
+    }
     let prefix = lb_tests::netns::unique_prefix(lb_tests::leftovers::BENCH);
     let mut results = Results {
         started: now_rfc3339(),
@@ -152,7 +171,6 @@ fn main() -> anyhow::Result<()> {
     }
 
     if wanted(Section::E2e) {
-        let lb_bin = lb_tests::agent::lb_binary_from_env()?;
         let plan = if cli.smoke {
             e2e::E2ePlan {
                 services: vec![1],
@@ -184,9 +202,30 @@ fn main() -> anyhow::Result<()> {
                 changes: ROUNDS,
             }
         };
-        let (rows, programming) = e2e::run(&plan, &prefix, &lb_bin, &progress)?;
+        let (rows, programming, memory) = e2e::run(&plan, &prefix, &lb_bin, &progress)?;
         results.end_to_end = rows;
         results.programming = programming;
+        results.memory = memory;
+    }
+
+    if wanted(Section::Control) {
+        let plan = control::ControlPlan {
+            services: if cli.smoke {
+                vec![SMOKE_CONTROL_SERVICES]
+            } else if cli.quick {
+                vec![1_000, 10_000]
+            } else {
+                vec![1_000, 10_000, 30_000]
+            },
+            endpoints: CONTROL_ENDPOINTS,
+            rounds: if cli.smoke { 1 } else { ROUNDS },
+            changes: if cli.smoke {
+                SMOKE_CHANGES
+            } else {
+                CONTROL_CHANGES
+            },
+        };
+        results.control_plane = control::run(&plan, &prefix, &progress)?;
     }
 
     for file in report::write(&results, &cli.out)? {
@@ -217,6 +256,22 @@ fn main() -> anyhow::Result<()> {
             row.iperf_gbps.median,
             row.failed_connections,
             row.in_situ_ns_per_packet.as_ref().map(|s| s.median)
+        );
+    }
+    for row in &results.control_plane {
+        println!(
+            "control plane {:>6} svc x {}  cold {:>8.1} ms  change p50 {:>6.2} ms  p99 {:>6.2} ms",
+            row.services,
+            row.endpoints_per_service,
+            row.cold_program_ms.median,
+            row.change_p50_ms.median,
+            row.change_p99_ms.median
+        );
+    }
+    for row in &results.memory {
+        println!(
+            "memory {:>6} svc  agent RSS {:>6.1} MiB  maps {:>7.1} MiB",
+            row.services, row.agent_rss_mib, row.map_memlock_mib
         );
     }
     for row in &results.programming {

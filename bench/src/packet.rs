@@ -75,8 +75,9 @@ const IDENTITY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x20];
 /// [`HOT_TTL`] it stays forwardable for this many runs.
 const HOT_REPEAT: u32 = 200;
 const HOT_TTL: u8 = 255;
-/// Calls of [`HOT_REPEAT`] runs per round, as a fraction of the single runs.
-const HOT_CALLS_DIVISOR: u32 = 20;
+/// Calls of [`HOT_REPEAT`] runs per round. Few: every repeated call makes the kernel swap the
+/// XDP dispatcher's program twice, each time waiting for an RCU grace period (tens of ms).
+const HOT_CALLS: u32 = 10;
 /// A destination no Service has.
 const NOT_A_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const TTL: u8 = 64;
@@ -816,7 +817,7 @@ impl Lab {
     fn round(&mut self, case: Case, plan: &PacketPlan) -> anyhow::Result<Round> {
         let (packet, ingress, expected) = self.prepare(case)?;
         let hot = matches!(case, Case::TcpEstablishedHot | Case::TcpReplyHot);
-        let hot_calls = (plan.single_runs / HOT_CALLS_DIVISOR).max(1);
+        let hot_calls = HOT_CALLS;
         let runs = match case {
             Case::NoService => plan.repeat,
             Case::TcpNew => plan.new_flows,

@@ -151,11 +151,9 @@ pub struct ControlPlane {
     /// One endpoint change, from the event to the map write: median and p99, milliseconds.
     pub change_p50_ms: Sample,
     pub change_p99_ms: Sample,
-    /// `lb agent` with a manifest directory: file written to map written, milliseconds.
-    pub agent_file_change_ms: Sample,
 }
 
-/// Memory at one scale.
+/// Memory at one scale, with `lb agent` running (the end-to-end section's lb).
 #[derive(Clone, Debug, Serialize)]
 pub struct Memory {
     pub services: usize,

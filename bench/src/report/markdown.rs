@@ -16,6 +16,9 @@ const TARGET_RATE_VS_IPTABLES_10K: f64 = 1.4;
 const TARGET_RATE_VS_NFTABLES_10K: f64 = 1.1;
 const TARGET_LATENCY_VS_IPTABLES_10K: f64 = 0.65;
 const TARGET_RATE_VS_IPTABLES_30K: f64 = 2.5;
+const TARGET_COLD_10K_MS: f64 = 1_000.0;
+const TARGET_CHANGE_P99_MS: f64 = 10.0;
+const TARGET_AGENT_RSS_10K_MIB: f64 = 64.0;
 const TEN_THOUSAND: usize = 10_000;
 const THIRTY_THOUSAND: usize = 30_000;
 
@@ -166,6 +169,61 @@ fn programming_section(out: &mut String, results: &Results) {
     out.push('\n');
 }
 
+fn control_section(out: &mut String, results: &Results) {
+    if !results.control_plane.is_empty() {
+        let _ = writeln!(
+            out,
+            "## Control plane
+
+             In process, real pinned maps: Services and EndpointSlices -> the agent's              desired-state function -> the reconciler's map writes. A change replaces one              EndpointSlice (one endpoint swapped) and runs the same path.
+
+             | Services | endpoints each | cold programming ms | change p50 ms | change p99 ms |
+             |---:|---:|---:|---:|---:|"
+        );
+        for row in &results.control_plane {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                row.services,
+                row.endpoints_per_service,
+                figure(row.cold_program_ms.median, 1),
+                figure(row.change_p50_ms.median, 2),
+                figure(row.change_p99_ms.median, 2)
+            );
+        }
+        out.push('\n');
+    }
+    if !results.memory.is_empty() {
+        let _ = writeln!(
+            out,
+            "## Memory
+
+             `lb agent` running with the end-to-end Services: its resident set, and the kernel              memory of the pinned maps (`bpftool map show` memlock; conntrack is preallocated).
+
+             | Services | agent RSS MiB | maps MiB | largest maps |
+|---:|---:|---:|---|"
+        );
+        for row in &results.memory {
+            let mut maps = row.maps.clone();
+            maps.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let largest: Vec<String> = maps
+                .iter()
+                .take(3)
+                .map(|(name, mib)| format!("{name} {mib:.1}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} |",
+                row.services,
+                figure(row.agent_rss_mib, 1),
+                figure(row.map_memlock_mib, 1),
+                largest.join(", ")
+            );
+        }
+        out.push('\n');
+    }
+}
+
 /// The worst ratio of `case` to the floor over every scale.
 fn worst_packet_ratio(rows: &[PacketCost], case: &str) -> Option<f64> {
     rows.iter()
@@ -268,6 +326,44 @@ fn targets_section(out: &mut String, results: &Results) {
             ));
         }
     }
+    if let Some(row) = results
+        .control_plane
+        .iter()
+        .find(|row| row.services == TEN_THOUSAND)
+    {
+        let cold = row.cold_program_ms.median;
+        lines.push((
+            format!(
+                "10,000 Services x {} endpoints programmed < {TARGET_COLD_10K_MS} ms",
+                row.endpoints_per_service
+            ),
+            format!("{cold:.0} ms"),
+            Some(cold < TARGET_COLD_10K_MS),
+        ));
+    }
+    if let Some(worst) = results
+        .control_plane
+        .iter()
+        .map(|row| row.change_p99_ms.median)
+        .reduce(f64::max)
+    {
+        lines.push((
+            format!("one endpoint change p99 < {TARGET_CHANGE_P99_MS} ms (every size)"),
+            format!("{worst:.2} ms (worst size)"),
+            Some(worst < TARGET_CHANGE_P99_MS),
+        ));
+    }
+    if let Some(row) = results
+        .memory
+        .iter()
+        .find(|row| row.services == TEN_THOUSAND)
+    {
+        lines.push((
+            format!("agent memory < {TARGET_AGENT_RSS_10K_MIB} MiB at 10,000 Services"),
+            format!("{:.1} MiB", row.agent_rss_mib),
+            Some(row.agent_rss_mib < TARGET_AGENT_RSS_10K_MIB),
+        ));
+    }
     let _ = writeln!(out, "## Targets\n\n| target | measured | |\n|---|---:|---|");
     for (target, measured, met) in lines {
         let _ = writeln!(out, "| {target} | {measured} | {} |", verdict(met));
@@ -301,6 +397,7 @@ pub fn render(results: &Results) -> String {
     packet_section(&mut out, &results.packet);
     e2e_section(&mut out, &results.end_to_end);
     programming_section(&mut out, results);
+    control_section(&mut out, results);
     if !results.notes.is_empty() {
         let _ = writeln!(out, "## Notes\n");
         for note in &results.notes {
