@@ -9,8 +9,9 @@
 //! each connection's latency and the whole machine's CPU time; then one iperf3 TCP stream.
 
 use std::{
-    io::{BufRead as _, BufReader, ErrorKind, Write as _},
+    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{
@@ -49,8 +50,12 @@ const REPLY: &[u8] = b"OK\n";
 /// The client's ephemeral ports: wide, and TIME_WAIT ports reused, so that a run of tens of
 /// thousands of connections never waits for a free port.
 const CLIENT_PORT_RANGE: &str = "1024 65535";
-/// `USER_HZ`: the unit of /proc/stat.
-const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+/// iperf3's bound on connecting: a dropped SYN fails the run instead of hanging it (the test
+/// itself is bounded by `-t`).
+const IPERF_CONNECT_TIMEOUT_MS: u32 = 2_000;
+/// The share of a round's load duration spent again with BPF run-time statistics on, for lb's
+/// in-situ cost (kept out of the main run: statistics add two clock reads per packet).
+const IN_SITU_SHARE: u32 = 3;
 /// How often, and how long, to look for an endpoint change in lb's maps.
 const CHANGE_POLL: Duration = Duration::from_micros(200);
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,15 +77,19 @@ pub struct E2ePlan {
 }
 
 /// A pooled server of the bench protocol: read the request line, answer, wait for the client
-/// to close, close.
+/// to close, close. Its threads block in `accept` (the kernel wakes exactly one per
+/// connection, no polling delay); stopping shuts the listener down, which wakes them all.
 struct Server {
     stop: Arc<AtomicBool>,
+    listener: Arc<TcpListener>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // SAFETY: a valid listening socket; shutdown makes every blocked accept return.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -105,7 +114,6 @@ impl Server {
         let listener = netns
             .run(|| TcpListener::bind(("0.0.0.0", port)))?
             .with_context(|| format!("binding port {port} in {}", netns.name()))?;
-        listener.set_nonblocking(true)?;
         let listener = Arc::new(listener);
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..SERVER_THREADS)
@@ -118,16 +126,18 @@ impl Server {
                             Ok((stream, _)) => {
                                 let _ = serve(stream);
                             }
-                            Err(error) if error.kind() == ErrorKind::WouldBlock => {
-                                std::thread::sleep(POLL / 20);
-                            }
+                            // Out of descriptors or memory for a moment: back off briefly.
                             Err(_) => std::thread::sleep(POLL),
                         }
                     }
                 })
             })
             .collect();
-        Ok(Self { stop, threads })
+        Ok(Self {
+            stop,
+            listener,
+            threads,
+        })
     }
 }
 
@@ -144,7 +154,6 @@ impl Drop for Process {
 /// One contender's topology, servers and loaded rules (or agent).
 struct Stage {
     contender: Contender,
-    topology: SingleNode,
     _servers: Vec<Server>,
     _iperf: Process,
     agent: Option<Agent>,
@@ -155,6 +164,8 @@ struct Stage {
     iperf_target: SocketAddr,
     load_ms: f64,
     change_ms: Vec<f64>,
+    /// Last: fields drop in order, and the namespaces must outlive the servers in them.
+    topology: SingleNode,
 }
 
 impl Drop for Stage {
@@ -183,7 +194,9 @@ fn busy_cpu_seconds() -> anyhow::Result<f64> {
     // user nice system idle iowait irq softirq steal
     const BUSY: [usize; 6] = [0, 1, 2, 5, 6, 7];
     let ticks: u64 = BUSY.iter().filter_map(|index| fields.get(*index)).sum();
-    Ok(ticks as f64 / CLOCK_TICKS_PER_SECOND)
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(ticks as f64 / ticks_per_second as f64)
 }
 
 /// What one connection-rate run saw.
@@ -207,13 +220,18 @@ fn one_connection(target: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
-fn run_load(client: &Netns, target: SocketAddr, plan: &E2ePlan) -> anyhow::Result<Load> {
+fn run_load(
+    client: &Netns,
+    target: SocketAddr,
+    duration: Duration,
+    clients: usize,
+) -> anyhow::Result<Load> {
     let cpu_before = busy_cpu_seconds()?;
     let started = Instant::now();
-    let deadline = started + plan.load_duration;
+    let deadline = started + duration;
     let per_client = client.run(|| {
         std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..plan.clients)
+            let workers: Vec<_> = (0..clients)
                 .map(|_| {
                     // Threads inherit the network namespace of the thread that creates them.
                     scope.spawn(move || {
@@ -265,6 +283,8 @@ fn run_iperf(client: &Netns, target: SocketAddr, seconds: u32) -> anyhow::Result
             &target.port().to_string(),
             "-t",
             &seconds.to_string(),
+            "--connect-timeout",
+            &IPERF_CONNECT_TIMEOUT_MS.to_string(),
             "-J",
         ],
     )?;
@@ -298,6 +318,16 @@ impl Stage {
             .args(["-s", "-p", &IPERF_PORT.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe. A killed benchmark must not leave the server
+        // running: the kernel kills it when the thread that started it exits.
+        unsafe {
+            iperf_command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let iperf = Process(topology.backends[0].spawn(&mut iperf_command)?);
         let traffic = services.last().context("no Services")?;
         let iperf_service = &services[services.len() - 2];
@@ -515,7 +545,6 @@ pub fn run(
     lb_bin: &Path,
     progress: &dyn Fn(&str),
 ) -> anyhow::Result<(Vec<EndToEnd>, Vec<Programming>, Vec<Memory>)> {
-    let _stats = RunTimeStats::enable()?;
     let mut rows = Vec::new();
     let mut programming = Vec::new();
     let mut memory = Vec::new();
@@ -541,12 +570,30 @@ pub fn run(
                 "end to end: {count} Services, round {}",
                 round + 1
             ));
-            for (stage, rounds) in stages.iter().zip(&mut measured) {
-                let program = stage.lb_program_id()?;
-                let before = program.map(bpfstats::program_runs).transpose()?;
-                let mut load = run_load(&stage.topology.client, stage.target, plan)?;
-                if let (Some(id), Some(before)) = (program, before) {
+            // Each round starts with another contender, so none always runs first.
+            let order: Vec<usize> = (0..stages.len())
+                .map(|offset| (round + offset) % stages.len())
+                .collect();
+            for index in order {
+                let stage = &stages[index];
+                let rounds = &mut measured[index];
+                let mut load = run_load(
+                    &stage.topology.client,
+                    stage.target,
+                    plan.load_duration,
+                    plan.clients,
+                )?;
+                if let Some(id) = stage.lb_program_id()? {
+                    let stats = RunTimeStats::enable()?;
+                    let before = bpfstats::program_runs(id)?;
+                    run_load(
+                        &stage.topology.client,
+                        stage.target,
+                        plan.load_duration / IN_SITU_SHARE,
+                        plan.clients,
+                    )?;
                     let after = bpfstats::program_runs(id)?;
+                    drop(stats);
                     if let Some(ns) = after.ns_per_run_since(&before) {
                         rounds.in_situ.push(ns);
                     }

@@ -228,6 +228,22 @@ fn main() -> anyhow::Result<()> {
         results.control_plane = control::run(&plan, &prefix, &progress)?;
     }
 
+    for row in &results.end_to_end {
+        if row.failed_connections > 0 {
+            results.notes.push(format!(
+                "{} at {} Services: {} connections failed; its rate and latency count only the \
+                 others",
+                row.contender.label(),
+                row.services,
+                row.failed_connections
+            ));
+        }
+    }
+    results.notes.push(
+        "Not measured yet: packet rate with a packet generator (trafgen / xdp-trafficgen), the \
+         issue's item 5."
+            .to_owned(),
+    );
     for file in report::write(&results, &cli.out)? {
         progress(&format!("wrote {}", file.display()));
     }

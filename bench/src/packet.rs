@@ -363,6 +363,7 @@ fn udp_frame(
 
 // Offsets in an untagged Ethernet + 20-byte IPv4 frame.
 const ETH_DST: std::ops::Range<usize> = 0..6;
+const ETH_SRC: std::ops::Range<usize> = 6..12;
 const IP_START: usize = 14;
 const IP_HLEN: usize = 20;
 const IP_SRC: std::ops::Range<usize> = 26..30;
@@ -381,6 +382,25 @@ fn ipv4_header_ok(frame: &[u8]) -> bool {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     sum == 0xffff
+}
+
+/// Whether the frame's TCP or UDP checksum is right for its (translated) addresses, recomputed
+/// from scratch by etherparse.
+fn l4_checksum_ok(frame: &[u8]) -> anyhow::Result<bool> {
+    let headers = etherparse::PacketHeaders::from_ethernet_slice(frame)?;
+    let Some(etherparse::NetHeaders::Ipv4(ip, _)) = &headers.net else {
+        bail!("not IPv4");
+    };
+    let payload = headers.payload.slice();
+    Ok(match &headers.transport {
+        Some(etherparse::TransportHeader::Tcp(tcp)) => {
+            tcp.calc_checksum_ipv4(ip, payload)? == tcp.checksum
+        }
+        Some(etherparse::TransportHeader::Udp(udp)) => {
+            udp.calc_checksum_ipv4(ip, payload)? == udp.checksum
+        }
+        _ => bail!("neither TCP nor UDP"),
+    })
 }
 
 fn addr_at(frame: &[u8], range: std::ops::Range<usize>) -> Ipv4Addr {
@@ -733,6 +753,22 @@ impl Lab {
             case.name()
         );
         ensure!(ipv4_header_ok(output), "{}: bad IPv4 checksum", case.name());
+        ensure!(
+            l4_checksum_ok(output)?,
+            "{}: bad L4 checksum after translation",
+            case.name()
+        );
+        // Replies leave towards the client (in0), everything else towards the backends (out0).
+        let egress_mac = if expected.src.is_some() {
+            self.in0.mac
+        } else {
+            self.out0.mac
+        };
+        ensure!(
+            output[ETH_SRC] == egress_mac,
+            "{}: the frame does not leave from the egress interface's MAC",
+            case.name()
+        );
         let dst = (addr_at(output, IP_DST), port_at(output, L4_DST_PORT));
         if let Some(allowed) = &expected.dst_in {
             ensure!(

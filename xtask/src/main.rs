@@ -41,7 +41,7 @@ enum Task {
         /// A reduced set, under 5 minutes (the full set stays under 30).
         #[arg(long)]
         quick: bool,
-        /// Only these sections, comma separated (packet, e2e).
+        /// Only these sections, comma separated (packet, e2e, control).
         #[arg(long)]
         only: Option<String>,
     },
