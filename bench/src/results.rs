@@ -125,7 +125,8 @@ pub struct EndToEnd {
     pub iperf_gbps: Sample,
     /// `lb_xdp`'s in-situ cost from `kernel.bpf_stats_enabled` (run_time_ns / run_cnt); lb only.
     pub in_situ_ns_per_packet: Option<Sample>,
-    /// Connections that failed (must be 0 for the figures to count).
+    /// Connections that failed (timed out or reset); the rate and latency count only the
+    /// others, and the report names every contender with failures.
     pub failed_connections: u64,
 }
 
