@@ -2700,14 +2700,23 @@ fn new_connection_on_a_closed_tuple_is_reselected() {
 // ---------------------------------------------------------------------------------------------
 // The two entries of a flow share liveness and close state.
 
-/// Idle time that expires any flow (UDP lives 120 s, a closing TCP flow 120 s).
-const LONG_IDLE_NS: u64 = 600 * 1_000_000_000;
+/// Idle time that expires a UDP flow (it lives `UDP_LIFETIME_NS`, 120 s), with a margin.
+const LONG_IDLE_NS: u64 = lb_common::conntrack::UDP_LIFETIME_NS + 10 * 1_000_000_000;
 /// Idle time past the refresh interval but within every lifetime.
 const SHORT_IDLE_NS: u64 = 2 * 1_000_000_000;
 
 impl Lab {
     /// Moves a conntrack entry's last activity `idle_ns` into the past.
     fn age(&self, key: &FlowKey, idle_ns: u64) {
+        // The clock starts at boot and the dataplane's idle time saturates at zero, so an idle
+        // time longer than the uptime cannot be written: on a machine booted moments ago (a fresh
+        // CI machine), wait until the clock has run that far.
+        let uptime_ns = monotonic_ns();
+        if uptime_ns <= idle_ns {
+            let wait = std::time::Duration::from_nanos(idle_ns - uptime_ns + 1_000_000_000);
+            eprintln!("the machine booted {uptime_ns} ns ago; waiting {wait:?} to age a flow");
+            std::thread::sleep(wait);
+        }
         let mut table = open_conntrack(&self.pin_dir).expect("opening LB_CONNTRACK");
         let mut state = table.get(key, 0).expect("the entry exists");
         state.last_seen_ns = monotonic_ns() - idle_ns;
