@@ -7,6 +7,7 @@
 //! Per round: new connections for a bounded time from concurrent clients (connect, one request
 //! line, the reply line, close from the client side so TIME_WAIT stays with the client), with
 //! each connection's latency and the whole machine's CPU time; then one iperf3 TCP stream.
+//! At the sizes the plan names, rounds of packet rate follow (see [`crate::rate`]).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -31,9 +32,13 @@ use lb_tests::{
 
 use crate::{
     bpfstats::{self, RunTimeStats},
-    results::{Contender, EndToEnd, Memory, Programming, Sample, quantile},
+    rate::{self, Generator},
+    results::{Contender, EndToEnd, Memory, PacketRate, Programming, Sample, quantile},
     rules::{iptables, nftables},
-    workload::{self, IPERF_PORT, SyntheticService, TARGET_PORT, Traffic},
+    workload::{
+        self, HTTP_SERVICE, IPERF_PORT, IPERF_SERVICE, SyntheticService, TARGET_PORT, Traffic,
+        UDP_SERVICE,
+    },
 };
 
 /// Endpoints per Service.
@@ -74,6 +79,10 @@ pub struct E2ePlan {
     pub iperf_seconds: u32,
     /// Times one endpoint is changed in each loaded rule set.
     pub changes: usize,
+    /// The sizes (among `services`) at which packet rate is measured too.
+    pub rate_services: Vec<usize>,
+    /// Length of one packet-rate run.
+    pub rate_duration: Duration,
 }
 
 /// A pooled server of the bench protocol: read the request line, answer, wait for the client
@@ -162,6 +171,8 @@ struct Stage {
     /// Where the clients connect: the traffic Service, or a backend for `Direct`.
     target: SocketAddr,
     iperf_target: SocketAddr,
+    /// The packet generator, at the sizes where packet rate is measured.
+    generator: Option<Generator>,
     load_ms: f64,
     change_ms: Vec<f64>,
     /// Last: fields drop in order, and the namespaces must outlive the servers in them.
@@ -301,6 +312,7 @@ impl Stage {
         prefix: &str,
         services: &[SyntheticService],
         lb_bin: &Path,
+        with_rate: bool,
     ) -> anyhow::Result<Self> {
         let name = format!("{prefix}-{}", contender_tag(contender));
         let topology = SingleNode::build(&name, Offload::default())?;
@@ -329,8 +341,8 @@ impl Stage {
             });
         }
         let iperf = Process(topology.backends[0].spawn(&mut iperf_command)?);
-        let traffic = services.last().context("no Services")?;
-        let iperf_service = &services[services.len() - 2];
+        let traffic = workload::named(services, HTTP_SERVICE)?;
+        let iperf_service = workload::named(services, IPERF_SERVICE)?;
         let workdir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&workdir)?;
         let pin_dir = lb_tests::agent::pin_dir(&name);
@@ -347,6 +359,7 @@ impl Stage {
                 iperf_service.cluster_ip,
                 iperf_service.port,
             )),
+            generator: None,
             load_ms: f64::NAN,
             change_ms: Vec::new(),
         };
@@ -387,6 +400,20 @@ impl Stage {
                 stage.target = SocketAddr::V4(SocketAddrV4::new(backend_addr(0), TARGET_PORT));
                 stage.iperf_target = SocketAddr::V4(SocketAddrV4::new(backend_addr(0), IPERF_PORT));
             }
+        }
+        if with_rate {
+            let target = if contender == Contender::Direct {
+                SocketAddrV4::new(backend_addr(0), TARGET_PORT)
+            } else {
+                let udp = workload::named(services, UDP_SERVICE)?;
+                SocketAddrV4::new(udp.cluster_ip, udp.port)
+            };
+            stage.generator = Some(Generator::new(
+                &stage.topology,
+                target,
+                TARGET_PORT,
+                &stage.workdir,
+            )?);
         }
         // One connection must work before anything is measured.
         let target = stage.target;
@@ -536,6 +563,47 @@ struct Rounds {
     iperf: Vec<f64>,
     in_situ: Vec<f64>,
     failures: u64,
+    sent_pps: Vec<f64>,
+    forwarded_pps: Vec<f64>,
+}
+
+/// Rounds of packet rate over `stages`, each round starting with another contender; every
+/// contender passes the generator's check first.
+fn rate_rounds(
+    stages: &[Stage],
+    measured: &mut [Rounds],
+    plan: &E2ePlan,
+    progress: &dyn Fn(&str),
+) -> anyhow::Result<()> {
+    for stage in stages {
+        let Some(generator) = &stage.generator else {
+            continue;
+        };
+        let backends = if stage.contender == Contender::Direct {
+            1
+        } else {
+            ENDPOINTS
+        };
+        generator
+            .check(&stage.topology, backends)
+            .with_context(|| format!("{}: the packet-rate check", stage.contender.label()))?;
+    }
+    for round in 0..plan.rounds {
+        progress(&format!("packet rate: round {}", round + 1));
+        for offset in 0..stages.len() {
+            let index = (round + offset) % stages.len();
+            let stage = &stages[index];
+            let Some(generator) = &stage.generator else {
+                continue;
+            };
+            let rate = generator
+                .measure(&stage.topology, plan.rate_duration)
+                .with_context(|| format!("{}: packet rate", stage.contender.label()))?;
+            measured[index].sent_pps.push(rate.offered_pps);
+            measured[index].forwarded_pps.push(rate.forwarded_pps);
+        }
+    }
+    Ok(())
 }
 
 /// Runs the end-to-end plan. Returns the end-to-end rows and the rule-set load timings.
@@ -544,19 +612,24 @@ pub fn run(
     prefix: &str,
     lb_bin: &Path,
     progress: &dyn Fn(&str),
-) -> anyhow::Result<(Vec<EndToEnd>, Vec<Programming>, Vec<Memory>)> {
-    let mut rows = Vec::new();
-    let mut programming = Vec::new();
-    let mut memory = Vec::new();
+) -> anyhow::Result<E2eResults> {
+    let mut results = E2eResults::default();
     for &count in &plan.services {
-        let services = workload::services(count, ENDPOINTS, Traffic::HttpAndIperf);
+        let services = workload::services(count, ENDPOINTS, Traffic::All);
+        let with_rate = plan.rate_services.contains(&count);
         let mut stages = Vec::new();
         for &contender in &plan.contenders {
             progress(&format!(
                 "end to end: {count} Services, loading {}",
                 contender.label()
             ));
-            let stage = Stage::build(contender, &format!("{prefix}-{count}"), &services, lb_bin)?;
+            let stage = Stage::build(
+                contender,
+                &format!("{prefix}-{count}"),
+                &services,
+                lb_bin,
+                with_rate,
+            )?;
             progress(&format!(
                 "end to end: {} loaded in {:.0} ms",
                 contender.label(),
@@ -615,11 +688,14 @@ pub fn run(
                 )?);
             }
         }
+        if with_rate {
+            rate_rounds(&stages, &mut measured, plan, progress)?;
+        }
         for stage in &mut stages {
             stage.measure_changes(&services, plan.changes)?;
             if let Some(agent) = &stage.agent {
                 let maps = crate::memory::pinned_maps(&stage.pin_dir)?;
-                memory.push(Memory {
+                results.memory.push(Memory {
                     services: count,
                     endpoints_per_service: ENDPOINTS,
                     agent_rss_mib: crate::memory::resident_mib(
@@ -631,7 +707,16 @@ pub fn run(
             }
         }
         for (stage, rounds) in stages.iter().zip(measured) {
-            rows.push(EndToEnd {
+            if !rounds.forwarded_pps.is_empty() {
+                results.packet_rate.push(PacketRate {
+                    contender: stage.contender,
+                    services: count,
+                    flows: usize::from(rate::FLOWS),
+                    sent_pps: Sample::from_rounds(rounds.sent_pps),
+                    forwarded_pps: Sample::from_rounds(rounds.forwarded_pps),
+                });
+            }
+            results.end_to_end.push(EndToEnd {
                 contender: stage.contender,
                 services: count,
                 connections_per_second: Sample::from_rounds(rounds.rate),
@@ -644,7 +729,7 @@ pub fn run(
                 failed_connections: rounds.failures,
             });
             if stage.contender != Contender::Direct {
-                programming.push(Programming {
+                results.programming.push(Programming {
                     contender: stage.contender,
                     services: count,
                     endpoints_per_service: ENDPOINTS,
@@ -655,5 +740,14 @@ pub fn run(
         }
         drop(stages);
     }
-    Ok((rows, programming, memory))
+    Ok(results)
+}
+
+/// What the end-to-end section measured.
+#[derive(Default)]
+pub struct E2eResults {
+    pub end_to_end: Vec<EndToEnd>,
+    pub programming: Vec<Programming>,
+    pub memory: Vec<Memory>,
+    pub packet_rate: Vec<PacketRate>,
 }

@@ -5,8 +5,10 @@
 mod bpfstats;
 mod control;
 mod e2e;
+mod link;
 mod memory;
 mod packet;
+mod rate;
 mod report;
 mod results;
 mod rules;
@@ -45,8 +47,8 @@ struct Cli {
 enum Section {
     /// Per-packet cost with BPF_PROG_TEST_RUN.
     Packet,
-    /// Connection rate, latency and iperf3 through each contender in namespaces; rule-set
-    /// load and change times; the agent's memory.
+    /// Connection rate, latency, iperf3 and packet rate through each contender in
+    /// namespaces; rule-set load and change times; the agent's memory.
     E2e,
     /// Cold programming and single endpoint changes through the reconciler and real maps.
     Control,
@@ -180,6 +182,8 @@ fn main() -> anyhow::Result<()> {
                 clients: E2E_CLIENTS,
                 iperf_seconds: 1,
                 changes: 1,
+                rate_services: vec![1],
+                rate_duration: SMOKE_LOAD,
             }
         } else if cli.quick {
             e2e::E2ePlan {
@@ -190,6 +194,8 @@ fn main() -> anyhow::Result<()> {
                 clients: E2E_CLIENTS,
                 iperf_seconds: 1,
                 changes: ROUNDS,
+                rate_services: vec![1, 1_000],
+                rate_duration: Duration::from_secs(1),
             }
         } else {
             e2e::E2ePlan {
@@ -200,12 +206,15 @@ fn main() -> anyhow::Result<()> {
                 clients: E2E_CLIENTS,
                 iperf_seconds: 2,
                 changes: ROUNDS,
+                rate_services: vec![1, 10_000],
+                rate_duration: Duration::from_secs(2),
             }
         };
-        let (rows, programming, memory) = e2e::run(&plan, &prefix, &lb_bin, &progress)?;
-        results.end_to_end = rows;
-        results.programming = programming;
-        results.memory = memory;
+        let measured = e2e::run(&plan, &prefix, &lb_bin, &progress)?;
+        results.end_to_end = measured.end_to_end;
+        results.programming = measured.programming;
+        results.memory = measured.memory;
+        results.packet_rate = measured.packet_rate;
     }
 
     if wanted(Section::Control) {
@@ -239,11 +248,6 @@ fn main() -> anyhow::Result<()> {
             ));
         }
     }
-    results.notes.push(
-        "Not measured yet: packet rate with a packet generator (trafgen / xdp-trafficgen), the \
-         issue's item 5."
-            .to_owned(),
-    );
     for file in report::write(&results, &cli.out)? {
         progress(&format!("wrote {}", file.display()));
     }
@@ -272,6 +276,15 @@ fn main() -> anyhow::Result<()> {
             row.iperf_gbps.median,
             row.failed_connections,
             row.in_situ_ns_per_packet.as_ref().map(|s| s.median)
+        );
+    }
+    for row in &results.packet_rate {
+        println!(
+            "packet rate {:<16} {:>7} svc  forwarded {:>8.0} pps  sent {:>8.0} pps",
+            row.contender.label(),
+            row.services,
+            row.forwarded_pps.median,
+            row.sent_pps.median
         );
     }
     for row in &results.control_plane {

@@ -168,17 +168,10 @@ struct Iface {
 }
 
 fn interface(netns: &Netns, name: &str) -> anyhow::Result<Iface> {
-    let output = netns.exec("ip", &["-j", "link", "show", "dev", name])?;
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    let index = links[0]["ifindex"].as_u64().context("ifindex")?;
-    let text = links[0]["address"].as_str().context("MAC address")?;
-    let mut mac = [0u8; 6];
-    for (byte, octet) in mac.iter_mut().zip(text.split(':')) {
-        *byte = u8::from_str_radix(octet, 16)?;
-    }
+    let link = crate::link::read(netns, name)?;
     Ok(Iface {
-        index: u32::try_from(index)?,
-        mac,
+        index: link.index,
+        mac: link.mac,
     })
 }
 

@@ -172,9 +172,11 @@ pub struct Memory {
 pub struct PacketRate {
     pub contender: Contender,
     pub services: usize,
-    /// Packets sent by the generator per second.
+    /// Flows (client source ports) the generator cycles through.
+    pub flows: usize,
+    /// Frames per second the generator got out of the client's interface.
     pub sent_pps: Sample,
-    /// Packets that reached the backends per second.
+    /// Frames per second that reached the backends' interfaces.
     pub forwarded_pps: Sample,
 }
 

@@ -91,11 +91,28 @@ pub enum Traffic {
     /// The last Service (TCP, [`SERVICE_PORT`] -> [`TARGET_PORT`]) goes to the topology's
     /// backends.
     Http,
-    /// As `Http`, and the Service before it is iperf3's ([`IPERF_PORT`]) with the first backend
-    /// only: iperf3 opens a control and a data connection that must meet the same server.
-    HttpAndIperf,
-    /// As `Http` but UDP, for the packet generator.
-    Udp,
+    /// As `Http`; the Service before it is iperf3's ([`IPERF_PORT`]) with the first backend
+    /// only (iperf3 opens a control and a data connection that must meet the same server), and
+    /// the one before that is UDP ([`SERVICE_PORT`] -> [`TARGET_PORT`]) to the topology's
+    /// backends, for the packet generator.
+    All,
+}
+
+/// Names of the Services that carry traffic.
+pub const HTTP_SERVICE: &str = "traffic";
+pub const IPERF_SERVICE: &str = "iperf";
+pub const UDP_SERVICE: &str = "datagrams";
+
+/// The Service named `name` in `services`.
+pub fn named<'a>(
+    services: &'a [SyntheticService],
+    name: &str,
+) -> anyhow::Result<&'a SyntheticService> {
+    services
+        .iter()
+        .rev()
+        .find(|service| service.name == name)
+        .ok_or_else(|| anyhow::anyhow!("no Service named {name}"))
 }
 
 /// The ClusterIP of the Service created `index`-th.
@@ -126,36 +143,42 @@ pub fn services(count: usize, endpoints: usize, traffic: Traffic) -> Vec<Synthet
         })
         .collect();
     let real: Vec<Ipv4Addr> = (0..BACKENDS).map(backend_addr).collect();
-    if traffic == Traffic::HttpAndIperf {
+    let mut extra = |(name, port_name): (&str, &str),
+                     protocol: Protocol,
+                     port: u16,
+                     endpoints: Vec<Ipv4Addr>| {
+        let index = services.len();
         services.push(SyntheticService {
-            index: idle,
+            index,
             namespace: NAMESPACE.to_owned(),
-            name: "iperf".to_owned(),
-            port_name: "iperf".to_owned(),
-            cluster_ip: cluster_ip(idle),
-            port: IPERF_PORT,
-            protocol: Protocol::Tcp,
-            endpoints: vec![real[0]],
-            target_port: IPERF_PORT,
+            name: name.to_owned(),
+            port_name: port_name.to_owned(),
+            cluster_ip: cluster_ip(index),
+            port,
+            protocol,
+            endpoints,
+            target_port: if port == IPERF_PORT {
+                IPERF_PORT
+            } else {
+                TARGET_PORT
+            },
         });
-    }
-    let index = services.len();
-    let protocol = if traffic == Traffic::Udp {
-        Protocol::Udp
-    } else {
-        Protocol::Tcp
     };
-    services.push(SyntheticService {
-        index,
-        namespace: NAMESPACE.to_owned(),
-        name: "traffic".to_owned(),
-        port_name: "http".to_owned(),
-        cluster_ip: cluster_ip(index),
-        port: SERVICE_PORT,
-        protocol,
-        endpoints: real,
-        target_port: TARGET_PORT,
-    });
+    if traffic == Traffic::All {
+        extra(
+            (UDP_SERVICE, "datagrams"),
+            Protocol::Udp,
+            SERVICE_PORT,
+            real.clone(),
+        );
+        extra(
+            (IPERF_SERVICE, "iperf"),
+            Protocol::Tcp,
+            IPERF_PORT,
+            vec![real[0]],
+        );
+    }
+    extra((HTTP_SERVICE, "http"), Protocol::Tcp, SERVICE_PORT, real);
     services
 }
 
@@ -245,13 +268,18 @@ mod tests {
 
     #[test]
     fn the_traffic_services_are_created_last_and_addresses_are_unique() {
-        let services = services(1_000, 3, Traffic::HttpAndIperf);
-        assert_eq!(services.len(), 1_001);
-        assert_eq!(services[1_000].name, "traffic");
-        assert_eq!(services[999].name, "iperf");
-        assert_eq!(services[999].endpoints, vec![backend_addr(0)]);
+        let services = services(1_000, 3, Traffic::All);
+        assert_eq!(services.len(), 1_002);
+        assert_eq!(services[1_001].name, HTTP_SERVICE);
+        assert_eq!(services[1_000].name, IPERF_SERVICE);
+        assert_eq!(services[1_000].endpoints, vec![backend_addr(0)]);
+        assert_eq!(services[1_000].target_port, IPERF_PORT);
+        assert_eq!(services[999].name, UDP_SERVICE);
+        assert_eq!(services[999].protocol, Protocol::Udp);
+        assert_eq!(services[999].target_port, TARGET_PORT);
+        assert_eq!(named(&services, UDP_SERVICE).expect("found").index, 999);
         let ips: std::collections::BTreeSet<_> = services.iter().map(|s| s.cluster_ip).collect();
-        assert_eq!(ips.len(), 1_001);
+        assert_eq!(ips.len(), 1_002);
         let pods: std::collections::BTreeSet<_> =
             services.iter().flat_map(|s| s.endpoints.clone()).collect();
         // 999 idle Services x 3 endpoints, plus the 3 real backends.
@@ -262,7 +290,7 @@ mod tests {
 
     #[test]
     fn the_manifests_are_read_by_the_agent_s_own_reader_into_the_same_frontends() {
-        let services = services(5, 3, Traffic::HttpAndIperf);
+        let services = services(5, 3, Traffic::All);
         let dir = std::env::temp_dir().join(format!("lb-bench-workload-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         std::fs::write(
@@ -279,7 +307,7 @@ mod tests {
             load.snapshot.slices.values().map(|s| &s.object),
         );
         assert!(notes.is_empty(), "{notes:?}");
-        assert_eq!(desired.frontends.len(), 6);
+        assert_eq!(desired.frontends.len(), 7);
         for service in &services {
             let frontend = desired
                 .frontends

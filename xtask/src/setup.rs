@@ -57,7 +57,7 @@ const PACKAGES: [Need; 4] = [
 ];
 
 /// What `cargo xtask bench` runs on top.
-const BENCH_PACKAGES: [Need; 4] = [
+const BENCH_PACKAGES: [Need; 5] = [
     (
         Provides::Command("iperf3"),
         "iperf3",
@@ -72,6 +72,11 @@ const BENCH_PACKAGES: [Need; 4] = [
         Provides::Command("nft"),
         "nftables",
         "kube-proxy's nftables-mode rule layout, the second peer",
+    ),
+    (
+        Provides::Command("trafgen"),
+        "netsniff-ng",
+        "trafgen, the packet generator of the packet-rate runs",
     ),
     (
         Provides::File("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),

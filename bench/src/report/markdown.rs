@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::results::{Contender, EndToEnd, PacketCost, Results};
+use crate::results::{Contender, EndToEnd, PacketCost, PacketRate, Results};
 
 /// The issue's targets, as ratios in the same run.
 const TARGET_ESTABLISHED_VS_FLOOR: f64 = 2.5;
@@ -134,6 +134,54 @@ fn e2e_section(out: &mut String, rows: &[EndToEnd]) {
                 row.in_situ_ns_per_packet
                     .as_ref()
                     .map_or("–".to_owned(), |sample| figure(sample.median, 0)),
+            );
+        }
+    }
+    out.push('\n');
+}
+
+fn rate_section(out: &mut String, rows: &[PacketRate]) {
+    let Some(first) = rows.first() else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "## Packet rate (trafgen)
+
+         trafgen in the client namespace sends 60-byte UDP frames of {} flows round robin, as          fast as one CPU can, to a UDP Service's ClusterIP (direct: to one backend); the figure          is the frames per second the backends' interfaces received, after a warm-up that          tracks every flow. Each contender first passes a check: every flow twice at a gentle          rate, every frame delivered, every endpoint reached. The generator, the node and the          backends share the 2 cores, so these are relative figures, not a NIC's rate: a          contender that costs more CPU per packet leaves the generator less.
+",
+        first.flows
+    );
+    let _ = writeln!(
+        out,
+        "| Services | contender | forwarded kpps | sent kpps | delivered | vs iptables | vs nftables | vs direct |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut sizes: Vec<usize> = rows.iter().map(|row| row.services).collect();
+    sizes.dedup();
+    for services in sizes {
+        let base = |contender| {
+            rows.iter()
+                .find(|row| row.contender == contender && row.services == services)
+                .map_or(f64::NAN, |row| row.forwarded_pps.median)
+        };
+        for row in rows.iter().filter(|row| row.services == services) {
+            let forwarded = row.forwarded_pps.median;
+            let sent = row.sent_pps.median;
+            let _ = writeln!(
+                out,
+                "| {services} | {} | {} | {} | {} | {} | {} | {} |",
+                row.contender.label(),
+                figure(forwarded / 1e3, 0),
+                figure(sent / 1e3, 0),
+                if sent > 0.0 {
+                    format!("{:.0}%", 100.0 * forwarded / sent)
+                } else {
+                    "–".to_owned()
+                },
+                ratio(forwarded, base(Contender::Iptables)),
+                ratio(forwarded, base(Contender::Nftables)),
+                ratio(forwarded, base(Contender::Direct)),
             );
         }
     }
@@ -396,6 +444,7 @@ pub fn render(results: &Results) -> String {
     targets_section(&mut out, results);
     packet_section(&mut out, &results.packet);
     e2e_section(&mut out, &results.end_to_end);
+    rate_section(&mut out, &results.packet_rate);
     programming_section(&mut out, results);
     control_section(&mut out, results);
     if !results.notes.is_empty() {
