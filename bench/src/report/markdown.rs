@@ -146,10 +146,14 @@ fn rate_section(out: &mut String, rows: &[PacketRate]) {
     };
     let _ = writeln!(
         out,
-        "## Packet rate (trafgen)
-
-         trafgen in the client namespace sends 60-byte UDP frames of {} flows round robin, as          fast as one CPU can, to a UDP Service's ClusterIP (direct: to one backend); the figure          is the frames per second the backends' interfaces received, after a warm-up that          tracks every flow. Each contender first passes a check: every flow twice at a gentle          rate, every frame delivered, every endpoint reached. The generator, the node and the          backends share the 2 cores, so these are relative figures, not a NIC's rate: a          contender that costs more CPU per packet leaves the generator less.
-",
+        "## Packet rate (trafgen)\n\n\
+         trafgen in the client namespace sends 60-byte UDP frames of {} flows round robin, as \
+         fast as one CPU can, to a UDP Service's ClusterIP (direct: to one backend); the figure \
+         is the frames per second the backends' interfaces received, after a warm-up that \
+         tracks every flow. Each contender first passes a check: every flow twice at a gentle \
+         rate, every frame delivered, every endpoint reached. The generator, the node and the \
+         backends share the 2 cores, so these are relative figures, not a NIC's rate: a \
+         contender that costs more CPU per packet leaves the generator less.\n",
         first.flows
     );
     let _ = writeln!(
@@ -454,4 +458,41 @@ pub fn render(results: &Results) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::Sample;
+
+    fn rate(contender: Contender, forwarded: f64) -> PacketRate {
+        PacketRate {
+            contender,
+            services: 1,
+            flows: 1_024,
+            sent_pps: Sample::from_rounds(vec![forwarded]),
+            forwarded_pps: Sample::from_rounds(vec![forwarded]),
+        }
+    }
+
+    #[test]
+    fn the_packet_rate_table_has_ratios_and_its_prose_stays_one_paragraph() {
+        let results = Results {
+            packet_rate: vec![
+                rate(Contender::Lb, 600_000.0),
+                rate(Contender::Iptables, 400_000.0),
+                rate(Contender::Nftables, 500_000.0),
+                rate(Contender::Direct, 800_000.0),
+            ],
+            ..Results::default()
+        };
+        let report = render(&results);
+        assert!(
+            report.contains("| 1 | lb (XDP) | 600 | 600 | 100% | 1.50x | 1.20x | 0.75x |"),
+            "{report}"
+        );
+        assert!(report.contains("of 1024 flows"), "{report}");
+        // A string continuation gone wrong leaves runs of indentation inside the prose.
+        assert!(report.lines().all(|line| !line.contains("   ")), "{report}");
+    }
 }
