@@ -1,7 +1,10 @@
 //! The one pure function from Kubernetes objects to what the Service maps should hold. Both
 //! sources (a manifest directory today, the API server later) feed it, so they cannot drift.
 //!
-//! Semantics follow kube-proxy: a Service frontend is (ClusterIP, port, protocol); its backends
+//! Semantics follow kube-proxy: a Service frontend is (address, port, protocol), for each of the
+//! Service's addresses: its ClusterIP, its `externalIPs`, and for a LoadBalancer Service the
+//! ingress IPs in its status (except those with `ipMode: Proxy`, whose load balancer delivers to
+//! the nodes itself, so kube-proxy leaves them alone too). Its backends
 //! are the *ready* endpoints of the EndpointSlices labelled `kubernetes.io/service-name` with the
 //! Service's name in its namespace, at the slice port whose name and protocol match the Service
 //! port (the EndpointSlice controller has already resolved `targetPort` there, named ports
@@ -23,6 +26,9 @@ use lb_common::{
 };
 
 use crate::manifests::{CLUSTER_IP_NONE, DEFAULT_NAMESPACE};
+
+/// `status.loadBalancer.ingress[].ipMode` of a load balancer that proxies to the nodes.
+const IP_MODE_PROXY: &str = "Proxy";
 
 /// The label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -155,14 +161,11 @@ pub fn desired_state<'a>(
             note("headless Service (clusterIP: None): clients resolve endpoints by DNS".to_owned());
             continue;
         }
-        let mut addrs = Vec::new();
-        for ip in cluster_ips.iter().filter(|ip| !ip.is_empty()) {
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(addr)) => addrs.push(addr),
-                Ok(IpAddr::V6(_)) => note(format!("ClusterIP {ip}: IPv6 is not supported yet")),
-                Err(_) => note(format!("ClusterIP {ip:?} is not an IP address")),
-            }
-        }
+        let mut addrs: Vec<Ipv4Addr> = cluster_ips
+            .iter()
+            .filter(|ip| !ip.is_empty())
+            .filter_map(|ip| ipv4("ClusterIP", ip, &mut note))
+            .collect();
         if addrs.is_empty() && cluster_ips.iter().all(|ip| ip.is_empty()) {
             note(
                 "spec.clusterIP is not set: in standalone mode nothing allocates one, so set it \
@@ -170,6 +173,20 @@ pub fn desired_state<'a>(
                     .to_owned(),
             );
             continue;
+        }
+        let mut more: Vec<Ipv4Addr> = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .filter_map(|ip| ipv4("externalIP", ip, &mut note))
+            .collect();
+        if spec.type_.as_deref() == Some("LoadBalancer") {
+            more.extend(load_balancer_ips(service, &mut note));
+        }
+        for addr in more {
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
         }
         let slices = slices_by_service
             .get(&(namespace.clone(), name.clone()))
@@ -214,6 +231,47 @@ pub fn desired_state<'a>(
         }
     }
     (desired, notes)
+}
+
+/// The ingress IPs of a LoadBalancer Service's status that this node serves. Hostname-only
+/// entries (a cloud load balancer known by DNS name) and `ipMode: Proxy` entries are not
+/// addresses traffic arrives at here.
+fn load_balancer_ips(service: &Service, note: &mut impl FnMut(String)) -> Vec<Ipv4Addr> {
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|status| status.ingress.as_ref());
+    let mut addrs = Vec::new();
+    for entry in ingress.into_iter().flatten() {
+        let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+            continue;
+        };
+        if entry.ip_mode.as_deref() == Some(IP_MODE_PROXY) {
+            note(format!(
+                "load balancer ingress {ip} has ipMode Proxy: the load balancer delivers to the \
+                 nodes itself, nothing to program for it"
+            ));
+            continue;
+        }
+        addrs.extend(ipv4("load balancer ingress", ip, note));
+    }
+    addrs
+}
+
+/// `ip` as an IPv4 address, or a note saying why it is not programmed (`what` names the field).
+fn ipv4(what: &str, ip: &str, note: &mut impl FnMut(String)) -> Option<Ipv4Addr> {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(addr)) => Some(addr),
+        Ok(IpAddr::V6(_)) => {
+            note(format!("{what} {ip}: IPv6 is not supported yet"));
+            None
+        }
+        Err(_) => {
+            note(format!("{what} {ip:?} is not an IP address"));
+            None
+        }
+    }
 }
 
 /// The ready and the draining endpoints of `slices` at the slice port named `port_name` with

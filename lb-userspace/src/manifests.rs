@@ -624,6 +624,26 @@ fn validate_service(service: &Service) -> Result<(), FieldError> {
     for (index, ip) in spec.cluster_ips.iter().flatten().enumerate() {
         check_ip(format!("spec.clusterIPs[{index}]"), ip)?;
     }
+    let check_address = |field: String, ip: &str| -> Result<(), FieldError> {
+        if ip.parse::<IpAddr>().is_ok() {
+            Ok(())
+        } else {
+            Err(field_error(field, format!("{ip:?} is not an IP address")))
+        }
+    };
+    for (index, ip) in spec.external_ips.iter().flatten().enumerate() {
+        check_address(format!("spec.externalIPs[{index}]"), ip)?;
+    }
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|status| status.ingress.as_ref());
+    for (index, entry) in ingress.into_iter().flatten().enumerate() {
+        if let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) {
+            check_address(format!("status.loadBalancer.ingress[{index}].ip"), ip)?;
+        }
+    }
     if let (Some(ip), Some(first)) = (
         &spec.cluster_ip,
         spec.cluster_ips.as_ref().and_then(|ips| ips.first()),

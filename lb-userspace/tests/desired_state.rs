@@ -719,3 +719,60 @@ fn node_port_and_load_balancer_services_get_their_cluster_ip_frontend() {
         );
     }
 }
+
+#[test]
+fn external_ips_and_load_balancer_ingress_ips_are_frontends_like_the_cluster_ip() {
+    let services = [service(
+        "metadata: {name: web, namespace: shop}\nspec:\n  type: LoadBalancer\n  clusterIP: \
+         10.96.0.20\n  externalIPs: [198.51.100.7, 10.96.0.20, \"2001:db8::7\"]\n  ports:\n  - \
+         {name: http, port: 80, targetPort: 8080}\nstatus:\n  loadBalancer:\n    ingress:\n    - \
+         ip: 192.0.2.10\n    - hostname: lb.example.com\n    - {ip: 192.0.2.11, ipMode: Proxy}\n    \
+         - {ip: 192.0.2.12, ipMode: VIP}\n",
+    )];
+    let slices = [ready_slice(
+        "shop",
+        "web-1",
+        "web",
+        "[{name: http, port: 8080}]",
+        &["10.1.1.2", "10.1.2.2"],
+    )];
+    let (state, notes) = desired(&services, &slices);
+    let ready = backends(&["10.1.1.2", "10.1.2.2"], 8080);
+    let mut expected: Vec<Frontend> = [
+        [10, 96, 0, 20],
+        [198, 51, 100, 7],
+        [192, 0, 2, 10],
+        [192, 0, 2, 12],
+    ]
+    .into_iter()
+    .map(|addr| frontend(("shop", "web", "http"), addr, 80, TCP, ready.clone()))
+    .collect();
+    expected.sort_by_key(|frontend| frontend.addr);
+    assert_eq!(frontends(&state), expected);
+    // The IPv6 address and the proxying load balancer are said; the hostname is not an
+    // address, and the externalIP equal to the ClusterIP is the same frontend.
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(notes.iter().all(|n| n.object == "Service shop/web"));
+    assert!(notes[0].message.contains("2001:db8::7"), "{notes:?}");
+    assert!(notes[1].message.contains("192.0.2.11"), "{notes:?}");
+    assert!(notes[1].message.contains("Proxy"), "{notes:?}");
+
+    // A ClusterIP Service's status is not a load balancer's: only its externalIPs count.
+    let services = [service(
+        "metadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.20\n  ports:\n  - \
+         {name: http, port: 80, targetPort: 8080}\nstatus:\n  loadBalancer:\n    ingress:\n    - \
+         ip: 192.0.2.10\n",
+    )];
+    let (state, notes) = desired(&services, &slices);
+    assert!(notes.is_empty(), "{notes:?}");
+    assert_eq!(
+        frontends(&state),
+        vec![frontend(
+            ("shop", "web", "http"),
+            [10, 96, 0, 20],
+            80,
+            TCP,
+            ready
+        )]
+    );
+}

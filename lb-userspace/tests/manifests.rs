@@ -971,3 +971,42 @@ fn names_follow_the_api_server_formats() {
         }
     }
 }
+
+#[test]
+fn external_and_load_balancer_addresses_must_be_ip_addresses() {
+    for (extra, field) in [
+        (
+            "  externalIPs: [198.51.100.7, example.com]\n",
+            "spec.externalIPs[1]",
+        ),
+        (
+            "status:\n  loadBalancer:\n    ingress: [{hostname: lb.example.com}, {ip: 192.0.2}]\n",
+            "status.loadBalancer.ingress[1].ip",
+        ),
+    ] {
+        let spec = "  type: LoadBalancer\n  clusterIP: 10.96.0.1\n  ports: [{port: 80}]\n";
+        let yaml = if extra.starts_with("status") {
+            format!("{}{extra}", web_service(spec))
+        } else {
+            web_service(&format!("{spec}{extra}"))
+        };
+        let (_scratch, file, load) = load_single(&yaml);
+        assert_single_error(
+            &load,
+            &file,
+            Some("Service default/web"),
+            Some(field),
+            &["is not an IP address"],
+        );
+    }
+    // Hostnames, IPv6 and valid IPv4 addresses are accepted.
+    let (_scratch, _file, load) = load_single(&format!(
+        "{}status:\n  loadBalancer:\n    ingress: [{{hostname: lb.example.com}}, {{ip: \
+         192.0.2.10}}, {{ip: \"2001:db8::1\"}}]\n",
+        web_service(
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.1\n  externalIPs: [198.51.100.7]\n  \
+             ports: [{port: 80}]\n"
+        )
+    ));
+    assert!(load.errors.is_empty(), "{:#?}", load.errors);
+}

@@ -24,7 +24,7 @@ use lb_tests::{
     netns::{Netns, unique_prefix},
     privilege::require_root,
     servers::{Reply, Server, UdpChecksum},
-    topology::{BACKENDS, CLIENT_ADDR, Offload, SingleNode, backend_addr},
+    topology::{BACKENDS, CLIENT_ADDR, NODE_CLIENT_SIDE, Offload, SingleNode, backend_addr},
 };
 
 /// New flows per check: all three backends appear with probability 1 - 3(2/3)^30 > 0.99999.
@@ -785,4 +785,95 @@ fn a_not_ready_endpoint_keeps_its_connections_until_it_leaves_the_slice() {
         started.elapsed() < IO_TIMEOUT,
         "the connection hung instead of being reset: {error:#}"
     );
+}
+
+/// A load balancer's addresses and an external IP, outside the Service CIDR. The client routes
+/// them through the node, as the router in front of a cluster's nodes would.
+const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const PROXYING_LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+
+#[test]
+fn load_balancer_ingress_and_external_ips_reach_every_backend() {
+    if !require_root("load_balancer_ingress_and_external_ips_reach_every_backend") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    for addr in [LOAD_BALANCER_IP, PROXYING_LOAD_BALANCER_IP, EXTERNAL_IP] {
+        cluster
+            .client()
+            .ip(&[
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "via",
+                &NODE_CLIENT_SIDE.to_string(),
+            ])
+            .expect("client route");
+    }
+    // A LoadBalancer Service whose status lists an address traffic arrives at, and one of a
+    // load balancer that proxies (ipMode: Proxy), which kube-proxy leaves alone.
+    let manifest = service_manifest("edge", SECOND_CLUSTER_IP, &[0, 1, 2])
+        .replacen(
+            "spec:\n",
+            &format!("spec:\n  type: LoadBalancer\n  externalIPs: [\"{EXTERNAL_IP}\"]\n"),
+            1,
+        )
+        .replacen(
+            "---\n",
+            &format!(
+                "status:\n  loadBalancer:\n    ingress:\n    - ip: {LOAD_BALANCER_IP}\n    - ip: \
+                 {PROXYING_LOAD_BALANCER_IP}\n      ipMode: Proxy\n---\n"
+            ),
+            1,
+        );
+    std::fs::write(cluster.manifests().join("edge.yaml"), manifest).expect("manifest");
+    let wanted: Vec<String> = [SECOND_CLUSTER_IP, LOAD_BALANCER_IP, EXTERNAL_IP]
+        .iter()
+        .map(|addr| format!("{addr}:{TCP_PORT}"))
+        .collect();
+    assert!(
+        wait_until(APPLY_TIMEOUT, || {
+            let frontends = cluster.frontends();
+            wanted.iter().all(|frontend| frontends.contains(frontend))
+        }),
+        "the agent did not program {wanted:?}: {:?}",
+        cluster.frontends()
+    );
+    assert!(
+        !cluster
+            .frontends()
+            .iter()
+            .any(|frontend| frontend.starts_with(&PROXYING_LOAD_BALANCER_IP.to_string())),
+        "a proxying load balancer's address was programmed: {:?}",
+        cluster.frontends()
+    );
+    for addr in [LOAD_BALANCER_IP, EXTERNAL_IP] {
+        let (tcp, udp) = spread_to(
+            &cluster,
+            SocketAddr::from((addr, TCP_PORT)),
+            SocketAddr::from((addr, UDP_PORT)),
+            UdpChecksum::Computed,
+        );
+        assert!(
+            tcp.iter().all(|n| *n > 0),
+            "TCP spread through {addr}: {tcp:?}"
+        );
+        assert!(
+            udp.iter().all(|n| *n > 0),
+            "UDP spread through {addr}: {udp:?}"
+        );
+    }
+    // Nothing serves the proxying load balancer's address on this node: the node has no
+    // route to it and refuses at once.
+    let refused = cluster
+        .client()
+        .run(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::from((PROXYING_LOAD_BALANCER_IP, TCP_PORT)),
+                UNSERVED_CONNECT_TIMEOUT,
+            )
+        })
+        .expect("client thread");
+    assert!(refused.is_err(), "{PROXYING_LOAD_BALANCER_IP} answered");
 }
