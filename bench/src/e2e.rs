@@ -497,6 +497,18 @@ impl Stage {
         }
     }
 
+    /// lb's drop counters (empty for the other contenders).
+    fn lb_drop_counters(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        if self.contender != Contender::Lb {
+            return Ok(Vec::new());
+        }
+        Ok(lb::inspect::counters(&self.pin_dir)?
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("drop_"))
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect())
+    }
+
     /// The id of lb's program, from the pinned link on the client-facing interface.
     fn lb_program_id(&self) -> anyhow::Result<Option<u32>> {
         if self.contender != Contender::Lb {
@@ -638,6 +650,10 @@ pub fn run(
             stages.push(stage);
         }
         let mut measured: Vec<Rounds> = stages.iter().map(|_| Rounds::default()).collect();
+        let drops_before: Vec<_> = stages
+            .iter()
+            .map(Stage::lb_drop_counters)
+            .collect::<anyhow::Result<_>>()?;
         for round in 0..plan.rounds {
             progress(&format!(
                 "end to end: {count} Services, round {}",
@@ -688,6 +704,23 @@ pub fn run(
                 )?);
             }
         }
+        let mut lb_drops = Vec::new();
+        for (stage, before) in stages.iter().zip(&drops_before) {
+            let after = stage.lb_drop_counters()?;
+            lb_drops.push(
+                after
+                    .into_iter()
+                    .map(|(name, value)| {
+                        let earlier = before
+                            .iter()
+                            .find(|(other, _)| *other == name)
+                            .map_or(0, |(_, value)| *value);
+                        (name, value.saturating_sub(earlier))
+                    })
+                    .filter(|(_, moved)| *moved > 0)
+                    .collect::<Vec<_>>(),
+            );
+        }
         if with_rate {
             rate_rounds(&stages, &mut measured, plan, progress)?;
         }
@@ -706,7 +739,7 @@ pub fn run(
                 });
             }
         }
-        for (stage, rounds) in stages.iter().zip(measured) {
+        for ((stage, rounds), lb_drops) in stages.iter().zip(measured).zip(lb_drops) {
             if !rounds.forwarded_pps.is_empty() {
                 results.packet_rate.push(PacketRate {
                     contender: stage.contender,
@@ -727,6 +760,7 @@ pub fn run(
                 in_situ_ns_per_packet: (!rounds.in_situ.is_empty())
                     .then(|| Sample::from_rounds(rounds.in_situ)),
                 failed_connections: rounds.failures,
+                lb_drops,
             });
             if stage.contender != Contender::Direct {
                 results.programming.push(Programming {

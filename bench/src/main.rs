@@ -247,6 +247,18 @@ fn main() -> anyhow::Result<()> {
                 row.failed_connections
             ));
         }
+        if !row.lb_drops.is_empty() {
+            let drops: Vec<String> = row
+                .lb_drops
+                .iter()
+                .map(|(name, count)| format!("{name} {count}"))
+                .collect();
+            results.notes.push(format!(
+                "lb's drop counters at {} Services during the end-to-end rounds: {}",
+                row.services,
+                drops.join(", ")
+            ));
+        }
     }
     for file in report::write(&results, &cli.out)? {
         progress(&format!("wrote {}", file.display()));

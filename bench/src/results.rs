@@ -128,6 +128,9 @@ pub struct EndToEnd {
     /// Connections that failed (timed out or reset); the rate and latency count only the
     /// others, and the report names every contender with failures.
     pub failed_connections: u64,
+    /// lb only: the datapath's drop counters that moved during the rounds, by name, so that
+    /// a failure can be told apart from a drop.
+    pub lb_drops: Vec<(String, u64)>,
 }
 
 /// Loading a rule set (or programming the maps) and changing one endpoint in it.

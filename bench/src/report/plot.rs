@@ -728,6 +728,7 @@ mod tests {
                     iperf_gbps: sample(10.0),
                     in_situ_ns_per_packet: None,
                     failed_connections: 0,
+                    lb_drops: Vec::new(),
                 });
                 if contender != Contender::Direct {
                     let load = match contender {
