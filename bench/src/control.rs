@@ -17,6 +17,7 @@ use lb::{
         maps::{Capacities, ServiceMaps},
     },
     desired::desired_state,
+    node::NodeConfig,
     reconcile::Reconciler,
 };
 
@@ -61,7 +62,7 @@ fn one_round(
     let mut slices: Vec<EndpointSlice> = services.iter().map(SyntheticService::slice).collect();
 
     let started = Instant::now();
-    let (desired, _) = desired_state(&objects, &slices);
+    let (desired, _) = desired_state(&objects, &slices, &NodeConfig::default());
     let summary = reconciler.reconcile(&desired, &mut maps);
     let cold_ms = started.elapsed().as_secs_f64() * 1e3;
     ensure!(
@@ -91,7 +92,7 @@ fn one_round(
         let slice = changed.slice();
         let started = Instant::now();
         slices[index] = slice;
-        let (desired, _) = desired_state(&objects, &slices);
+        let (desired, _) = desired_state(&objects, &slices, &NodeConfig::default());
         let summary = reconciler.reconcile(&desired, &mut maps);
         latencies.push(started.elapsed().as_secs_f64() * 1e3);
         ensure!(

@@ -29,6 +29,7 @@ use lb::{
         },
     },
     desired::desired_state,
+    node::NodeConfig,
     reconcile::Reconciler,
 };
 use lb_common::{
@@ -445,7 +446,7 @@ impl Lab {
         service_objects.push(identity.service());
         slices.push(identity.slice());
         synthetic.clear();
-        let (desired, notes) = desired_state(&service_objects, &slices);
+        let (desired, notes) = desired_state(&service_objects, &slices, &NodeConfig::default());
         ensure!(notes.is_empty(), "unexpected notes: {notes:?}");
         let mut maps = ServiceMaps::open(&pin_dir)?;
         let (mut reconciler, _) = Reconciler::from_store(&mut maps)?;

@@ -305,6 +305,7 @@ mod tests {
         let (desired, notes) = lb::desired::desired_state(
             load.snapshot.services.values().map(|s| &s.object),
             load.snapshot.slices.values().map(|s| &s.object),
+            &lb::node::NodeConfig::default(),
         );
         assert!(notes.is_empty(), "{notes:?}");
         assert_eq!(desired.frontends.len(), 7);

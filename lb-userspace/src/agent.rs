@@ -1,6 +1,7 @@
 //! `lb agent`: attach the dataplane, then keep the Service maps equal to the manifests.
 
 use std::{
+    ops::RangeInclusive,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -22,6 +23,7 @@ use crate::{
     },
     desired::{Note, desired_state},
     manifests::{ManifestError, Snapshot, load_dir},
+    node::{self, Ipv4Cidr, NodeConfig},
     reconcile::Reconciler,
 };
 
@@ -42,6 +44,10 @@ pub struct AgentOptions {
     pub veth_redirect: VethRedirect,
     /// Map sizes.
     pub capacities: Capacities,
+    /// `--nodeport-addresses`: the prefixes NodePorts are served in (empty: every address).
+    pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// `--service-node-port-range`.
+    pub node_port_range: RangeInclusive<u16>,
 }
 
 /// The file in the state directory holding the last good objects.
@@ -61,10 +67,38 @@ struct ManifestSource {
     /// Reported once per change, not on every resync.
     last_errors: Vec<ManifestError>,
     last_notes: Vec<Note>,
+    /// What the node looked like at the last sync, reported when it changes.
+    node: NodeConfig,
 }
 
 impl ManifestSource {
-    fn sync(&mut self, reconciler: &mut Reconciler, maps: &mut ServiceMaps) {
+    /// The node as it is now. Addresses come and go with interfaces; they are read again at
+    /// every sync (a change notification or the periodic resync).
+    fn read_node(&mut self, cidrs: &[Ipv4Cidr], range: &RangeInclusive<u16>) -> NodeConfig {
+        let local = match node::local_addresses() {
+            Ok(local) => local,
+            Err(error) => {
+                warn!("{error:#}; keeping the NodePort addresses as they were");
+                return self.node.clone();
+            }
+        };
+        let node = NodeConfig {
+            nodeport_addresses: node::nodeport_addresses(&local, cidrs),
+            node_port_range: range.clone(),
+        };
+        if node.nodeport_addresses != self.node.nodeport_addresses {
+            let listed: Vec<String> = node
+                .nodeport_addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            info!("NodePorts are served on {}", listed.join(", "));
+        }
+        node
+    }
+
+    fn sync(&mut self, reconciler: &mut Reconciler, maps: &mut ServiceMaps, node: NodeConfig) {
+        self.node = node;
         let load = match load_dir(&self.dir, &self.snapshot) {
             Ok(load) => load,
             Err(error) => {
@@ -86,6 +120,7 @@ impl ManifestSource {
                 .values()
                 .map(|sourced| &sourced.object),
             self.snapshot.slices.values().map(|sourced| &sourced.object),
+            &self.node,
         );
         if notes != self.last_notes {
             for note in &notes {
@@ -141,6 +176,7 @@ impl ManifestSource {
             saved,
             last_errors: Vec::new(),
             last_notes: Vec::new(),
+            node: NodeConfig::default(),
         })
     }
 
@@ -186,6 +222,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         dataplane.attach(interface, options.veth_redirect)?;
     }
     dataplane.detach_others(&options.interfaces)?;
+    for interface in &options.interfaces {
+        if system::accept_local(interface)? {
+            info!(
+                "set net.ipv4.conf.{interface}.accept_local=1: NodePort replies carry the node's \
+                 address as source when the kernel routes them"
+            );
+        }
+    }
     for warning in system::sysctl_warnings(&options.interfaces) {
         warn!("{warning}");
     }
@@ -208,7 +252,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         .with_context(|| format!("watching {}", options.manifests.display()))?;
 
     let mut source = ManifestSource::new(options.manifests.clone(), &options.state_dir)?;
-    source.sync(&mut reconciler, &mut maps);
+    let node = source.read_node(&options.nodeport_cidrs, &options.node_port_range);
+    source.sync(&mut reconciler, &mut maps, node);
     info!(
         frontends = reconciler.frontend_count(),
         "ready: watching {}",
@@ -242,7 +287,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
-        source.sync(&mut reconciler, &mut maps);
+        let node = source.read_node(&options.nodeport_cidrs, &options.node_port_range);
+        source.sync(&mut reconciler, &mut maps, node);
     }
     info!(
         "stopping; the XDP program and the maps stay in place so traffic keeps flowing (`lb reset` \

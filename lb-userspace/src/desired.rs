@@ -4,7 +4,9 @@
 //! Semantics follow kube-proxy: a Service frontend is (address, port, protocol), for each of the
 //! Service's addresses: its ClusterIP, its `externalIPs`, and for a LoadBalancer Service the
 //! ingress IPs in its status (except those with `ipMode: Proxy`, whose load balancer delivers to
-//! the nodes itself, so kube-proxy leaves them alone too). Its backends
+//! the nodes itself, so kube-proxy leaves them alone too), and for a NodePort or LoadBalancer
+//! Service (node address, nodePort, protocol) for each of the node's NodePort addresses. Its
+//! backends
 //! are the *ready* endpoints of the EndpointSlices labelled `kubernetes.io/service-name` with the
 //! Service's name in its namespace, at the slice port whose name and protocol match the Service
 //! port (the EndpointSlice controller has already resolved `targetPort` there, named ports
@@ -25,7 +27,10 @@ use lb_common::{
     service::ServiceKey,
 };
 
-use crate::manifests::{CLUSTER_IP_NONE, DEFAULT_NAMESPACE};
+use crate::{
+    manifests::{CLUSTER_IP_NONE, DEFAULT_NAMESPACE},
+    node::NodeConfig,
+};
 
 /// `status.loadBalancer.ingress[].ipMode` of a load balancer that proxies to the nodes.
 const IP_MODE_PROXY: &str = "Proxy";
@@ -94,10 +99,15 @@ fn protocol_number(protocol: Option<&str>) -> Option<u8> {
     }
 }
 
-/// Computes the desired map contents from every Service and EndpointSlice.
+/// Service types with a nodePort on every port.
+const NODE_PORT_TYPES: [&str; 2] = ["NodePort", "LoadBalancer"];
+
+/// Computes the desired map contents from every Service and EndpointSlice, on the node `node`
+/// describes.
 pub fn desired_state<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeConfig,
 ) -> (DesiredState, Vec<Note>) {
     let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
@@ -207,13 +217,43 @@ pub fn desired_state<'a>(
                 continue; // Rejected by validation; unreachable for checked objects.
             };
             let (backends, draining) = endpoints(slices, &port_name, proto);
-            for addr in &addrs {
+            let mut listeners: Vec<(Ipv4Addr, u16)> =
+                addrs.iter().map(|addr| (*addr, service_port)).collect();
+            if NODE_PORT_TYPES.contains(&spec.type_.as_deref().unwrap_or_default()) {
+                let node_port = port
+                    .node_port
+                    .filter(|port| *port != 0)
+                    .and_then(|port| u16::try_from(port).ok());
+                match node_port {
+                    Some(node_port) if node.node_port_range.contains(&node_port) => listeners
+                        .extend(
+                            node.nodeport_addresses
+                                .iter()
+                                .map(|addr| (*addr, node_port)),
+                        ),
+                    Some(node_port) => note(format!(
+                        "port {} ({port_name}): nodePort {node_port} is outside the node port \
+                         range {}-{}; not served on the node's addresses",
+                        port.port,
+                        node.node_port_range.start(),
+                        node.node_port_range.end()
+                    )),
+                    // A LoadBalancer Service may do without (allocateLoadBalancerNodePorts).
+                    None if spec.type_.as_deref() == Some("NodePort") => note(format!(
+                        "port {} ({port_name}): spec.ports[].nodePort is not set: in standalone \
+                         mode nothing allocates one, so set it in the manifest",
+                        port.port
+                    )),
+                    None => {}
+                }
+            }
+            for (addr, listen_port) in listeners {
                 let frontend = Frontend {
                     namespace: namespace.clone(),
                     name: name.clone(),
                     port_name: port_name.clone(),
-                    addr: *addr,
-                    port: service_port,
+                    addr,
+                    port: listen_port,
                     proto,
                     backends: backends.clone(),
                     draining: draining.clone(),
@@ -221,7 +261,7 @@ pub fn desired_state<'a>(
                 let key = frontend.key();
                 if let Some(owner) = desired.frontends.get(&key) {
                     note(format!(
-                        "{addr}:{service_port} is already served by Service {}/{}; ignored here",
+                        "{addr}:{listen_port} is already served by Service {}/{}; ignored here",
                         owner.namespace, owner.name
                     ));
                     continue;

@@ -1,6 +1,7 @@
 //! `lb`: an eBPF/XDP Service load balancer for Kubernetes, userspace side.
 //!
 //! - [`manifests`] reads Services and EndpointSlices from a directory of YAML;
+//! - [`node`] finds the node's NodePort addresses;
 //! - [`desired`] turns them into what the maps should hold (one pure function);
 //! - [`reconcile`] writes the difference into the maps, make-before-break;
 //! - [`dataplane`] loads and attaches the XDP program and opens the pinned maps;
@@ -12,4 +13,5 @@ pub mod dataplane;
 pub mod desired;
 pub mod inspect;
 pub mod manifests;
+pub mod node;
 pub mod reconcile;

@@ -1,13 +1,20 @@
 //! The `lb` command line.
 
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::IsTerminal as _, ops::RangeInclusive, path::PathBuf, process::ExitCode, time::Duration,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use lb::{
     agent::{AgentOptions, run},
     dataplane::{self, VethRedirect, maps::Capacities},
     inspect::{counters, format_table, service_rows, services_table},
+    node::{Ipv4Cidr, parse_port_range},
 };
+
+fn parse_cidr(text: &str) -> anyhow::Result<Ipv4Cidr> {
+    text.parse()
+}
 use tracing_subscriber::EnvFilter;
 
 /// An eBPF/XDP Service load balancer for Kubernetes.
@@ -60,6 +67,15 @@ enum Command {
         /// a node with pinned maps needs `lb reset` first.
         #[arg(long, default_value_t = lb_common::limits::MAX_CONNTRACK / lb_common::limits::CONNTRACK_ENTRIES_PER_FLOW)]
         conntrack_flows: u32,
+        /// Serve NodePorts only on the node's addresses inside these prefixes (comma separated,
+        /// e.g. 10.0.0.0/8), as kube-proxy's flag of the same name; default: every address of
+        /// the node except loopback.
+        #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+        nodeport_addresses: Vec<Ipv4Cidr>,
+        /// The range nodePorts come from, as the API server's flag of the same name; a
+        /// nodePort outside it is not served.
+        #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+        service_node_port_range: RangeInclusive<u16>,
     },
     /// List the Service frontends and endpoints the dataplane holds (from the pinned maps).
     ///
@@ -110,6 +126,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             xdp_redirect_veth,
             conntrack_flows,
+            nodeport_addresses,
+            service_node_port_range,
         } => {
             let capacities = Capacities::for_flows(conntrack_flows)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -127,6 +145,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     VethRedirect::Never
                 },
                 capacities,
+                nodeport_cidrs: nodeport_addresses,
+                node_port_range: service_node_port_range,
             }))
         }
         Command::Services { output } => {

@@ -10,6 +10,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb::{
     desired::{BackendAddr, DesiredState, Frontend, Note, desired_state},
     manifests::{Snapshot, load_dir},
+    node::NodeConfig,
 };
 use lb_common::service::ServiceKey;
 
@@ -125,7 +126,7 @@ fn frontend(
 }
 
 fn desired(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<Note>) {
-    desired_state(services, slices)
+    desired_state(services, slices, &NodeConfig::default())
 }
 
 fn frontends(desired: &DesiredState) -> Vec<Frontend> {
@@ -775,4 +776,91 @@ fn external_ips_and_load_balancer_ingress_ips_are_frontends_like_the_cluster_ip(
             ready
         )]
     );
+}
+
+#[test]
+fn node_ports_are_frontends_on_every_nodeport_address_within_the_range() {
+    let node = NodeConfig {
+        nodeport_addresses: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 1, 1, 254)],
+        node_port_range: 30_000..=32_767,
+    };
+    let services = [
+        service(
+            "metadata: {name: web, namespace: shop}\nspec:\n  type: NodePort\n  clusterIP: \
+             10.96.0.20\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: \
+             30080}\n  - {name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: \
+             30053}\n  - {name: admin, port: 81, targetPort: 8080, nodePort: 29999}\n  - {name: \
+             metrics, port: 82, targetPort: 8080}\n",
+        ),
+        // A LoadBalancer Service gets its nodePorts too; one without them
+        // (allocateLoadBalancerNodePorts: false) is not a mistake.
+        service(
+            "metadata: {name: edge, namespace: shop}\nspec:\n  type: LoadBalancer\n  clusterIP: \
+             10.96.0.21\n  allocateLoadBalancerNodePorts: false\n  ports:\n  - {name: http, \
+             port: 80, targetPort: 8080}\n",
+        ),
+        // A ClusterIP Service has no nodePort, whatever its ports say.
+        service(
+            "metadata: {name: inside, namespace: shop}\nspec:\n  clusterIP: 10.96.0.22\n  \
+             ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30081}\n",
+        ),
+    ];
+    let slices: Vec<EndpointSlice> = ["web", "edge", "inside"]
+        .into_iter()
+        .map(|name| {
+            ready_slice(
+                "shop",
+                &format!("{name}-1"),
+                name,
+                "[{name: http, port: 8080}, {name: dns, protocol: UDP, port: 5353}]",
+                &["10.1.1.2"],
+            )
+        })
+        .collect();
+    let (state, notes) = desired_state(&services, &slices, &node);
+    let listening: Vec<(String, Ipv4Addr, u16, u8)> = frontends(&state)
+        .into_iter()
+        .map(|f| (f.name, f.addr, f.port, f.proto))
+        .collect();
+    let web = |addr: [u8; 4], port, proto| ("web".to_owned(), Ipv4Addr::from(addr), port, proto);
+    let mut expected = vec![
+        web([10, 0, 0, 1], 30053, UDP),
+        web([10, 0, 0, 1], 30080, TCP),
+        web([10, 1, 1, 254], 30053, UDP),
+        web([10, 1, 1, 254], 30080, TCP),
+        web([10, 96, 0, 20], 53, UDP),
+        web([10, 96, 0, 20], 80, TCP),
+        web([10, 96, 0, 20], 81, TCP),
+        web([10, 96, 0, 20], 82, TCP),
+        ("edge".to_owned(), Ipv4Addr::new(10, 96, 0, 21), 80, TCP),
+        ("inside".to_owned(), Ipv4Addr::new(10, 96, 0, 22), 80, TCP),
+    ];
+    expected.sort_by_key(|(_, addr, port, proto)| (*addr, *port, *proto));
+    assert_eq!(listening, expected);
+    let node_port_frontend = state
+        .frontends
+        .values()
+        .find(|f| f.addr == Ipv4Addr::new(10, 0, 0, 1) && f.port == 30080)
+        .expect("the NodePort frontend");
+    assert_eq!(node_port_frontend.backends, backends(&["10.1.1.2"], 8080));
+    // The nodePort outside the range and the missing one are said, once each.
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(notes[0].message.contains("29999"), "{notes:?}");
+    assert!(notes[0].message.contains("30000-32767"), "{notes:?}");
+    assert!(
+        notes[1].message.contains("nodePort is not set"),
+        "{notes:?}"
+    );
+    assert!(notes.iter().all(|n| n.object == "Service shop/web"));
+
+    // Without NodePort addresses (or with another range), nothing listens on the node.
+    let (state, _) = desired_state(&services, &slices, &NodeConfig::default());
+    assert_eq!(state.frontends.len(), 6);
+    let narrow = NodeConfig {
+        node_port_range: 30_053..=30_053,
+        ..node
+    };
+    let (state, notes) = desired_state(&services, &slices, &narrow);
+    assert_eq!(state.frontends.len(), 8);
+    assert_eq!(notes.len(), 3, "{notes:?}");
 }

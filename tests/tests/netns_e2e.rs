@@ -24,7 +24,10 @@ use lb_tests::{
     netns::{Netns, unique_prefix},
     privilege::require_root,
     servers::{Reply, Server, UdpChecksum},
-    topology::{BACKENDS, CLIENT_ADDR, NODE_CLIENT_SIDE, Offload, SingleNode, backend_addr},
+    topology::{
+        BACKENDS, CLIENT_ADDR, NODE_CLIENT_SIDE, Offload, SingleNode, backend_addr,
+        node_backend_side,
+    },
 };
 
 /// New flows per check: all three backends appear with probability 1 - 3(2/3)^30 > 0.99999.
@@ -876,4 +879,108 @@ fn load_balancer_ingress_and_external_ips_reach_every_backend() {
         })
         .expect("client thread");
     assert!(refused.is_err(), "{PROXYING_LOAD_BALANCER_IP} answered");
+}
+
+/// The echo Service's nodePorts in the NodePort tests.
+const TCP_NODE_PORT: u16 = 30_080;
+const UDP_NODE_PORT: u16 = 30_053;
+
+/// The echo manifest with the Service made a NodePort Service.
+fn node_port_echo_manifest() -> String {
+    echo_manifest(&[0, 1, 2])
+        .replacen("spec:\n", "spec:\n  type: NodePort\n", 1)
+        .replacen(
+            "    targetPort: http\n",
+            &format!("    targetPort: http\n    nodePort: {TCP_NODE_PORT}\n"),
+            1,
+        )
+        .replacen(
+            &format!("    targetPort: {BACKEND_UDP_PORT}\n"),
+            &format!("    targetPort: {BACKEND_UDP_PORT}\n    nodePort: {UDP_NODE_PORT}\n"),
+            1,
+        )
+}
+
+/// Makes the echo Service a NodePort Service and waits until `addr`'s nodePort is programmed.
+fn serve_node_ports(cluster: &Cluster, addr: Ipv4Addr) {
+    std::fs::write(
+        cluster.manifests().join("echo.yaml"),
+        node_port_echo_manifest(),
+    )
+    .expect("edit");
+    let wanted = format!("{addr}:{TCP_NODE_PORT}");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.frontends().contains(&wanted)),
+        "the agent did not program {wanted}: {:?}",
+        cluster.frontends()
+    );
+}
+
+#[test]
+fn node_ports_answer_on_every_node_address() {
+    if !require_root("node_ports_answer_on_every_node_address") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    serve_node_ports(&cluster, NODE_CLIENT_SIDE);
+    // The node's address on the client's link, and its address on a backend's link (routed
+    // through the node like any address behind it).
+    for addr in [NODE_CLIENT_SIDE, node_backend_side(1)] {
+        let (tcp, udp) = spread_to(
+            &cluster,
+            SocketAddr::from((addr, TCP_NODE_PORT)),
+            SocketAddr::from((addr, UDP_NODE_PORT)),
+            UdpChecksum::Computed,
+        );
+        assert!(
+            tcp.iter().all(|n| *n > 0),
+            "TCP spread through {addr}: {tcp:?}"
+        );
+        assert!(
+            udp.iter().all(|n| *n > 0),
+            "UDP spread through {addr}: {udp:?}"
+        );
+    }
+}
+
+#[test]
+fn node_ports_answer_only_on_the_allowed_addresses() {
+    if !require_root("node_ports_answer_only_on_the_allowed_addresses") {
+        return;
+    }
+    let cluster = Cluster::start(Setup {
+        agent_args: &[REDIRECT_VETH, "--nodeport-addresses", "10.0.0.0/24"],
+        ..Setup::default()
+    })
+    .expect("cluster");
+    serve_node_ports(&cluster, NODE_CLIENT_SIDE);
+    let (tcp, _) = spread_to(
+        &cluster,
+        SocketAddr::from((NODE_CLIENT_SIDE, TCP_NODE_PORT)),
+        SocketAddr::from((NODE_CLIENT_SIDE, UDP_NODE_PORT)),
+        UdpChecksum::Computed,
+    );
+    assert!(tcp.iter().all(|n| *n > 0), "TCP spread {tcp:?}");
+    let outside = node_backend_side(1);
+    assert!(
+        !cluster
+            .frontends()
+            .contains(&format!("{outside}:{TCP_NODE_PORT}")),
+        "{:?}",
+        cluster.frontends()
+    );
+    // Nothing listens there on the node itself: the node's stack refuses at once.
+    let refused = cluster
+        .client()
+        .run(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::from((outside, TCP_NODE_PORT)),
+                UNSERVED_CONNECT_TIMEOUT,
+            )
+        })
+        .expect("client thread");
+    assert!(
+        refused.is_err(),
+        "{outside}:{TCP_NODE_PORT} answered outside --nodeport-addresses"
+    );
 }

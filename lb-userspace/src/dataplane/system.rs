@@ -178,6 +178,21 @@ pub fn sysctl_warnings(interfaces: &[String]) -> Vec<String> {
     warnings
 }
 
+/// Lets `interface` accept packets whose source is one of the node's own addresses
+/// (`net.ipv4.conf.<interface>.accept_local`). A backend's reply to a NodePort client leaves XDP
+/// with the node's address as source; when it takes the kernel stack (a partial checksum, no
+/// neighbour yet) the kernel would drop it as a martian without this. Returns whether it changed
+/// the setting. Written in the calling thread's network namespace.
+pub fn accept_local(interface: &str) -> anyhow::Result<bool> {
+    let key = format!("ipv4/conf/{interface}/accept_local");
+    if net_sysctl(&key).as_deref() == Some("1") {
+        return Ok(false);
+    }
+    let path = format!("/proc/sys/net/{key}");
+    fs::write(&path, "1").with_context(|| format!("writing {path}"))?;
+    Ok(true)
+}
+
 /// `SIOCETHTOOL` and `ETHTOOL_GDRVINFO` (linux/sockios.h, linux/ethtool.h).
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
 const ETHTOOL_GDRVINFO: u32 = 0x3;

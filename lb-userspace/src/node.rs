@@ -1,0 +1,191 @@
+//! What the agent knows about the node it runs on: the addresses NodePorts are served on, and
+//! the NodePort range. Read from the system here; consumed by the pure desired-state function.
+
+use std::{fmt, net::Ipv4Addr, ops::RangeInclusive, str::FromStr};
+
+use anyhow::{Context as _, bail};
+
+/// kube-proxy's and the API server's default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30_000..=32_767;
+
+/// An IPv4 prefix, as `--nodeport-addresses` takes it (`10.0.0.0/8`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// Bits in an IPv4 address.
+const IPV4_BITS: u8 = 32;
+
+impl Ipv4Cidr {
+    fn mask(self) -> u32 {
+        u32::MAX
+            .checked_shl(u32::from(IPV4_BITS - self.prefix_len))
+            .unwrap_or(0)
+    }
+
+    pub fn contains(self, addr: Ipv4Addr) -> bool {
+        (u32::from(addr) ^ u32::from(self.addr)) & self.mask() == 0
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> anyhow::Result<Self> {
+        let (addr, prefix_len) = text
+            .split_once('/')
+            .with_context(|| format!("{text:?}: expected ADDRESS/PREFIX, e.g. 10.0.0.0/8"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .with_context(|| format!("{text:?}: {addr:?} is not an IPv4 address"))?;
+        let prefix_len: u8 = prefix_len
+            .parse()
+            .ok()
+            .filter(|len| *len <= IPV4_BITS)
+            .with_context(|| format!("{text:?}: the prefix length must be 0 to {IPV4_BITS}"))?;
+        Ok(Self { addr, prefix_len })
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// Parses `--service-node-port-range` (`30000-32767`).
+pub fn parse_port_range(text: &str) -> anyhow::Result<RangeInclusive<u16>> {
+    let (low, high) = text
+        .split_once('-')
+        .with_context(|| format!("{text:?}: expected LOW-HIGH, e.g. 30000-32767"))?;
+    let parse = |port: &str| -> anyhow::Result<u16> {
+        port.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|port| *port > 0)
+            .with_context(|| format!("{text:?}: {port:?} is not a port (1 to 65535)"))
+    };
+    let (low, high) = (parse(low)?, parse(high)?);
+    if low > high {
+        bail!("{text:?}: the range is empty ({low} is above {high})");
+    }
+    Ok(low..=high)
+}
+
+/// What the desired state needs to know about the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// The addresses NodePorts are served on.
+    pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// The range nodePorts come from; a nodePort outside it is not programmed.
+    pub node_port_range: RangeInclusive<u16>,
+}
+
+impl Default for NodeConfig {
+    /// No NodePort addresses: what a test of ClusterIP semantics alone wants.
+    fn default() -> Self {
+        Self {
+            nodeport_addresses: Vec::new(),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+        }
+    }
+}
+
+/// The IPv4 addresses of this network namespace's interfaces, loopback excluded (XDP never sees
+/// traffic to it), in the order the kernel lists them, without duplicates.
+pub fn local_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("listing the node's addresses");
+    }
+    let mut addresses = Vec::new();
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not yet freed.
+        let current = unsafe { &*entry };
+        if !current.ifa_addr.is_null()
+            // SAFETY: a non-null ifa_addr points at a sockaddr.
+            && i32::from(unsafe { (*current.ifa_addr).sa_family }) == libc::AF_INET
+        {
+            // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+            let sin = unsafe { &*current.ifa_addr.cast::<libc::sockaddr_in>() };
+            let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            if !addr.is_loopback() && !addresses.contains(&addr) {
+                addresses.push(addr);
+            }
+        }
+        entry = current.ifa_next;
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(addresses)
+}
+
+/// The addresses NodePorts are served on: every local address, or those inside `allowed` when
+/// `--nodeport-addresses` is given.
+pub fn nodeport_addresses(local: &[Ipv4Addr], allowed: &[Ipv4Cidr]) -> Vec<Ipv4Addr> {
+    local
+        .iter()
+        .copied()
+        .filter(|addr| allowed.is_empty() || allowed.iter().any(|cidr| cidr.contains(*addr)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let cidr: Ipv4Cidr = "10.0.0.0/24".parse().expect("valid");
+        assert!(cidr.contains(Ipv4Addr::new(10, 0, 0, 1)));
+        assert!(!cidr.contains(Ipv4Addr::new(10, 0, 1, 1)));
+        let everything: Ipv4Cidr = "0.0.0.0/0".parse().expect("valid");
+        assert!(everything.contains(Ipv4Addr::new(192, 0, 2, 1)));
+        let host: Ipv4Cidr = "192.0.2.7/32".parse().expect("valid");
+        assert!(host.contains(Ipv4Addr::new(192, 0, 2, 7)));
+        assert!(!host.contains(Ipv4Addr::new(192, 0, 2, 6)));
+        assert_eq!(host.to_string(), "192.0.2.7/32");
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "::1/128",
+            "10.0.0.0/x",
+        ] {
+            assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(
+            parse_port_range("30000-32767").expect("valid"),
+            30_000..=32_767
+        );
+        assert_eq!(parse_port_range("80-80").expect("valid"), 80..=80);
+        for bad in ["30000", "0-10", "10-5", "1-65536", "a-b"] {
+            assert!(parse_port_range(bad).is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn nodeport_addresses_are_filtered_by_the_allowed_prefixes() {
+        let local = [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 1, 1, 254)];
+        assert_eq!(nodeport_addresses(&local, &[]), local.to_vec());
+        let allowed = ["10.0.0.0/24".parse().expect("valid")];
+        assert_eq!(
+            nodeport_addresses(&local, &allowed),
+            vec![Ipv4Addr::new(10, 0, 0, 1)]
+        );
+    }
+
+    #[test]
+    fn local_addresses_leave_out_loopback() {
+        let addresses = local_addresses().expect("getifaddrs");
+        assert!(addresses.iter().all(|addr| !addr.is_loopback()));
+    }
+}
