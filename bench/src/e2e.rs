@@ -83,6 +83,11 @@ pub struct E2ePlan {
     pub rate_services: Vec<usize>,
     /// Length of one packet-rate run.
     pub rate_duration: Duration,
+    /// Cold loads of the Services per contender (the figure is their median).
+    pub loads: usize,
+    /// nftables mode is loaded once above this many Services: one load of 30,000 takes about two
+    /// minutes, and repeating it would break the run's time budget.
+    pub nft_repeated_loads_max_services: usize,
 }
 
 /// A pooled server of the bench protocol: read the request line, answer, wait for the client
@@ -173,7 +178,8 @@ struct Stage {
     iperf_target: SocketAddr,
     /// The packet generator, at the sizes where packet rate is measured.
     generator: Option<Generator>,
-    load_ms: f64,
+    /// Cold loads of the Services (the first when the stage was built), milliseconds.
+    load_ms: Vec<f64>,
     change_ms: Vec<f64>,
     /// Last: fields drop in order, and the namespaces must outlive the servers in them.
     topology: SingleNode,
@@ -360,42 +366,15 @@ impl Stage {
                 iperf_service.port,
             )),
             generator: None,
-            load_ms: f64::NAN,
+            load_ms: Vec::new(),
             change_ms: Vec::new(),
         };
-        let node = &stage.topology.node;
+        if contender != Contender::Direct {
+            let elapsed = stage.load(services, lb_bin)?;
+            stage.load_ms.push(elapsed.as_secs_f64() * 1e3);
+        }
         match contender {
-            Contender::Lb => {
-                let manifests = stage.workdir.join("manifests");
-                std::fs::create_dir_all(&manifests)?;
-                std::fs::write(
-                    manifests.join("services.yaml"),
-                    workload::manifests_yaml(services)?,
-                )?;
-                let started = Instant::now();
-                let agent = Agent::start(
-                    node,
-                    &AgentOptions {
-                        lb: lb_bin,
-                        pin_dir: &stage.pin_dir,
-                        manifests: &manifests,
-                        interfaces: &stage.topology.node_interfaces(),
-                        state_dir: &stage.workdir.join("state"),
-                        log: &stage.workdir.join("agent.log"),
-                        extra_args: &[REDIRECT_VETH],
-                    },
-                )?;
-                stage.load_ms = started.elapsed().as_secs_f64() * 1e3;
-                stage.agent = Some(agent);
-            }
-            Contender::Iptables => {
-                let rules = iptables::ruleset(services);
-                stage.load_ms = iptables::load(node, &rules, false)?.as_secs_f64() * 1e3;
-            }
-            Contender::Nftables => {
-                let scripts = nftables::ruleset(services);
-                stage.load_ms = nftables::load(node, &scripts)?.as_secs_f64() * 1e3;
-            }
+            Contender::Lb | Contender::Iptables | Contender::Nftables => {}
             Contender::Direct => {
                 stage.target = SocketAddr::V4(SocketAddrV4::new(backend_addr(0), TARGET_PORT));
                 stage.iperf_target = SocketAddr::V4(SocketAddrV4::new(backend_addr(0), IPERF_PORT));
@@ -423,6 +402,56 @@ impl Stage {
             .run(|| one_connection(target))?
             .with_context(|| format!("{}: no connection to {target}", contender.label()))?;
         Ok(stage)
+    }
+
+    /// Loads `services` from nothing and returns how long it took: lb from `lb agent`'s start to
+    /// ready (the YAML read included), the rule sets from the tool's start to its exit. Whatever
+    /// an earlier load left is removed first, untimed.
+    fn load(&mut self, services: &[SyntheticService], lb_bin: &Path) -> anyhow::Result<Duration> {
+        let node = &self.topology.node;
+        match self.contender {
+            Contender::Lb => {
+                if let Some(mut agent) = self.agent.take() {
+                    agent.stop();
+                }
+                lb::dataplane::reset(&self.pin_dir)?;
+                let state = self.workdir.join("state");
+                if state.exists() {
+                    std::fs::remove_dir_all(&state)?;
+                }
+                let manifests = self.workdir.join("manifests");
+                std::fs::create_dir_all(&manifests)?;
+                std::fs::write(
+                    manifests.join("services.yaml"),
+                    workload::manifests_yaml(services)?,
+                )?;
+                let started = Instant::now();
+                let agent = Agent::start(
+                    node,
+                    &AgentOptions {
+                        lb: lb_bin,
+                        pin_dir: &self.pin_dir,
+                        manifests: &manifests,
+                        interfaces: &self.topology.node_interfaces(),
+                        state_dir: &state,
+                        log: &self.workdir.join("agent.log"),
+                        extra_args: &[REDIRECT_VETH],
+                    },
+                )?;
+                let elapsed = started.elapsed();
+                self.agent = Some(agent);
+                Ok(elapsed)
+            }
+            Contender::Iptables => {
+                iptables::clear(node)?;
+                iptables::load(node, &iptables::ruleset(services), false)
+            }
+            Contender::Nftables => {
+                nftables::clear(node)?;
+                nftables::load(node, &nftables::ruleset(services))
+            }
+            Contender::Direct => Ok(Duration::ZERO),
+        }
     }
 
     /// Replaces one endpoint of the first Service `changes` times, timing each change until it
@@ -645,7 +674,7 @@ pub fn run(
             progress(&format!(
                 "end to end: {} loaded in {:.0} ms",
                 contender.label(),
-                stage.load_ms
+                stage.load_ms.first().copied().unwrap_or_default()
             ));
             stages.push(stage);
         }
@@ -739,6 +768,21 @@ pub fn run(
                 });
             }
         }
+        // More cold loads, each round starting with another contender.
+        for round in 1..plan.loads {
+            progress(&format!("end to end: {count} Services, load {}", round + 1));
+            let contenders = stages.len();
+            for offset in 0..contenders {
+                let stage = &mut stages[(round + offset) % contenders];
+                let skip = stage.contender == Contender::Direct
+                    || (stage.contender == Contender::Nftables
+                        && count > plan.nft_repeated_loads_max_services);
+                if !skip {
+                    let elapsed = stage.load(&services, lb_bin)?;
+                    stage.load_ms.push(elapsed.as_secs_f64() * 1e3);
+                }
+            }
+        }
         for ((stage, rounds), lb_drops) in stages.iter().zip(measured).zip(lb_drops) {
             if !rounds.forwarded_pps.is_empty() {
                 results.packet_rate.push(PacketRate {
@@ -767,7 +811,7 @@ pub fn run(
                     contender: stage.contender,
                     services: count,
                     endpoints_per_service: ENDPOINTS,
-                    load_ms: Sample::from_rounds(vec![stage.load_ms]),
+                    load_ms: Sample::from_rounds(stage.load_ms.clone()),
                     change_ms: Sample::from_rounds(stage.change_ms.clone()),
                 });
             }

@@ -64,6 +64,9 @@ const SMOKE_FLOWS: usize = 1_000;
 const SMOKE_LOAD: Duration = Duration::from_millis(300);
 const SMOKE_CONTROL_SERVICES: usize = 100;
 const SMOKE_CHANGES: usize = 10;
+/// nftables mode is loaded once above this many Services (one load of 30,000 takes about two
+/// minutes here).
+const NFT_REPEATED_LOADS_MAX_SERVICES: usize = 10_000;
 /// Endpoints per Service in the control-plane section, as the scenario has it.
 const CONTROL_ENDPOINTS: usize = 10;
 /// Single endpoint changes per round: enough for a p99.
@@ -184,6 +187,8 @@ fn main() -> anyhow::Result<()> {
                 changes: 1,
                 rate_services: vec![1],
                 rate_duration: SMOKE_LOAD,
+                loads: 2,
+                nft_repeated_loads_max_services: NFT_REPEATED_LOADS_MAX_SERVICES,
             }
         } else if cli.quick {
             e2e::E2ePlan {
@@ -196,6 +201,8 @@ fn main() -> anyhow::Result<()> {
                 changes: ROUNDS,
                 rate_services: vec![1, 1_000],
                 rate_duration: Duration::from_secs(1),
+                loads: ROUNDS,
+                nft_repeated_loads_max_services: NFT_REPEATED_LOADS_MAX_SERVICES,
             }
         } else {
             e2e::E2ePlan {
@@ -208,6 +215,8 @@ fn main() -> anyhow::Result<()> {
                 changes: ROUNDS,
                 rate_services: vec![1, 10_000],
                 rate_duration: Duration::from_secs(2),
+                loads: ROUNDS,
+                nft_repeated_loads_max_services: NFT_REPEATED_LOADS_MAX_SERVICES,
             }
         };
         let measured = e2e::run(&plan, &prefix, &lb_bin, &progress)?;

@@ -17,6 +17,8 @@ use crate::workload::SyntheticService;
 /// x_tables backend is the one whose rule-by-rule walk the iptables mode is known for;
 /// `iptables-nft` would translate the rules into nftables and measure a third layout.
 pub const RESTORE: &str = "iptables-legacy-restore";
+/// The command line tool of the same backend.
+const COMMAND: &str = "iptables-legacy";
 
 /// Where kube-proxy dispatches Service traffic, one rule per Service port.
 const SERVICES_CHAIN: &str = "KUBE-SERVICES";
@@ -153,6 +155,14 @@ pub fn load(node: &Netns, input: &str, noflush: bool) -> anyhow::Result<Duration
         args.push("--noflush");
     }
     run_with_stdin(node, RESTORE, &args, input)
+}
+
+/// Empties the nat table a load filled (its rules, then its own chains), so that the next load
+/// starts from nothing.
+pub fn clear(node: &Netns) -> anyhow::Result<()> {
+    node.exec(COMMAND, &["-w", "-t", "nat", "-F"])?;
+    node.exec(COMMAND, &["-w", "-t", "nat", "-X"])?;
+    Ok(())
 }
 
 fn declare_top_level(out: &mut String) {

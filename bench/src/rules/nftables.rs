@@ -159,6 +159,14 @@ pub fn load(node: &Netns, scripts: &[String]) -> anyhow::Result<Duration> {
         })
 }
 
+/// Deletes the table a load made, so that the next load starts from nothing (adding it first
+/// makes one transaction that works whether or not it exists).
+pub fn clear(node: &Netns) -> anyhow::Result<()> {
+    let script = format!("add table {TABLE}\ndelete table {TABLE}\n");
+    run_with_stdin(node, NFT, &["-f", "-"], &script)?;
+    Ok(())
+}
+
 /// What kube-proxy's full sync sets up before any Service: the table, the NAT base chains and
 /// their jumps, masquerading, and the `service-ips` dispatch. Chains are added and flushed, as
 /// kube-proxy does, so that the script also resets a table that exists.
