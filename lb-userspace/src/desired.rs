@@ -6,15 +6,18 @@
 //! ingress IPs in its status (except those with `ipMode: Proxy`, whose load balancer delivers to
 //! the nodes itself, so kube-proxy leaves them alone too), and for a NodePort or LoadBalancer
 //! Service (node address, nodePort, protocol) for each of the node's NodePort addresses. Its
-//! backends
-//! are the *ready* endpoints of the EndpointSlices labelled `kubernetes.io/service-name` with the
-//! Service's name in its namespace, at the slice port whose name and protocol match the Service
-//! port (the EndpointSlice controller has already resolved `targetPort` there, named ports
-//! included). An endpoint whose readiness is unknown counts as ready, as the API documents.
+//! backends are the *ready* endpoints of the EndpointSlices labelled `kubernetes.io/service-name`
+//! with the Service's name in its namespace, at the slice port whose name and protocol match the
+//! Service port (the EndpointSlice controller has already resolved `targetPort` there, named
+//! ports included). An endpoint whose readiness is unknown counts as ready, as the API documents.
+//! When none is ready, the endpoints that are terminating but still serving take new flows
+//! (KEP-1669, as kube-proxy does), so a rolling update of a one-replica Deployment does not drop
+//! traffic while the old pod finishes.
 //!
-//! An endpoint still listed but not ready (failing its probe, or terminating) is *draining*: new
-//! flows do not get it, but flows already on it keep it, as they do with kube-proxy's conntrack.
-//! Only an endpoint that leaves the slices is gone for its established flows too.
+//! An endpoint still listed but not used for new flows (failing its probe, or terminating) is
+//! *draining*: new flows do not get it, but flows already on it keep it, as they do with
+//! kube-proxy's conntrack. Only an endpoint that leaves the slices is gone for its established
+//! flows too.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -56,11 +59,11 @@ pub struct Frontend {
     pub port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
-    /// Ready endpoints: new flows are spread over them. Sorted and without duplicates, so equal
-    /// sets compare equal.
+    /// Endpoints new flows are spread over: the ready ones, or when none is ready the serving
+    /// terminating ones. Sorted and without duplicates, so equal sets compare equal.
     pub backends: Vec<BackendAddr>,
-    /// Listed but not ready: established flows keep them, new flows do not get them. Sorted,
-    /// without duplicates, and disjoint from `backends`.
+    /// Listed but not taking new flows: established flows keep them. Sorted, without
+    /// duplicates, and disjoint from `backends`.
     pub draining: Vec<BackendAddr>,
 }
 
@@ -314,14 +317,16 @@ fn ipv4(what: &str, ip: &str, note: &mut impl FnMut(String)) -> Option<Ipv4Addr>
     }
 }
 
-/// The ready and the draining endpoints of `slices` at the slice port named `port_name` with
-/// protocol `proto`. An address ready in one slice and not in another counts as ready.
+/// The endpoints for new flows and the draining ones of `slices` at the slice port named
+/// `port_name` with protocol `proto`. An address ready in one slice and not in another counts
+/// as ready.
 fn endpoints(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: u8,
 ) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
     let mut ready = BTreeSet::new();
+    let mut fallback = BTreeSet::new();
     let mut draining = BTreeSet::new();
     for slice in slices {
         let Some(target) = slice.ports.iter().flatten().find_map(|port| {
@@ -335,11 +340,18 @@ fn endpoints(
             continue;
         };
         for endpoint in slice.endpoints.iter().flatten() {
-            let is_ready = endpoint
-                .conditions
-                .as_ref()
+            let conditions = endpoint.conditions.as_ref();
+            let is_ready = conditions
                 .and_then(|conditions| conditions.ready)
                 .unwrap_or(true);
+            // The API: an unset `serving` defers to `ready`; an unset `terminating` is not
+            // terminating.
+            let is_serving = conditions
+                .and_then(|conditions| conditions.serving)
+                .unwrap_or(is_ready);
+            let is_terminating = conditions
+                .and_then(|conditions| conditions.terminating)
+                .unwrap_or(false);
             // kube-proxy uses the first address; the API says the others are fungible.
             let Some(addr) = endpoint
                 .addresses
@@ -352,10 +364,14 @@ fn endpoints(
             if is_ready {
                 ready.insert(backend);
             } else {
+                if is_serving && is_terminating {
+                    fallback.insert(backend);
+                }
                 draining.insert(backend);
             }
         }
     }
-    let draining = draining.difference(&ready).copied().collect();
-    (ready.into_iter().collect(), draining)
+    let chosen = if ready.is_empty() { fallback } else { ready };
+    let draining = draining.difference(&chosen).copied().collect();
+    (chosen.into_iter().collect(), draining)
 }

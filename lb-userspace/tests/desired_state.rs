@@ -281,6 +281,48 @@ fn only_ready_endpoints_are_backends_and_unknown_readiness_counts_as_ready() {
 }
 
 #[test]
+fn with_no_ready_endpoint_the_serving_terminating_ones_take_new_flows() {
+    let services = [cluster_ip_service(
+        "default",
+        "web",
+        "10.96.0.1",
+        "  - port: 80\n",
+    )];
+    let with = |endpoints: &str| {
+        slice(&format!(
+            "metadata:\n  name: web-1\n  labels: {{kubernetes.io/service-name: web}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{endpoints}"
+        ))
+    };
+    // A rolling update of one replica: the old pod terminates (still serving), the new one is
+    // not ready yet, a third terminates and no longer serves.
+    let slices = [with(
+        "- {addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}\n\
+         - {addresses: [10.0.0.2], conditions: {ready: false, serving: false, terminating: false}}\n\
+         - {addresses: [10.0.0.3], conditions: {ready: false, serving: false, terminating: true}}\n\
+         - {addresses: [10.0.0.4], conditions: {ready: false, serving: true}}\n",
+    )];
+    let (state, notes) = desired(&services, &slices);
+    assert!(notes.is_empty(), "{notes:?}");
+    assert_eq!(only_backends(&state), backends(&["10.0.0.1"], 8080));
+    let frontend = state.frontends.values().next().expect("one frontend");
+    assert_eq!(
+        frontend.draining,
+        backends(&["10.0.0.2", "10.0.0.3", "10.0.0.4"], 8080)
+    );
+
+    // Once the new pod is ready, it alone takes new flows; the old one drains.
+    let slices = [with(
+        "- {addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}\n\
+         - {addresses: [10.0.0.2], conditions: {ready: true, serving: true, terminating: false}}\n",
+    )];
+    let (state, _) = desired(&services, &slices);
+    assert_eq!(only_backends(&state), backends(&["10.0.0.2"], 8080));
+    let frontend = state.frontends.values().next().expect("one frontend");
+    assert_eq!(frontend.draining, backends(&["10.0.0.1"], 8080));
+}
+
+#[test]
 fn an_address_ready_in_one_slice_is_not_draining_because_of_another() {
     let services = [cluster_ip_service(
         "default",

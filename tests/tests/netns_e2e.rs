@@ -984,3 +984,40 @@ fn node_ports_answer_only_on_the_allowed_addresses() {
         "{outside}:{TCP_NODE_PORT} answered outside --nodeport-addresses"
     );
 }
+
+#[test]
+fn terminating_endpoints_take_new_flows_while_none_is_ready() {
+    if !require_root("terminating_endpoints_take_new_flows_while_none_is_ready") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    // A rollout caught halfway: no endpoint is ready; backends 1 and 2 are terminating but still
+    // serving, backend 3 is terminating and no longer serves.
+    let conditions = [
+        "{ready: false, serving: true, terminating: true}",
+        "{ready: false, serving: true, terminating: true}",
+        "{ready: false, serving: false, terminating: true}",
+    ];
+    let mut manifest = echo_manifest(&[0, 1, 2]);
+    for (index, condition) in conditions.iter().enumerate() {
+        let line = format!("- addresses: [\"{}\"]\n", backend_addr(index));
+        manifest = manifest.replacen(&line, &format!("{}  conditions: {condition}\n", line), 1);
+    }
+    std::fs::write(cluster.manifests().join("echo.yaml"), manifest).expect("edit");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints().len() == 2),
+        "the agent did not apply the edit: {:?}",
+        cluster.tcp_endpoints()
+    );
+    let (tcp, udp) = spread(&cluster, UdpChecksum::Computed);
+    assert_eq!(
+        tcp[2], 0,
+        "a non-serving endpoint got new TCP flows: {tcp:?}"
+    );
+    assert_eq!(
+        udp[2], 0,
+        "a non-serving endpoint got new UDP flows: {udp:?}"
+    );
+    assert!(tcp[0] > 0 && tcp[1] > 0, "TCP spread {tcp:?}");
+    assert!(udp[0] > 0 && udp[1] > 0, "UDP spread {udp:?}");
+}
