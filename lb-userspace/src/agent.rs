@@ -48,6 +48,8 @@ pub struct AgentOptions {
     pub nodeport_cidrs: Vec<Ipv4Cidr>,
     /// `--service-node-port-range`.
     pub node_port_range: RangeInclusive<u16>,
+    /// This node's name in EndpointSlices' `nodeName`, for the `Local` traffic policies.
+    pub node_name: String,
 }
 
 /// The file in the state directory holding the last good objects.
@@ -74,7 +76,7 @@ struct ManifestSource {
 impl ManifestSource {
     /// The node as it is now. Addresses come and go with interfaces; they are read again at
     /// every sync (a change notification or the periodic resync).
-    fn read_node(&mut self, cidrs: &[Ipv4Cidr], range: &RangeInclusive<u16>) -> NodeConfig {
+    fn read_node(&mut self, options: &AgentOptions) -> NodeConfig {
         let local = match node::local_addresses() {
             Ok(local) => local,
             Err(error) => {
@@ -83,8 +85,9 @@ impl ManifestSource {
             }
         };
         let node = NodeConfig {
-            nodeport_addresses: node::nodeport_addresses(&local, cidrs),
-            node_port_range: range.clone(),
+            nodeport_addresses: node::nodeport_addresses(&local, &options.nodeport_cidrs),
+            node_port_range: options.node_port_range.clone(),
+            node_name: Some(options.node_name.clone()),
         };
         if node.nodeport_addresses != self.node.nodeport_addresses {
             let listed: Vec<String> = node
@@ -252,7 +255,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         .with_context(|| format!("watching {}", options.manifests.display()))?;
 
     let mut source = ManifestSource::new(options.manifests.clone(), &options.state_dir)?;
-    let node = source.read_node(&options.nodeport_cidrs, &options.node_port_range);
+    let node = source.read_node(&options);
     source.sync(&mut reconciler, &mut maps, node);
     info!(
         frontends = reconciler.frontend_count(),
@@ -287,7 +290,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
-        let node = source.read_node(&options.nodeport_cidrs, &options.node_port_range);
+        let node = source.read_node(&options);
         source.sync(&mut reconciler, &mut maps, node);
     }
     info!(

@@ -196,11 +196,17 @@ pub fn desired_state<'a>(
         if spec.type_.as_deref() == Some("LoadBalancer") {
             more.extend(load_balancer_ips(service, &mut note));
         }
+        // Addresses before this index are ClusterIPs (internal traffic); the others, and the
+        // node's addresses for nodePorts, receive external traffic.
+        let cluster_ip_count = addrs.len();
         for addr in more {
             if !addrs.contains(&addr) {
                 addrs.push(addr);
             }
         }
+        let local_only = |policy: Option<&String>| policy.map(String::as_str) == Some(POLICY_LOCAL);
+        let internal_local = local_only(spec.internal_traffic_policy.as_ref());
+        let external_local = local_only(spec.external_traffic_policy.as_ref());
         let slices = slices_by_service
             .get(&(namespace.clone(), name.clone()))
             .map(Vec::as_slice)
@@ -219,9 +225,21 @@ pub fn desired_state<'a>(
             let Ok(service_port) = u16::try_from(port.port) else {
                 continue; // Rejected by validation; unreachable for checked objects.
             };
-            let (backends, draining) = endpoints(slices, &port_name, proto);
-            let mut listeners: Vec<(Ipv4Addr, u16)> =
-                addrs.iter().map(|addr| (*addr, service_port)).collect();
+            let candidates = endpoints(slices, &port_name, proto, node);
+            let internal = choose(&candidates, internal_local);
+            let external = choose(&candidates, external_local);
+            let mut listeners: Vec<(Ipv4Addr, u16, &EndpointSets)> = addrs
+                .iter()
+                .enumerate()
+                .map(|(index, addr)| {
+                    let set = if index < cluster_ip_count {
+                        &internal
+                    } else {
+                        &external
+                    };
+                    (*addr, service_port, set)
+                })
+                .collect();
             if NODE_PORT_TYPES.contains(&spec.type_.as_deref().unwrap_or_default()) {
                 let node_port = port
                     .node_port
@@ -232,7 +250,7 @@ pub fn desired_state<'a>(
                         .extend(
                             node.nodeport_addresses
                                 .iter()
-                                .map(|addr| (*addr, node_port)),
+                                .map(|addr| (*addr, node_port, &external)),
                         ),
                     Some(node_port) => note(format!(
                         "port {} ({port_name}): nodePort {node_port} is outside the node port \
@@ -250,7 +268,7 @@ pub fn desired_state<'a>(
                     None => {}
                 }
             }
-            for (addr, listen_port) in listeners {
+            for (addr, listen_port, sets) in listeners {
                 let frontend = Frontend {
                     namespace: namespace.clone(),
                     name: name.clone(),
@@ -258,8 +276,8 @@ pub fn desired_state<'a>(
                     addr,
                     port: listen_port,
                     proto,
-                    backends: backends.clone(),
-                    draining: draining.clone(),
+                    backends: sets.backends.clone(),
+                    draining: sets.draining.clone(),
                 };
                 let key = frontend.key();
                 if let Some(owner) = desired.frontends.get(&key) {
@@ -317,17 +335,58 @@ fn ipv4(what: &str, ip: &str, note: &mut impl FnMut(String)) -> Option<Ipv4Addr>
     }
 }
 
-/// The endpoints for new flows and the draining ones of `slices` at the slice port named
-/// `port_name` with protocol `proto`. An address ready in one slice and not in another counts
-/// as ready.
+/// `internalTrafficPolicy` / `externalTrafficPolicy` value keeping traffic on this node.
+const POLICY_LOCAL: &str = "Local";
+
+/// One endpoint of a Service port, with what decides whether new flows may get it.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    backend: BackendAddr,
+    ready: bool,
+    /// Terminating but still serving: used for new flows when none is ready (KEP-1669).
+    serving_terminating: bool,
+    /// On this node (its `nodeName` is this node's, or the node's name is unknown).
+    local: bool,
+}
+
+/// The endpoints for new flows and the draining ones among `candidates`, only this node's when
+/// `local_only`: the ready ones, or when none is ready the serving terminating ones; the rest
+/// drain. An address ready in one slice and not in another counts as ready.
+fn choose(candidates: &[Candidate], local_only: bool) -> EndpointSets {
+    let mut ready = BTreeSet::new();
+    let mut fallback = BTreeSet::new();
+    let mut draining = BTreeSet::new();
+    for candidate in candidates.iter().filter(|c| c.local || !local_only) {
+        if candidate.ready {
+            ready.insert(candidate.backend);
+        } else {
+            if candidate.serving_terminating {
+                fallback.insert(candidate.backend);
+            }
+            draining.insert(candidate.backend);
+        }
+    }
+    let chosen = if ready.is_empty() { fallback } else { ready };
+    EndpointSets {
+        draining: draining.difference(&chosen).copied().collect(),
+        backends: chosen.into_iter().collect(),
+    }
+}
+
+/// A frontend's endpoints, as [`Frontend::backends`] and [`Frontend::draining`] hold them.
+struct EndpointSets {
+    backends: Vec<BackendAddr>,
+    draining: Vec<BackendAddr>,
+}
+
+/// Every endpoint of `slices` at the slice port named `port_name` with protocol `proto`.
 fn endpoints(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: u8,
-) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
-    let mut ready = BTreeSet::new();
-    let mut fallback = BTreeSet::new();
-    let mut draining = BTreeSet::new();
+    node: &NodeConfig,
+) -> Vec<Candidate> {
+    let mut candidates = Vec::new();
     for slice in slices {
         let Some(target) = slice.ports.iter().flatten().find_map(|port| {
             let same_name = port.name.as_deref().unwrap_or_default() == port_name;
@@ -360,18 +419,17 @@ fn endpoints(
             else {
                 continue;
             };
-            let backend = BackendAddr { addr, port: target };
-            if is_ready {
-                ready.insert(backend);
-            } else {
-                if is_serving && is_terminating {
-                    fallback.insert(backend);
-                }
-                draining.insert(backend);
-            }
+            let local = match &node.node_name {
+                Some(this) => endpoint.node_name.as_ref() == Some(this),
+                None => true,
+            };
+            candidates.push(Candidate {
+                backend: BackendAddr { addr, port: target },
+                ready: is_ready,
+                serving_terminating: is_serving && is_terminating,
+                local,
+            });
         }
     }
-    let chosen = if ready.is_empty() { fallback } else { ready };
-    let draining = draining.difference(&chosen).copied().collect();
-    (chosen.into_iter().collect(), draining)
+    candidates
 }

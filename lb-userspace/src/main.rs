@@ -9,7 +9,7 @@ use lb::{
     agent::{AgentOptions, run},
     dataplane::{self, VethRedirect, maps::Capacities},
     inspect::{counters, format_table, service_rows, services_table},
-    node::{Ipv4Cidr, parse_port_range},
+    node::{Ipv4Cidr, host_name, parse_port_range},
 };
 
 fn parse_cidr(text: &str) -> anyhow::Result<Ipv4Cidr> {
@@ -76,6 +76,11 @@ enum Command {
         /// nodePort outside it is not served.
         #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
         service_node_port_range: RangeInclusive<u16>,
+        /// This node's name, as EndpointSlices give it in `endpoints[].nodeName`: which
+        /// endpoints are local for `internalTrafficPolicy`/`externalTrafficPolicy: Local`.
+        /// Default: the host name.
+        #[arg(long)]
+        node_name: Option<String>,
     },
     /// List the Service frontends and endpoints the dataplane holds (from the pinned maps).
     ///
@@ -128,7 +133,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             conntrack_flows,
             nodeport_addresses,
             service_node_port_range,
+            node_name,
         } => {
+            let node_name = match node_name {
+                Some(name) => name,
+                None => host_name()?,
+            };
             let capacities = Capacities::for_flows(conntrack_flows)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -147,6 +157,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 capacities,
                 nodeport_cidrs: nodeport_addresses,
                 node_port_range: service_node_port_range,
+                node_name,
             }))
         }
         Command::Services { output } => {

@@ -81,6 +81,9 @@ pub struct NodeConfig {
     pub nodeport_addresses: Vec<Ipv4Addr>,
     /// The range nodePorts come from; a nodePort outside it is not programmed.
     pub node_port_range: RangeInclusive<u16>,
+    /// This node's name, as EndpointSlices name it in `endpoints[].nodeName`: which endpoints
+    /// are local for the `Local` traffic policies. `None`: every endpoint counts as local.
+    pub node_name: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -89,8 +92,27 @@ impl Default for NodeConfig {
         Self {
             nodeport_addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
+            node_name: None,
         }
     }
+}
+
+/// The host name (`uname -n`): the node's name unless told otherwise, as with kube-proxy.
+pub fn host_name() -> anyhow::Result<String> {
+    let mut name = std::mem::MaybeUninit::<libc::utsname>::zeroed();
+    // SAFETY: uname fills the struct it is given.
+    if unsafe { libc::uname(name.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading the host name");
+    }
+    // SAFETY: filled by uname above.
+    let name = unsafe { name.assume_init() };
+    let bytes: Vec<u8> = name
+        .nodename
+        .iter()
+        .take_while(|byte| **byte != 0)
+        .map(|byte| byte.to_ne_bytes()[0])
+        .collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// The IPv4 addresses of this network namespace's interfaces, loopback excluded (XDP never sees

@@ -825,6 +825,7 @@ fn node_ports_are_frontends_on_every_nodeport_address_within_the_range() {
     let node = NodeConfig {
         nodeport_addresses: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 1, 1, 254)],
         node_port_range: 30_000..=32_767,
+        node_name: None,
     };
     let services = [
         service(
@@ -905,4 +906,83 @@ fn node_ports_are_frontends_on_every_nodeport_address_within_the_range() {
     let (state, notes) = desired_state(&services, &slices, &narrow);
     assert_eq!(state.frontends.len(), 8);
     assert_eq!(notes.len(), 3, "{notes:?}");
+}
+
+#[test]
+fn local_traffic_policies_keep_each_kind_of_traffic_on_this_node_s_endpoints() {
+    let node = NodeConfig {
+        nodeport_addresses: vec![Ipv4Addr::new(10, 0, 0, 1)],
+        node_name: Some("node-a".to_owned()),
+        ..NodeConfig::default()
+    };
+    let service_with = |policies: &str| {
+        service(&format!(
+            "metadata: {{name: web}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.20\n  \
+             externalIPs: [198.51.100.7]\n{policies}  ports:\n  - {{port: 80, targetPort: \
+             8080, nodePort: 30080}}\n"
+        ))
+    };
+    let slices = [slice(
+        "metadata:\n  name: web-1\n  labels: {kubernetes.io/service-name: web}\n\
+         addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+         - {addresses: [10.1.1.2], nodeName: node-a}\n\
+         - {addresses: [10.1.2.2], nodeName: node-b}\n\
+         - {addresses: [10.1.3.2], nodeName: node-a, conditions: {ready: false}}\n",
+    )];
+    let backends_at = |state: &DesiredState, addr: [u8; 4]| {
+        state
+            .frontends
+            .values()
+            .find(|f| f.addr == Ipv4Addr::from(addr))
+            .map(|f| (f.backends.clone(), f.draining.clone()))
+            .expect("the frontend")
+    };
+    let everywhere = backends(&["10.1.1.2", "10.1.2.2"], 8080);
+    let here = backends(&["10.1.1.2"], 8080);
+    let draining = backends(&["10.1.3.2"], 8080);
+
+    // Cluster (the default) for both: every endpoint everywhere.
+    let (state, notes) = desired_state(&[service_with("")], &slices, &node);
+    assert!(notes.is_empty(), "{notes:?}");
+    for addr in [[10, 96, 0, 20], [198, 51, 100, 7], [10, 0, 0, 1]] {
+        assert_eq!(
+            backends_at(&state, addr),
+            (everywhere.clone(), draining.clone())
+        );
+    }
+
+    // externalTrafficPolicy: Local: external addresses and nodePorts use this node's endpoints;
+    // the ClusterIP keeps them all.
+    let (state, _) = desired_state(
+        &[service_with("  externalTrafficPolicy: Local\n")],
+        &slices,
+        &node,
+    );
+    assert_eq!(backends_at(&state, [10, 96, 0, 20]).0, everywhere);
+    for addr in [[198, 51, 100, 7], [10, 0, 0, 1]] {
+        assert_eq!(backends_at(&state, addr), (here.clone(), draining.clone()));
+    }
+
+    // internalTrafficPolicy: Local: the reverse.
+    let (state, _) = desired_state(
+        &[service_with("  internalTrafficPolicy: Local\n")],
+        &slices,
+        &node,
+    );
+    assert_eq!(backends_at(&state, [10, 96, 0, 20]).0, here);
+    assert_eq!(backends_at(&state, [10, 0, 0, 1]).0, everywhere);
+
+    // On a node with no endpoint of its own, Local means no backend at all (the dataplane drops
+    // and counts), never a fallback to other nodes.
+    let elsewhere = NodeConfig {
+        node_name: Some("node-c".to_owned()),
+        ..node
+    };
+    let (state, _) = desired_state(
+        &[service_with("  externalTrafficPolicy: Local\n")],
+        &slices,
+        &elsewhere,
+    );
+    assert_eq!(backends_at(&state, [10, 0, 0, 1]), (Vec::new(), Vec::new()));
+    assert_eq!(backends_at(&state, [10, 96, 0, 20]).0, everywhere);
 }

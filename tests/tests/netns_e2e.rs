@@ -1021,3 +1021,85 @@ fn terminating_endpoints_take_new_flows_while_none_is_ready() {
     assert!(tcp[0] > 0 && tcp[1] > 0, "TCP spread {tcp:?}");
     assert!(udp[0] > 0 && udp[1] > 0, "UDP spread {udp:?}");
 }
+
+/// The node name the traffic-policy test's agent runs as.
+const NODE_NAME: &str = "node-a";
+
+/// The NodePort echo manifest with `externalTrafficPolicy: Local`, its endpoints on the nodes
+/// `nodes` names (one per backend).
+fn local_policy_manifest(nodes: [&str; BACKENDS]) -> String {
+    let mut manifest =
+        node_port_echo_manifest().replacen("spec:\n", "spec:\n  externalTrafficPolicy: Local\n", 1);
+    for (index, node) in nodes.iter().enumerate() {
+        let line = format!("- addresses: [\"{}\"]\n", backend_addr(index));
+        manifest = manifest.replacen(&line, &format!("{line}  nodeName: {node}\n"), 1);
+    }
+    manifest
+}
+
+#[test]
+fn external_traffic_policy_local_uses_only_this_node_s_endpoints_or_drops() {
+    if !require_root("external_traffic_policy_local_uses_only_this_node_s_endpoints_or_drops") {
+        return;
+    }
+    let cluster = Cluster::start(Setup {
+        agent_args: &[REDIRECT_VETH, "--node-name", NODE_NAME],
+        ..Setup::default()
+    })
+    .expect("cluster");
+    let node_port = SocketAddr::from((NODE_CLIENT_SIDE, TCP_NODE_PORT));
+    std::fs::write(
+        cluster.manifests().join("echo.yaml"),
+        local_policy_manifest([NODE_NAME, NODE_NAME, "node-b"]),
+    )
+    .expect("edit");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.endpoints(node_port, "TCP").len()
+            == 2),
+        "the agent did not apply the policy: {:?}",
+        cluster.endpoints(node_port, "TCP")
+    );
+    // External traffic (the nodePort) stays on this node's endpoints; the ClusterIP is not
+    // external and keeps every endpoint.
+    let (tcp, udp) = spread_to(
+        &cluster,
+        node_port,
+        SocketAddr::from((NODE_CLIENT_SIDE, UDP_NODE_PORT)),
+        UdpChecksum::Computed,
+    );
+    assert_eq!(
+        tcp[2], 0,
+        "another node's endpoint got nodePort traffic: {tcp:?}"
+    );
+    assert_eq!(
+        udp[2], 0,
+        "another node's endpoint got nodePort traffic: {udp:?}"
+    );
+    assert!(tcp[0] > 0 && tcp[1] > 0, "TCP spread {tcp:?}");
+    let (tcp, _) = spread(&cluster, UdpChecksum::Computed);
+    assert!(tcp.iter().all(|n| *n > 0), "ClusterIP spread {tcp:?}");
+
+    // Every endpoint elsewhere: the nodePort drops (counted) rather than leave the node.
+    std::fs::write(
+        cluster.manifests().join("echo.yaml"),
+        local_policy_manifest(["node-b"; BACKENDS]),
+    )
+    .expect("edit");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster
+            .endpoints(node_port, "TCP")
+            .is_empty()),
+        "the agent did not apply the edit: {:?}",
+        cluster.endpoints(node_port, "TCP")
+    );
+    let before = cluster.counters();
+    let connected = cluster
+        .client()
+        .run(|| TcpStream::connect_timeout(&node_port, UNSERVED_CONNECT_TIMEOUT))
+        .expect("client thread");
+    assert!(
+        connected.is_err(),
+        "{node_port} answered with no local endpoint"
+    );
+    assert!(delta(&before, &cluster.counters(), "drop_no_backend") > 0);
+}
