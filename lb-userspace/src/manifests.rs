@@ -261,15 +261,38 @@ fn load_file(file: &Path, previous: &Snapshot, load: &mut Load) {
             return;
         }
     };
-    // Parse every document before using any: a syntax error anywhere makes the file's meaning
-    // uncertain, so the whole file keeps its last good objects.
-    let mut documents = Vec::new();
+    // Check every document before using any: a syntax error anywhere makes the file's meaning
+    // uncertain, so the whole file keeps its last good objects. The check builds nothing; the
+    // second pass then holds one document's tree at a time, not the whole file's (a file of
+    // 10,000 Services would otherwise hold about 90 MB of YAML trees at once).
+    for document in serde_yaml_ng::Deserializer::from_str(&text) {
+        if let Err(error) = serde::de::IgnoredAny::deserialize(document) {
+            let kept = load.snapshot.keep_file(previous, file);
+            load.kept += kept;
+            load.errors.push(file_error(format!(
+                "not valid YAML: {error}{}",
+                kept_note(kept)
+            )));
+            return;
+        }
+    }
+    let (errors_before, kept_before) = (load.errors.len(), load.kept);
     for document in serde_yaml_ng::Deserializer::from_str(&text) {
         match Value::deserialize(document) {
-            Ok(value) => documents.push(value),
+            Ok(value) => load_document(file, value, previous, load),
             Err(error) => {
+                // The tree builder rejected what the check accepted (the check catches every
+                // case the tests know, repeated keys included): undo what the file's earlier
+                // documents did, and keep the file as above.
+                load.snapshot
+                    .services
+                    .retain(|_, sourced| sourced.file != file);
+                load.snapshot
+                    .slices
+                    .retain(|_, sourced| sourced.file != file);
+                load.errors.truncate(errors_before);
                 let kept = load.snapshot.keep_file(previous, file);
-                load.kept += kept;
+                load.kept = kept_before + kept;
                 load.errors.push(file_error(format!(
                     "not valid YAML: {error}{}",
                     kept_note(kept)
@@ -277,9 +300,6 @@ fn load_file(file: &Path, previous: &Snapshot, load: &mut Load) {
                 return;
             }
         }
-    }
-    for document in documents {
-        load_document(file, document, previous, load);
     }
 }
 

@@ -673,6 +673,35 @@ fn a_file_that_is_not_valid_yaml_keeps_every_object_last_loaded_from_it() {
         Some("10.96.0.6")
     );
 
+    // A document giving a key twice is not valid YAML either, and the file's other documents
+    // are not trusted (the first is broken in a way of its own: no error from it is shown).
+    scratch.write(
+        "web.yaml",
+        &format!(
+            "{}---
+{slice}addressType: IPv4
+",
+            web_service(
+                "  clusterIP: 10.96.0.9
+  ports: [{port: 0}]
+"
+            )
+        ),
+    );
+    let repeated = scratch.load(&first.snapshot);
+    let error = assert_single_error(&repeated, &broken_file, None, None, &["not valid YAML"]);
+    assert!(
+        error
+            .message
+            .contains("keeping the 2 object(s) last loaded from it"),
+        "{error}"
+    );
+    assert_eq!(repeated.kept, 2);
+    assert_eq!(
+        repeated.snapshot.services[&web].object,
+        first.snapshot.services[&web].object
+    );
+
     // A valid file that no longer holds an object drops it: only broken files keep objects.
     scratch.write(
         "web.yaml",
