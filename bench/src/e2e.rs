@@ -10,6 +10,7 @@
 //! At the sizes the plan names, rounds of packet rate follow (see [`crate::rate`]).
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
@@ -369,16 +370,12 @@ impl Stage {
             load_ms: Vec::new(),
             change_ms: Vec::new(),
         };
-        if contender != Contender::Direct {
+        if contender == Contender::Direct {
+            stage.target = SocketAddr::V4(SocketAddrV4::new(backend_addr(0), TARGET_PORT));
+            stage.iperf_target = SocketAddr::V4(SocketAddrV4::new(backend_addr(0), IPERF_PORT));
+        } else {
             let elapsed = stage.load(services, lb_bin)?;
             stage.load_ms.push(elapsed.as_secs_f64() * 1e3);
-        }
-        match contender {
-            Contender::Lb | Contender::Iptables | Contender::Nftables => {}
-            Contender::Direct => {
-                stage.target = SocketAddr::V4(SocketAddrV4::new(backend_addr(0), TARGET_PORT));
-                stage.iperf_target = SocketAddr::V4(SocketAddrV4::new(backend_addr(0), IPERF_PORT));
-            }
         }
         if with_rate {
             let target = if contender == Contender::Direct {
@@ -527,9 +524,9 @@ impl Stage {
     }
 
     /// lb's drop counters (empty for the other contenders).
-    fn lb_drop_counters(&self) -> anyhow::Result<Vec<(String, u64)>> {
+    fn lb_drop_counters(&self) -> anyhow::Result<BTreeMap<String, u64>> {
         if self.contender != Contender::Lb {
-            return Ok(Vec::new());
+            return Ok(BTreeMap::new());
         }
         Ok(lb::inspect::counters(&self.pin_dir)?
             .into_iter()
@@ -740,11 +737,8 @@ pub fn run(
                 after
                     .into_iter()
                     .map(|(name, value)| {
-                        let earlier = before
-                            .iter()
-                            .find(|(other, _)| *other == name)
-                            .map_or(0, |(_, value)| *value);
-                        (name, value.saturating_sub(earlier))
+                        let moved = value.saturating_sub(before.get(&name).copied().unwrap_or(0));
+                        (name, moved)
                     })
                     .filter(|(_, moved)| *moved > 0)
                     .collect::<Vec<_>>(),

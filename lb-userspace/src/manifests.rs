@@ -242,22 +242,24 @@ pub fn load_dir(dir: &Path, previous: &Snapshot) -> anyhow::Result<Load> {
     Ok(load)
 }
 
-fn load_file(file: &Path, previous: &Snapshot, load: &mut Load) {
-    let file_error = |message: String| ManifestError {
+/// Keeps every object `previous` loaded from `file`, which cannot be trusted as a whole, and
+/// says why (`problem`) and how many objects were kept.
+fn keep_whole_file(file: &Path, problem: String, previous: &Snapshot, load: &mut Load) {
+    let kept = load.snapshot.keep_file(previous, file);
+    load.kept += kept;
+    load.errors.push(ManifestError {
         file: file.to_owned(),
         object: None,
         field: None,
-        message,
-    };
+        message: format!("{problem}{}", kept_note(kept)),
+    });
+}
+
+fn load_file(file: &Path, previous: &Snapshot, load: &mut Load) {
     let text = match std::fs::read_to_string(file) {
         Ok(text) => text,
         Err(error) => {
-            let kept = load.snapshot.keep_file(previous, file);
-            load.kept += kept;
-            load.errors.push(file_error(format!(
-                "cannot read: {error}{}",
-                kept_note(kept)
-            )));
+            keep_whole_file(file, format!("cannot read: {error}"), previous, load);
             return;
         }
     };
@@ -267,12 +269,7 @@ fn load_file(file: &Path, previous: &Snapshot, load: &mut Load) {
     // 10,000 Services would otherwise hold about 90 MB of YAML trees at once).
     for document in serde_yaml_ng::Deserializer::from_str(&text) {
         if let Err(error) = serde::de::IgnoredAny::deserialize(document) {
-            let kept = load.snapshot.keep_file(previous, file);
-            load.kept += kept;
-            load.errors.push(file_error(format!(
-                "not valid YAML: {error}{}",
-                kept_note(kept)
-            )));
+            keep_whole_file(file, format!("not valid YAML: {error}"), previous, load);
             return;
         }
     }
@@ -291,12 +288,8 @@ fn load_file(file: &Path, previous: &Snapshot, load: &mut Load) {
                     .slices
                     .retain(|_, sourced| sourced.file != file);
                 load.errors.truncate(errors_before);
-                let kept = load.snapshot.keep_file(previous, file);
-                load.kept = kept_before + kept;
-                load.errors.push(file_error(format!(
-                    "not valid YAML: {error}{}",
-                    kept_note(kept)
-                )));
+                load.kept = kept_before;
+                keep_whole_file(file, format!("not valid YAML: {error}"), previous, load);
                 return;
             }
         }

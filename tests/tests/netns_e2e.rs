@@ -261,6 +261,28 @@ fn spread_to(
     (tcp, udp)
 }
 
+/// [`spread_to`] `addr`'s TCP and UDP ports, asserting that every backend took flows of both.
+fn assert_every_backend_through(
+    cluster: &Cluster,
+    addr: Ipv4Addr,
+    (tcp_port, udp_port): (u16, u16),
+) {
+    let (tcp, udp) = spread_to(
+        cluster,
+        SocketAddr::from((addr, tcp_port)),
+        SocketAddr::from((addr, udp_port)),
+        UdpChecksum::Computed,
+    );
+    assert!(
+        tcp.iter().all(|n| *n > 0),
+        "TCP spread through {addr}: {tcp:?}"
+    );
+    assert!(
+        udp.iter().all(|n| *n > 0),
+        "UDP spread through {addr}: {udp:?}"
+    );
+}
+
 /// [`spread_to`] the echo Service.
 fn spread(cluster: &Cluster, udp_checksum: UdpChecksum) -> ([usize; BACKENDS], [usize; BACKENDS]) {
     spread_to(cluster, TCP_FRONTEND, UDP_FRONTEND, udp_checksum)
@@ -852,20 +874,7 @@ fn load_balancer_ingress_and_external_ips_reach_every_backend() {
         cluster.frontends()
     );
     for addr in [LOAD_BALANCER_IP, EXTERNAL_IP] {
-        let (tcp, udp) = spread_to(
-            &cluster,
-            SocketAddr::from((addr, TCP_PORT)),
-            SocketAddr::from((addr, UDP_PORT)),
-            UdpChecksum::Computed,
-        );
-        assert!(
-            tcp.iter().all(|n| *n > 0),
-            "TCP spread through {addr}: {tcp:?}"
-        );
-        assert!(
-            udp.iter().all(|n| *n > 0),
-            "UDP spread through {addr}: {udp:?}"
-        );
+        assert_every_backend_through(&cluster, addr, (TCP_PORT, UDP_PORT));
     }
     // Nothing serves the proxying load balancer's address on this node: the node has no
     // route to it and refuses at once.
@@ -926,20 +935,7 @@ fn node_ports_answer_on_every_node_address() {
     // The node's address on the client's link, and its address on a backend's link (routed
     // through the node like any address behind it).
     for addr in [NODE_CLIENT_SIDE, node_backend_side(1)] {
-        let (tcp, udp) = spread_to(
-            &cluster,
-            SocketAddr::from((addr, TCP_NODE_PORT)),
-            SocketAddr::from((addr, UDP_NODE_PORT)),
-            UdpChecksum::Computed,
-        );
-        assert!(
-            tcp.iter().all(|n| *n > 0),
-            "TCP spread through {addr}: {tcp:?}"
-        );
-        assert!(
-            udp.iter().all(|n| *n > 0),
-            "UDP spread through {addr}: {udp:?}"
-        );
+        assert_every_backend_through(&cluster, addr, (TCP_NODE_PORT, UDP_NODE_PORT));
     }
 }
 
