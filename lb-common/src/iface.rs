@@ -7,6 +7,12 @@ use bytemuck::{Pod, Zeroable};
 /// complete, and a checksum that merely looks partial is treated as complete.
 pub const IFACE_LOCAL_SENDERS: u32 = 1;
 
+/// `IfaceConfig::flags`: a frame sent back with `XDP_TX` may never arrive. A veth delivers
+/// `XDP_TX` frames into its peer's queue but wakes the peer only when the peer runs an XDP
+/// program itself, which a pod's end never does; a redirect (which flushes) or the kernel stack
+/// is used instead.
+pub const IFACE_NO_XDP_TX: u32 = 2;
+
 /// Value of `LB_IFACES` (key: ifindex). Written by userspace, read by the datapath.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod checksum;
+pub mod config;
 pub mod conntrack;
 pub mod iface;
 pub mod limits;

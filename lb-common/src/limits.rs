@@ -24,6 +24,12 @@ pub const MAP_STATS: &str = "LB_STATS";
 pub const MAP_TX_PORTS: &str = "LB_TX_PORTS";
 /// Map: what the agent knows about each attached interface. See [`crate::iface::IfaceConfig`].
 pub const MAP_IFACES: &str = "LB_IFACES";
+/// Map: the ClusterIPs of every Service, as a set. See [`crate::service::CLUSTER_IP_ALLOCATED`].
+pub const MAP_CLUSTER_IPS: &str = "LB_CLUSTER_IPS";
+/// Map: node-wide settings, one entry. See [`crate::config::DataplaneConfig`].
+pub const MAP_CONFIG: &str = "LB_CONFIG";
+/// Map: per-CPU reject rate windows. See [`crate::config::RejectWindow`].
+pub const MAP_REJECT_RATE: &str = "LB_REJECT_RATE";
 
 /// Service frontends (one per Service address, port and protocol). 100,000 Services of a few
 /// ports each fit, which is beyond what the Kubernetes scalability SLOs test (10,000).

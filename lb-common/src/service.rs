@@ -36,9 +36,20 @@ pub struct ServiceValue {
     pub backend_set: u32,
     /// Number of slots (`0..backend_count`) in the backend set. 0 means no endpoints.
     pub backend_count: u32,
-    /// Reserved for per-service policy bits; 0 today.
+    /// `SERVICE_*` policy bits.
     pub flags: u32,
 }
+
+/// `ServiceValue::flags`: the frontend has no backends because a `Local` traffic policy left
+/// none on this node, though the Service has endpoints elsewhere: packets are dropped, as
+/// kube-proxy drops them. Without it, a frontend with no backends rejects: the client gets ICMP
+/// port unreachable and fails at once instead of timing out.
+pub const SERVICE_DROP_WHEN_EMPTY: u32 = 1;
+
+/// Value of `LB_CLUSTER_IPS` (key: the ClusterIP, network byte order): the ClusterIP belongs to
+/// a Service, so a TCP or UDP packet to it on a port with no frontend is rejected rather than
+/// passed to a stack that has no such address. Written by userspace, read by the datapath.
+pub const CLUSTER_IP_ALLOCATED: u32 = 1;
 
 /// Key of `LB_SLOTS`. Written by userspace, read by the datapath.
 #[repr(C)]

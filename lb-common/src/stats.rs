@@ -1,7 +1,7 @@
 //! The counters of `LB_STATS`, a per-CPU array of `u64` indexed by [`Counter`].
 //!
 //! Every packet the program sees bumps exactly one *verdict* counter (the `Pass*`, `Redirect*`,
-//! `Tx*`, `Stack*Service/Reply` and `Drop*` ones), so their sum is the number of packets
+//! `Tx*`, `Stack*Service/Reply`, `Drop*` and `Reject*` ones), so their sum is the number of packets
 //! processed. *Event* counters say why or what else happened (a flow was created, a rewritten
 //! packet went to the kernel stack because its neighbour is unresolved, ...) and may bump
 //! alongside a verdict.
@@ -18,6 +18,10 @@ pub enum CounterKind {
     Stack,
     /// Exactly one per packet; the packet was dropped.
     Drop,
+    /// Exactly one per packet; the packet was answered with an ICMP error built in its place and
+    /// sent back out of the interface it came in on (`XDP_TX` or a redirect, else through the
+    /// kernel stack: see `reject_via_stack`), as kube-proxy's REJECT does.
+    Reject,
     /// Any number per packet.
     Event,
 }
@@ -75,8 +79,9 @@ counters! {
     StackReply = 9, "stack_reply", Stack;
     /// Truncated or invalid Ethernet, IPv4, TCP or UDP header.
     DropMalformed = 10, "drop_malformed", Drop;
-    /// To a Service that has no endpoints.
-    DropNoBackend = 11, "drop_no_backend", Drop;
+    /// To a frontend whose Service has endpoints, none of them on this node, under a `Local`
+    /// traffic policy: dropped, as kube-proxy does (a Service with no endpoints at all rejects).
+    DropNoLocalEndpoint = 11, "drop_no_local_endpoint", Drop;
     /// The Service's backend set points at a slot or backend that is not there (a set switch raced
     /// with the packet, or the maps were edited by hand).
     DropBackendMissing = 12, "drop_backend_missing", Drop;
@@ -107,6 +112,24 @@ counters! {
     DropTupleCollision = 23, "drop_tuple_collision", Drop;
     /// A new flow's first choice of backend collided with another live flow; another was chosen.
     FlowCollisionAvoided = 24, "flow_collision_avoided", Event;
+    /// To a Service with no usable endpoint: answered with ICMP port unreachable.
+    RejectNoEndpoints = 25, "reject_no_endpoints", Reject;
+    /// To a ClusterIP on a port its Service does not define: answered with ICMP port
+    /// unreachable (kube-proxy's nftables mode does the same).
+    RejectUndefinedPort = 26, "reject_undefined_port", Reject;
+    /// To an address inside a service CIDR (`lb agent --service-cidr`) that no Service holds.
+    DropUnallocatedServiceIp = 27, "drop_unallocated_service_ip", Drop;
+    /// A reject was due but this CPU had already sent its ICMP errors for the current second
+    /// (`lb agent --reject-rate`): dropped instead, so the node cannot be made a reflector.
+    DropRejectRateLimited = 28, "drop_reject_rate_limited", Drop;
+    /// A reject was due but the packet came from a non-unicast source address or was sent to a
+    /// link-layer group address: no ICMP error may answer those (RFC 1122 3.2.2), so dropped.
+    DropRejectNotUnicast = 29, "drop_reject_not_unicast", Drop;
+    /// A reject was due but the kernel refused to resize the frame for the ICMP error.
+    DropRejectFailed = 30, "drop_reject_failed", Drop;
+    /// An ICMP error was handed to the kernel to send back: it arrived on a veth that may not
+    /// be sent back on directly (`IFACE_NO_XDP_TX`, and no redirect allowed).
+    RejectViaStack = 31, "reject_via_stack", Event;
 }
 
 /// Number of entries in `LB_STATS`.

@@ -6,7 +6,8 @@
 //! would lose its offload state in a redirect), it is untagged, the FIB returned a next hop with a
 //! resolved neighbour within the MTU, its TTL survives the hop, and the egress interface is one the
 //! agent manages (`LB_TX_PORTS`). The program then acts as the router: TTL minus one, the
-//! next hop's MAC addresses.
+//! next hop's MAC addresses. A packet leaving where it came in goes with `XDP_TX`, except on a veth,
+//! where only a redirect is sure to reach the peer (see `IFACE_NO_XDP_TX`).
 
 use core::mem::size_of;
 
@@ -22,7 +23,7 @@ use aya_ebpf::{
 use lb_common::{checksum::replace_u16, stats::Counter};
 
 use crate::{
-    maps::LB_TX_PORTS,
+    maps::{LB_TX_PORTS, xdp_tx_works},
     parse::Packet,
     stats::{Verdict, count},
 };
@@ -113,7 +114,7 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, partial: bool, direction: Dire
         return direction.to_stack(Counter::StackTtlExceeded);
     }
     let egress = params.ifindex;
-    let action = if egress == ingress {
+    let action = if egress == ingress && xdp_tx_works(ingress) {
         xdp_action::XDP_TX
     } else {
         // Records the target only; the frame leaves after the program returns, so the header

@@ -4,7 +4,9 @@
 //! backend (the tracked one, or a new random one recorded in conntrack) and [`nat`] the
 //! destination; else, if the packet is a backend's reply to a tracked flow, restore the Service
 //! address as its source; then [`forward`] it (FIB lookup and redirect, or the kernel stack).
-//! Every exit path bumps exactly one verdict counter in [`stats`].
+//! A packet a Service cannot take (no endpoint, or a ClusterIP port the Service does not define)
+//! is answered with ICMP port unreachable by [`reject`]; one to an unallocated address of a
+//! service CIDR is dropped. Every exit path bumps exactly one verdict counter in [`stats`].
 #![no_std]
 #![no_main]
 
@@ -12,11 +14,15 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod select;
 mod stats;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use lb_common::{service::ServiceKey, stats::Counter};
+use lb_common::{
+    service::{SERVICE_DROP_WHEN_EMPTY, ServiceKey},
+    stats::Counter,
+};
 
 use crate::{
     forward::Direction,
@@ -46,7 +52,12 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
         _pad: 0,
     };
     if let Some(service) = maps::lookup_service(&frontend) {
-        let backend = select::select_backend(&packet, &frontend, &service)?;
+        let Some(backend) = select::select_backend(&packet, &frontend, &service)? else {
+            if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+                return Err(Drop::NoLocalEndpoint);
+            }
+            return reject::reject(ctx, &packet, Counter::RejectNoEndpoints);
+        };
         let partial = nat::rewrite(ctx, &packet, Side::Destination, backend.addr, backend.port);
         return Ok(forward::forward(ctx, &packet, partial, Direction::Service));
     }
@@ -56,6 +67,12 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
         return Ok(forward::forward(ctx, &packet, partial, Direction::Reply));
     }
 
+    if maps::is_cluster_ip(packet.dst_addr) {
+        return reject::reject(ctx, &packet, Counter::RejectUndefinedPort);
+    }
+    if maps::config().in_service_cidr(packet.dst_addr) {
+        return Err(Drop::UnallocatedServiceIp);
+    }
     Ok(Verdict::pass(Counter::PassNoService))
 }
 

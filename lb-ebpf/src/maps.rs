@@ -9,8 +9,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
+    config::{DataplaneConfig, RejectWindow},
     conntrack::{FlowKey, FlowState},
-    iface::{IFACE_LOCAL_SENDERS, IfaceConfig},
+    iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
     limits::{MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS},
     service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
     stats::COUNTER_COUNT,
@@ -62,6 +63,23 @@ pub static LB_TX_PORTS: DevMapHash<{ MAX_INTERFACES as usize }> = DevMapHash::ne
 pub static LB_IFACES: HashMap<u32, IfaceConfig, { MAX_INTERFACES as usize }, USER_WRITTEN> =
     HashMap::new();
 
+/// ClusterIPs: address (network byte order) -> `CLUSTER_IP_ALLOCATED`. Userspace writes one entry
+/// per Service ClusterIP; the program reads it for packets that match no frontend, to reject
+/// those sent to a port the Service does not define.
+#[btf_map]
+pub static LB_CLUSTER_IPS: HashMap<u32, u32, { MAX_SERVICES as usize }, USER_WRITTEN> =
+    HashMap::new();
+
+/// Node-wide settings, one entry (key 0): `DataplaneConfig`. Userspace writes it at start-up;
+/// the program reads it.
+#[btf_map]
+pub static LB_CONFIG: Array<DataplaneConfig, 1> = Array::new();
+
+/// Per-CPU reject rate windows, one entry (key 0): `RejectWindow`. The program writes; userspace
+/// only reads.
+#[btf_map]
+pub static LB_REJECT_RATE: PerCpuArray<RejectWindow, 1> = PerCpuArray::new();
+
 /// Copies the frontend's value out of the map (a concurrent userspace update replaces the element
 /// rather than writing into it, so the copy is consistent).
 #[inline(always)]
@@ -76,12 +94,39 @@ pub fn lookup_backend(id: u32) -> Option<Backend> {
     (backend.flags & lb_common::service::BACKEND_ACTIVE != 0).then_some(backend)
 }
 
+/// The `IFACE_*` flags of `ifindex`; 0 (a NIC) for interfaces the agent did not describe.
+#[inline(always)]
+fn iface_flags(ifindex: u32) -> u32 {
+    match LB_IFACES.get_ptr(ifindex) {
+        Some(config) => unsafe { (*config).flags },
+        None => 0,
+    }
+}
+
 /// Whether packets arriving on `ifindex` may come from local sockets (and so carry partial
 /// checksums). Unknown interfaces are treated as NICs.
 #[inline(always)]
 pub fn has_local_senders(ifindex: u32) -> bool {
-    match LB_IFACES.get_ptr(ifindex) {
-        Some(config) => (unsafe { (*config).flags } & IFACE_LOCAL_SENDERS) != 0,
-        None => false,
+    iface_flags(ifindex) & IFACE_LOCAL_SENDERS != 0
+}
+
+/// Whether `XDP_TX` on `ifindex` can be trusted to reach the other end (see `IFACE_NO_XDP_TX`).
+#[inline(always)]
+pub fn xdp_tx_works(ifindex: u32) -> bool {
+    iface_flags(ifindex) & IFACE_NO_XDP_TX == 0
+}
+
+/// Whether `addr` (network byte order) is a Service's ClusterIP.
+#[inline(always)]
+pub fn is_cluster_ip(addr: u32) -> bool {
+    LB_CLUSTER_IPS.get_ptr(addr).is_some()
+}
+
+/// The node-wide settings; all zero when the agent has not written them.
+#[inline(always)]
+pub fn config() -> DataplaneConfig {
+    match LB_CONFIG.get_ptr(0) {
+        Some(config) => unsafe { *config },
+        None => DataplaneConfig::default(),
     }
 }

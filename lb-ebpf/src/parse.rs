@@ -72,9 +72,11 @@ struct UdpHdr {
     _check: u16,
 }
 
-const ETH_HLEN: usize = size_of::<EthHdr>();
-const VLAN_HLEN: usize = size_of::<VlanHdr>();
-const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
+pub const ETH_HLEN: usize = size_of::<EthHdr>();
+pub const VLAN_HLEN: usize = size_of::<VlanHdr>();
+/// VLAN tags the parser looks through: a customer tag inside a service tag (QinQ).
+pub const MAX_VLAN_TAGS: usize = 2;
+pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
 const TCP_MIN_HLEN: usize = size_of::<TcpHdr>();
 const UDP_HLEN: usize = size_of::<UdpHdr>();
 const IP_VERSION_4: u8 = 4;
@@ -119,6 +121,10 @@ pub struct Packet {
     pub dst_port: u16,
     /// TCP or UDP header plus payload, host order (IPv4 total length minus the IPv4 header).
     pub l4_len: u16,
+    /// Offset of the IPv4 header in the frame: the Ethernet header and its VLAN tags.
+    pub l3_offset: usize,
+    /// Offset of the TCP or UDP header in the frame.
+    pub l4_offset: usize,
 }
 
 /// What `parse` found.
@@ -135,7 +141,7 @@ pub enum Parsed {
 
 /// A pointer to a `T` at `offset`, if the frame holds all of it.
 #[inline(always)]
-fn header_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Drop> {
+pub fn header_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Drop> {
     let start = ctx.data();
     if start + offset + size_of::<T>() > ctx.data_end() {
         return Err(Drop::Malformed);
@@ -224,5 +230,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
         src_port,
         dst_port,
         l4_len: l4_len as u16,
+        l3_offset,
+        l4_offset,
     }))
 }

@@ -153,12 +153,13 @@ fn collides(packet: &Packet, backend: &Backend, now: u64) -> bool {
 }
 
 /// Picks a backend among `service`'s slots at random, avoiding one whose translated tuple is taken
-/// by another live flow. Returns the backend id and entry.
+/// by another live flow. Returns the backend id and entry, or `None` when the frontend has no
+/// backends.
 #[inline(always)]
-fn pick(packet: &Packet, service: &ServiceValue, now: u64) -> Result<(u32, Backend), Drop> {
+fn pick(packet: &Packet, service: &ServiceValue, now: u64) -> Result<Option<(u32, Backend)>, Drop> {
     let backend_count = service.backend_count;
     if backend_count == 0 {
-        return Err(Drop::NoBackend);
+        return Ok(None);
     }
     let first = unsafe { bpf_get_prandom_u32() } % backend_count;
     for attempt in 0..COLLISION_ATTEMPTS {
@@ -179,20 +180,21 @@ fn pick(packet: &Packet, service: &ServiceValue, now: u64) -> Result<(u32, Backe
             if attempt > 0 {
                 count(Counter::FlowCollisionAvoided);
             }
-            return Ok((backend_id, backend));
+            return Ok(Some((backend_id, backend)));
         }
     }
     Err(Drop::TupleCollision)
 }
 
 /// Chooses the backend for a packet to the frontend `key`, whose value is `service`: see the
-/// module documentation.
+/// module documentation. `None`: the packet starts a flow (or its flow lost its backend) and the
+/// frontend has no backend to give it.
 #[inline(always)]
 pub fn select_backend(
     packet: &Packet,
     key: &ServiceKey,
     service: &ServiceValue,
-) -> Result<Endpoint, Drop> {
+) -> Result<Option<Endpoint>, Drop> {
     let now = unsafe { bpf_ktime_get_ns() };
     let flow = original_key(packet);
     let mut replacing = false;
@@ -207,10 +209,10 @@ pub fn select_backend(
                     packet.tcp_flags,
                     now,
                 );
-                return Ok(Endpoint {
+                return Ok(Some(Endpoint {
                     addr: nat_addr,
                     port: nat_port,
-                });
+                }));
             }
             // The old backend's reply entry would otherwise translate stray packets from it.
             let _ = LB_CONNTRACK.remove(reply_key(packet, nat_addr, nat_port));
@@ -218,7 +220,7 @@ pub fn select_backend(
         replacing = true;
     }
 
-    let (backend_id, backend) = match pick(packet, service, now) {
+    let picked = match pick(packet, service, now) {
         // The agent switched the Service to a new backend set between our two lookups and has
         // already deleted the old set's slots: follow the switch once.
         Err(Drop::BackendMissing) => match lookup_service(key) {
@@ -226,6 +228,9 @@ pub fn select_backend(
             _ => return Err(Drop::BackendMissing),
         },
         other => other?,
+    };
+    let Some((backend_id, backend)) = picked else {
+        return Ok(None);
     };
 
     let state = FlowState {
@@ -245,10 +250,10 @@ pub fn select_backend(
             // Another CPU recorded this flow between our lookup and insert: follow its choice.
             if let Some(winner) = LB_CONNTRACK.get_ptr(flow) {
                 let winner = unsafe { *winner };
-                return Ok(Endpoint {
+                return Ok(Some(Endpoint {
                     addr: winner.nat_addr,
                     port: winner.nat_port,
-                });
+                }));
             }
         }
         Err(_) => count(Counter::FlowInsertFailed),
@@ -272,10 +277,10 @@ pub fn select_backend(
         count(Counter::FlowReselected);
     }
     count(Counter::FlowCreated);
-    Ok(Endpoint {
+    Ok(Some(Endpoint {
         addr: backend.addr,
         port: backend.port,
-    })
+    }))
 }
 
 /// If `packet` is a backend's reply on a live tracked flow, the Service address and port to

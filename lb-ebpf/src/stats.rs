@@ -11,8 +11,16 @@ use crate::maps::LB_STATS;
 pub enum Drop {
     /// Truncated or invalid headers.
     Malformed,
-    /// The Service has no endpoints.
-    NoBackend,
+    /// A `Local` traffic policy left the frontend no endpoint on this node.
+    NoLocalEndpoint,
+    /// To an unallocated address inside a service CIDR.
+    UnallocatedServiceIp,
+    /// A reject was due; this CPU's ICMP budget for the second is spent.
+    RejectRateLimited,
+    /// A reject was due; the packet's source may not be answered with an ICMP error.
+    RejectNotUnicast,
+    /// A reject was due; the frame could not be resized.
+    RejectFailed,
     /// The Service's backend set points at a missing slot or backend.
     BackendMissing,
     /// Every backend tried would collide with another live flow's tuple.
@@ -23,7 +31,11 @@ impl Drop {
     const fn counter(self) -> Counter {
         match self {
             Drop::Malformed => Counter::DropMalformed,
-            Drop::NoBackend => Counter::DropNoBackend,
+            Drop::NoLocalEndpoint => Counter::DropNoLocalEndpoint,
+            Drop::UnallocatedServiceIp => Counter::DropUnallocatedServiceIp,
+            Drop::RejectRateLimited => Counter::DropRejectRateLimited,
+            Drop::RejectNotUnicast => Counter::DropRejectNotUnicast,
+            Drop::RejectFailed => Counter::DropRejectFailed,
             Drop::BackendMissing => Counter::DropBackendMissing,
             Drop::TupleCollision => Counter::DropTupleCollision,
         }

@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use lb_common::config::DataplaneConfig;
 use notify::{RecursiveMode, Watcher as _};
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -50,6 +51,8 @@ pub struct AgentOptions {
     pub node_port_range: RangeInclusive<u16>,
     /// This node's name in EndpointSlices' `nodeName`, for the `Local` traffic policies.
     pub node_name: String,
+    /// Settings handed to the datapath as they are: service CIDRs and the reject rate.
+    pub dataplane: DataplaneConfig,
 }
 
 /// The file in the state directory holding the last good objects.
@@ -221,6 +224,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     }
 
     let mut dataplane = Dataplane::load(&options.pin_dir, &options.capacities)?;
+    dataplane.configure(&options.dataplane)?;
     for interface in &options.interfaces {
         dataplane.attach(interface, options.veth_redirect)?;
     }

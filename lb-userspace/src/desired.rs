@@ -14,6 +14,11 @@
 //! (KEP-1669, as kube-proxy does), so a rolling update of a one-replica Deployment does not drop
 //! traffic while the old pod finishes.
 //!
+//! A frontend with no endpoint to give a new flow rejects it (ICMP port unreachable, kube-proxy's
+//! REJECT), except when the Service has usable endpoints and only a `Local` traffic policy keeps
+//! them from this node: then it drops, as kube-proxy does. A packet to a ClusterIP on a port the
+//! Service does not define is rejected too.
+//!
 //! An endpoint still listed but not used for new flows (failing its probe, or terminating) is
 //! *draining*: new flows do not get it, but flows already on it keep it, as they do with
 //! kube-proxy's conntrack. Only an endpoint that leaves the slices is gone for its established
@@ -27,7 +32,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{
     net::{IPPROTO_TCP, IPPROTO_UDP, addr_to_wire, port_to_wire},
-    service::ServiceKey,
+    service::{SERVICE_DROP_WHEN_EMPTY, ServiceKey},
 };
 
 use crate::{
@@ -65,6 +70,9 @@ pub struct Frontend {
     /// Listed but not taking new flows: established flows keep them. Sorted, without
     /// duplicates, and disjoint from `backends`.
     pub draining: Vec<BackendAddr>,
+    /// `backends` is empty only because a `Local` traffic policy left no endpoint on this node
+    /// (the Service has some elsewhere): drop, as kube-proxy does, rather than reject.
+    pub drop_when_empty: bool,
 }
 
 impl Frontend {
@@ -77,12 +85,24 @@ impl Frontend {
             _pad: 0,
         }
     }
+
+    /// The `ServiceValue::flags` of this frontend.
+    pub fn flags(&self) -> u32 {
+        if self.drop_when_empty && self.backends.is_empty() {
+            SERVICE_DROP_WHEN_EMPTY
+        } else {
+            0
+        }
+    }
 }
 
-/// Every frontend the maps should hold, by key.
+/// Every frontend the maps should hold, by key, and every ClusterIP.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<ServiceKey, Frontend>,
+    /// The ClusterIPs of the programmed Services: a packet to one on a port no frontend serves is
+    /// rejected.
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
 }
 
 /// Why (part of) an object is not programmed. Not an error: headless and ExternalName Services,
@@ -204,6 +224,16 @@ pub fn desired_state<'a>(
                 addrs.push(addr);
             }
         }
+        for addr in &addrs[..cluster_ip_count] {
+            if node.nodeport_addresses.contains(addr) {
+                note(format!(
+                    "ClusterIP {addr} is an address of this node: not treated as a ClusterIP \
+                     (undefined ports are not rejected there)"
+                ));
+            } else {
+                desired.cluster_ips.insert(*addr);
+            }
+        }
         let local_only = |policy: Option<&String>| policy.map(String::as_str) == Some(POLICY_LOCAL);
         let internal_local = local_only(spec.internal_traffic_policy.as_ref());
         let external_local = local_only(spec.external_traffic_policy.as_ref());
@@ -278,6 +308,7 @@ pub fn desired_state<'a>(
                     proto,
                     backends: sets.backends.clone(),
                     draining: sets.draining.clone(),
+                    drop_when_empty: sets.drop_when_empty,
                 };
                 let key = frontend.key();
                 if let Some(owner) = desired.frontends.get(&key) {
@@ -367,16 +398,20 @@ fn choose(candidates: &[Candidate], local_only: bool) -> EndpointSets {
         }
     }
     let chosen = if ready.is_empty() { fallback } else { ready };
+    let usable_elsewhere = candidates.iter().any(|c| c.ready || c.serving_terminating);
     EndpointSets {
         draining: draining.difference(&chosen).copied().collect(),
+        drop_when_empty: local_only && chosen.is_empty() && usable_elsewhere,
         backends: chosen.into_iter().collect(),
     }
 }
 
-/// A frontend's endpoints, as [`Frontend::backends`] and [`Frontend::draining`] hold them.
+/// A frontend's endpoints, as [`Frontend::backends`], [`Frontend::draining`] and
+/// [`Frontend::drop_when_empty`] hold them.
 struct EndpointSets {
     backends: Vec<BackendAddr>,
     draining: Vec<BackendAddr>,
+    drop_when_empty: bool,
 }
 
 /// Every endpoint of `slices` at the slice port named `port_name` with protocol `proto`.

@@ -9,7 +9,7 @@ use lb::{
     agent::{AgentOptions, run},
     dataplane::{self, VethRedirect, maps::Capacities},
     inspect::{counters, format_table, service_rows, services_table},
-    node::{Ipv4Cidr, host_name, parse_port_range},
+    node::{Ipv4Cidr, dataplane_config, host_name, parse_port_range},
 };
 
 fn parse_cidr(text: &str) -> anyhow::Result<Ipv4Cidr> {
@@ -81,6 +81,16 @@ enum Command {
         /// Default: the host name.
         #[arg(long)]
         node_name: Option<String>,
+        /// The cluster's service CIDRs (comma separated, e.g. 10.96.0.0/12), as the API server's
+        /// `--service-cluster-ip-range`: TCP and UDP to an address inside them that no Service
+        /// holds is dropped (`drop_unallocated_service_ip`), as kube-proxy's nftables mode does.
+        /// Default: none, such traffic is left to the kernel.
+        #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+        service_cidr: Vec<Ipv4Cidr>,
+        /// ICMP port unreachable answers (rejects) each CPU sends per second at most; beyond it
+        /// they are dropped (`drop_reject_rate_limited`). 0: no limit.
+        #[arg(long, default_value_t = lb_common::config::DEFAULT_REJECTS_PER_SECOND)]
+        reject_rate: u32,
     },
     /// List the Service frontends and endpoints the dataplane holds (from the pinned maps).
     ///
@@ -134,7 +144,10 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             nodeport_addresses,
             service_node_port_range,
             node_name,
+            service_cidr,
+            reject_rate,
         } => {
+            let dataplane = dataplane_config(&service_cidr, reject_rate)?;
             let node_name = match node_name {
                 Some(name) => name,
                 None => host_name()?,
@@ -158,6 +171,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 nodeport_cidrs: nodeport_addresses,
                 node_port_range: service_node_port_range,
                 node_name,
+                dataplane,
             }))
         }
         Command::Services { output } => {

@@ -4,6 +4,7 @@
 use std::{fmt, net::Ipv4Addr, ops::RangeInclusive, str::FromStr};
 
 use anyhow::{Context as _, bail};
+use lb_common::config::{Cidr, DataplaneConfig, MAX_SERVICE_CIDRS};
 
 /// kube-proxy's and the API server's default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30_000..=32_767;
@@ -53,6 +54,42 @@ impl fmt::Display for Ipv4Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
     }
+}
+
+/// The largest service CIDR the API server accepts for IPv4 (`--service-cluster-ip-range`
+/// refuses a shorter prefix): a typo such as `10.0.0.0/1` must not make the node drop half the
+/// Internet.
+pub const MIN_SERVICE_CIDR_PREFIX: u8 = 12;
+
+/// The datapath's node-wide settings from `--service-cidr` and `--reject-rate`.
+pub fn dataplane_config(
+    service_cidrs: &[Ipv4Cidr],
+    rejects_per_second: u32,
+) -> anyhow::Result<DataplaneConfig> {
+    if service_cidrs.len() > MAX_SERVICE_CIDRS {
+        bail!(
+            "--service-cidr: {} prefixes given, at most {MAX_SERVICE_CIDRS} are supported",
+            service_cidrs.len()
+        );
+    }
+    let mut config = DataplaneConfig {
+        rejects_per_second,
+        service_cidr_count: service_cidrs.len() as u32,
+        ..DataplaneConfig::default()
+    };
+    for (slot, cidr) in config.service_cidrs.iter_mut().zip(service_cidrs) {
+        if cidr.prefix_len < MIN_SERVICE_CIDR_PREFIX {
+            bail!(
+                "--service-cidr {cidr}: too large; the API server allows /{MIN_SERVICE_CIDR_PREFIX} \
+                 or longer"
+            );
+        }
+        *slot = Cidr {
+            addr: u32::from(cidr.addr).to_be() & cidr.mask().to_be(),
+            mask: cidr.mask().to_be(),
+        };
+    }
+    Ok(config)
 }
 
 /// Parses `--service-node-port-range` (`30000-32767`).
@@ -159,6 +196,36 @@ pub fn nodeport_addresses(local: &[Ipv4Addr], allowed: &[Ipv4Cidr]) -> Vec<Ipv4A
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_cidrs_become_wire_prefixes_within_the_api_server_s_limits() {
+        let cidrs: Vec<Ipv4Cidr> = ["10.96.0.0/12", "172.20.1.0/24"]
+            .iter()
+            .map(|text| text.parse().expect("valid"))
+            .collect();
+        let config = dataplane_config(&cidrs, 7).expect("valid");
+        assert_eq!(config.service_cidr_count, 2);
+        assert_eq!(config.rejects_per_second, 7);
+        let wire = |text: &str| u32::from_ne_bytes(text.parse::<Ipv4Addr>().unwrap().octets());
+        assert!(config.in_service_cidr(wire("10.96.0.10")));
+        assert!(config.in_service_cidr(wire("10.111.255.255")));
+        assert!(!config.in_service_cidr(wire("10.112.0.0")));
+        assert!(config.in_service_cidr(wire("172.20.1.200")));
+        assert!(!config.in_service_cidr(wire("172.20.2.1")));
+        // Host bits given by mistake are cleared, as the prefix means.
+        let sloppy = dataplane_config(&["10.96.3.4/12".parse().unwrap()], 0).unwrap();
+        assert!(sloppy.in_service_cidr(wire("10.96.0.1")));
+        // Unused slots match nothing.
+        assert!(!dataplane_config(&[], 0).unwrap().in_service_cidr(0));
+
+        let too_large = dataplane_config(&["10.0.0.0/11".parse().unwrap()], 0).unwrap_err();
+        assert!(
+            format!("{too_large}").contains("/12 or longer"),
+            "{too_large}"
+        );
+        let too_many = vec![cidrs[0]; MAX_SERVICE_CIDRS + 1];
+        assert!(dataplane_config(&too_many, 0).is_err());
+    }
 
     #[test]
     fn cidrs_parse_and_match() {

@@ -48,6 +48,11 @@ pub trait ServiceStore {
     fn read_slots(&self) -> anyhow::Result<Vec<(SlotKey, u32)>>;
     fn read_active_backends(&self) -> anyhow::Result<Vec<(u32, Backend)>>;
     fn read_infos(&self) -> anyhow::Result<Vec<(u32, ServiceInfo)>>;
+
+    /// Adds a ClusterIP (network byte order) to `LB_CLUSTER_IPS`.
+    fn set_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()>;
+    fn delete_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()>;
+    fn read_cluster_ips(&self) -> anyhow::Result<Vec<u32>>;
 }
 
 /// Encodes the names of a frontend for `LB_SVC_INFO`. Validated names always fit; the
@@ -194,6 +199,8 @@ pub struct Reconciler {
     backend_sets: IdPool,
     /// Entries to delete; see the module documentation.
     garbage: BTreeSet<Garbage>,
+    /// What `LB_CLUSTER_IPS` holds (network byte order), written or read back.
+    cluster_ips: BTreeSet<u32>,
 }
 
 impl Reconciler {
@@ -206,6 +213,7 @@ impl Reconciler {
             backend_ids: IdPool::new(MAX_BACKENDS, "backend"),
             backend_sets: IdPool::new(u32::MAX, "backend set"),
             garbage: BTreeSet::new(),
+            cluster_ips: store.read_cluster_ips()?.into_iter().collect(),
         };
         let slots: BTreeMap<SlotKey, u32> = store.read_slots()?.into_iter().collect();
         let backends: BTreeMap<u32, Backend> = store.read_active_backends()?.into_iter().collect();
@@ -408,12 +416,69 @@ impl Reconciler {
             }
         }
         summary.errors.extend(self.collect_garbage(&mut counting));
+        summary
+            .errors
+            .extend(self.reconcile_cluster_ips(desired, &mut counting));
         summary.writes = counting.writes;
         summary
     }
 
+    /// Makes `LB_CLUSTER_IPS` hold exactly the desired ClusterIPs. Added before frontends go
+    /// away would matter only to packets on undefined ports, so the order is free; what fails is
+    /// retried at the next reconciliation. Returns at most one error.
+    fn reconcile_cluster_ips(
+        &mut self,
+        desired: &DesiredState,
+        store: &mut Counting<'_, impl ServiceStore>,
+    ) -> Option<anyhow::Error> {
+        let wanted: BTreeSet<u32> = desired
+            .cluster_ips
+            .iter()
+            .map(|addr| addr_to_wire(*addr))
+            .collect();
+        let mut first_error = None;
+        let mut failed = 0;
+        for addr in wanted
+            .difference(&self.cluster_ips)
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            match store.run(|store| store.set_cluster_ip(addr)) {
+                Ok(()) => {
+                    self.cluster_ips.insert(addr);
+                }
+                Err(error) => {
+                    failed += 1;
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        for addr in self
+            .cluster_ips
+            .difference(&wanted)
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            match store.run(|store| store.delete_cluster_ip(addr)) {
+                Ok(()) => {
+                    self.cluster_ips.remove(&addr);
+                }
+                Err(error) => {
+                    failed += 1;
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        first_error.map(|error| {
+            error.context(format!(
+                "{failed} ClusterIP entries could not be written; retrying at the next sync"
+            ))
+        })
+    }
+
     fn matches(live: &LiveFrontend, frontend: &Frontend) -> bool {
         live.backends == frontend.backends
+            && live.value.flags == frontend.flags()
             && live
                 .draining
                 .keys()
@@ -491,11 +556,11 @@ impl Reconciler {
         store: &mut Counting<'_, impl ServiceStore>,
         written: &mut Vec<Garbage>,
         service_id: u32,
-        backends: &[BackendAddr],
+        frontend: &Frontend,
         entries: &BTreeMap<BackendAddr, u32>,
     ) -> anyhow::Result<(ServiceValue, Vec<u32>)> {
-        let mut ids = Vec::with_capacity(backends.len());
-        for backend in backends {
+        let mut ids = Vec::with_capacity(frontend.backends.len());
+        for backend in &frontend.backends {
             ids.push(match entries.get(backend) {
                 Some(id) => *id,
                 None => self.write_backend(store, written, service_id, backend)?,
@@ -506,7 +571,7 @@ impl Reconciler {
             service_id,
             backend_set,
             backend_count: ids.len() as u32,
-            flags: 0,
+            flags: frontend.flags(),
         };
         Ok((value, ids))
     }
@@ -528,13 +593,8 @@ impl Reconciler {
         let mut written = vec![Garbage::Info(service_id)];
         let info = service_info(frontend);
         let result = (|| {
-            let (value, ids) = self.make(
-                store,
-                &mut written,
-                service_id,
-                &frontend.backends,
-                &BTreeMap::new(),
-            )?;
+            let (value, ids) =
+                self.make(store, &mut written, service_id, frontend, &BTreeMap::new())?;
             store.run(|store| store.set_info(service_id, &info))?;
             store.run(|store| store.set_service(key, &value))?;
             Ok((value, ids))
@@ -573,13 +633,8 @@ impl Reconciler {
             // Make: new backends, then the new set's slots, then the single switching write.
             let mut written = Vec::new();
             let result = (|| {
-                let (value, ids) = self.make(
-                    store,
-                    &mut written,
-                    service_id,
-                    &frontend.backends,
-                    &entries,
-                )?;
+                let (value, ids) =
+                    self.make(store, &mut written, service_id, frontend, &entries)?;
                 store.run(|store| store.set_service(key, &value))?;
                 Ok((value, ids))
             })();
@@ -592,6 +647,14 @@ impl Reconciler {
             entry.backends = frontend.backends.clone();
             entry.dirty = false;
             ids = new_ids;
+        } else if live.value.flags != frontend.flags() {
+            // Same backends, another policy: one write of the value, the set stays.
+            let value = ServiceValue {
+                flags: frontend.flags(),
+                ..live.value
+            };
+            store.run(|store| store.set_service(key, &value))?;
+            self.live.get_mut(&key).context("frontend vanished")?.value = value;
         }
         // The backends that left both the slots and the draining set go.
         self.garbage.extend(
@@ -645,6 +708,7 @@ pub struct MemoryStore {
     /// Only active backends; clearing removes the entry (the array holds zeroes there).
     pub backends: BTreeMap<u32, Backend>,
     pub infos: BTreeMap<u32, ServiceInfo>,
+    pub cluster_ips: BTreeSet<u32>,
 }
 
 impl MemoryStore {
@@ -707,5 +771,16 @@ impl ServiceStore for MemoryStore {
     }
     fn read_infos(&self) -> anyhow::Result<Vec<(u32, ServiceInfo)>> {
         Ok(self.infos.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn set_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()> {
+        self.cluster_ips.insert(addr);
+        Ok(())
+    }
+    fn delete_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()> {
+        self.cluster_ips.remove(&addr);
+        Ok(())
+    }
+    fn read_cluster_ips(&self) -> anyhow::Result<Vec<u32>> {
+        Ok(self.cluster_ips.iter().copied().collect())
     }
 }

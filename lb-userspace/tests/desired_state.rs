@@ -12,7 +12,7 @@ use lb::{
     manifests::{Snapshot, load_dir},
     node::NodeConfig,
 };
-use lb_common::service::ServiceKey;
+use lb_common::service::{SERVICE_DROP_WHEN_EMPTY, ServiceKey};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -122,6 +122,7 @@ fn frontend(
         proto,
         backends,
         draining: Vec::new(),
+        drop_when_empty: false,
     }
 }
 
@@ -985,4 +986,61 @@ fn local_traffic_policies_keep_each_kind_of_traffic_on_this_node_s_endpoints() {
     );
     assert_eq!(backends_at(&state, [10, 0, 0, 1]), (Vec::new(), Vec::new()));
     assert_eq!(backends_at(&state, [10, 96, 0, 20]).0, everywhere);
+    // Dropped rather than rejected, as kube-proxy does: the Service does have endpoints.
+    let drops = |state: &DesiredState, addr: [u8; 4]| {
+        let frontend = state
+            .frontends
+            .values()
+            .find(|f| f.addr == Ipv4Addr::from(addr))
+            .expect("the frontend");
+        frontend.flags() == SERVICE_DROP_WHEN_EMPTY
+    };
+    assert!(drops(&state, [10, 0, 0, 1]));
+    assert!(drops(&state, [198, 51, 100, 7]));
+    assert!(!drops(&state, [10, 96, 0, 20]));
+
+    // A Service with no usable endpoint anywhere rejects, whatever its policy.
+    let (state, _) = desired_state(
+        &[service_with(
+            "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n",
+        )],
+        &[],
+        &elsewhere,
+    );
+    assert_eq!(state.frontends.len(), 3);
+    for addr in [[10, 0, 0, 1], [198, 51, 100, 7], [10, 96, 0, 20]] {
+        assert!(!drops(&state, addr));
+    }
+}
+
+#[test]
+fn cluster_ips_are_collected_for_undefined_port_rejects() {
+    let node = NodeConfig {
+        nodeport_addresses: vec![Ipv4Addr::new(10, 0, 0, 1)],
+        ..NodeConfig::default()
+    };
+    let services = [
+        service(
+            "metadata: {name: web}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  \
+             externalIPs: [198.51.100.7]\n  ports:\n  - {port: 80, nodePort: 30080}\n\
+             status: {loadBalancer: {ingress: [{ip: 203.0.113.9}]}}\n",
+        ),
+        service(
+            "metadata: {name: dns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: 53, protocol: UDP}]\n",
+        ),
+        service("metadata: {name: headless}\nspec:\n  clusterIP: None\n  ports: [{port: 80}]\n"),
+        service("metadata: {name: odd}\nspec:\n  clusterIP: 10.0.0.1\n  ports: [{port: 80}]\n"),
+    ];
+    let (state, notes) = desired_state(&services, &[], &node);
+    // Only ClusterIPs: not external, load balancer or node addresses, and never one of the
+    // node's own addresses (rejecting its undefined ports would cut the node off).
+    assert_eq!(
+        state.cluster_ips.iter().copied().collect::<Vec<_>>(),
+        vec![Ipv4Addr::new(10, 96, 0, 10), Ipv4Addr::new(10, 96, 0, 20)]
+    );
+    assert!(
+        notes.iter().any(|n| n.object == "Service default/odd"
+            && n.message.contains("is an address of this node")),
+        "{notes:?}"
+    );
 }

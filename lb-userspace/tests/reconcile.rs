@@ -11,7 +11,10 @@ use lb::{
     desired::{BackendAddr, DesiredState, Frontend},
     reconcile::{MemoryStore, Reconciler, ServiceStore, Summary},
 };
-use lb_common::service::{BACKEND_ACTIVE, Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey};
+use lb_common::{
+    net::addr_from_wire,
+    service::{BACKEND_ACTIVE, Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
+};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -46,12 +49,15 @@ fn frontend(
         proto,
         backends,
         draining: Vec::new(),
+        drop_when_empty: false,
     }
 }
 
+/// The desired state of `frontends`, each address a ClusterIP.
 fn state(frontends: &[Frontend]) -> DesiredState {
     DesiredState {
         frontends: frontends.iter().map(|f| (f.key(), f.clone())).collect(),
+        cluster_ips: frontends.iter().map(|f| f.addr).collect(),
     }
 }
 
@@ -88,7 +94,7 @@ fn assert_store_holds(store: &MemoryStore, desired: &DesiredState) {
             "{frontend:?}"
         );
         assert_eq!(value.backend_count as usize, frontend.backends.len());
-        assert_eq!(value.flags, 0);
+        assert_eq!(value.flags, frontend.flags());
         assert_ne!(value.service_id, 0);
         assert!(service_ids.insert(value.service_id), "shared service id");
         if value.backend_count > 0 {
@@ -111,6 +117,15 @@ fn assert_store_holds(store: &MemoryStore, desired: &DesiredState) {
         assert_eq!(text(&info.name), frontend.name);
         assert_eq!(text(&info.port_name), frontend.port_name);
     }
+    assert_eq!(
+        store
+            .cluster_ips
+            .iter()
+            .map(|addr| addr_from_wire(*addr))
+            .collect::<BTreeSet<_>>(),
+        desired.cluster_ips,
+        "ClusterIPs"
+    );
     assert_eq!(
         store.slots.keys().copied().collect::<BTreeSet<_>>(),
         slots,
@@ -186,6 +201,8 @@ enum Call {
     DeleteService(ServiceKey),
     SetInfo(u32),
     DeleteInfo(u32),
+    SetClusterIp(Ipv4Addr),
+    DeleteClusterIp(Ipv4Addr),
 }
 
 /// Asserts that `calls` are `expected` in any order (each write happens once).
@@ -291,6 +308,19 @@ impl ServiceStore for Recording {
     fn read_infos(&self) -> anyhow::Result<Vec<(u32, ServiceInfo)>> {
         self.inner.read_infos()
     }
+    fn set_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()> {
+        self.record(Call::SetClusterIp(addr_from_wire(addr)), |s| {
+            s.set_cluster_ip(addr)
+        })
+    }
+    fn delete_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()> {
+        self.record(Call::DeleteClusterIp(addr_from_wire(addr)), |s| {
+            s.delete_cluster_ip(addr)
+        })
+    }
+    fn read_cluster_ips(&self) -> anyhow::Result<Vec<u32>> {
+        self.inner.read_cluster_ips()
+    }
 }
 
 fn web(backends: Vec<BackendAddr>) -> Frontend {
@@ -337,10 +367,11 @@ fn adding_programs_every_frontend_and_switches_each_on_last() {
 
     let summary = reconciler.reconcile(&desired, &mut store);
     assert_clean(&summary);
-    // Per frontend: its backends, as many slots, its info and its service entry.
+    // Per frontend: its backends, as many slots, its info and its service entry; then each
+    // ClusterIP.
     assert_eq!(
         counts(&summary),
-        (3, 0, 0, 0, (3 + 3 + 2) + (2 + 2 + 2) + 2)
+        (3, 0, 0, 0, (3 + 3 + 2) + (2 + 2 + 2) + 2 + 3)
     );
     assert!(summary.changed());
     assert_eq!(summary.writes, store.calls.len());
@@ -517,8 +548,8 @@ fn removing_a_service_removes_all_its_entries() {
     let remaining = state(&[dns(backends(&["10.1.0.1"], 5353))]);
     let summary = reconciler.reconcile(&remaining, &mut store);
     assert_clean(&summary);
-    // The service entry, three slots, three backends, the info.
-    assert_eq!(counts(&summary), (0, 0, 1, 1, 1 + 3 + 3 + 1));
+    // The service entry, three slots, three backends, the info, the ClusterIP.
+    assert_eq!(counts(&summary), (0, 0, 1, 1, 1 + 3 + 3 + 1 + 1));
     assert_eq!(reconciler.frontend_count(), 1);
     assert_store_holds(&store.inner, &remaining);
     assert_eq!(
@@ -531,7 +562,7 @@ fn removing_a_service_removes_all_its_entries() {
 
     let summary = reconciler.reconcile(&DesiredState::default(), &mut store);
     assert_clean(&summary);
-    assert_eq!(counts(&summary), (0, 0, 1, 0, 1 + 1 + 1 + 1));
+    assert_eq!(counts(&summary), (0, 0, 1, 0, 1 + 1 + 1 + 1 + 1));
     assert_eq!(reconciler.frontend_count(), 0);
     assert_eq!(store.inner, MemoryStore::default());
 }
@@ -1031,4 +1062,72 @@ fn names_up_to_the_kubernetes_limits_are_stored_whole() {
     assert_eq!(text(&info.namespace), label);
     assert_eq!(text(&info.name), label);
     assert_eq!(text(&info.port_name), label);
+}
+
+#[test]
+fn cluster_ips_follow_the_services_and_survive_a_restart() {
+    let desired = three_frontends();
+    let (mut reconciler, store) = programmed(&desired);
+    let mut store = Recording::watching(store, web(Vec::new()).key());
+
+    // The ClusterIP goes with its last frontend; nothing else is touched.
+    let fewer = state(&[
+        web(backends(&["10.1.0.1", "10.1.0.2", "10.1.0.3"], 8080)),
+        dns(backends(&["10.1.0.1", "10.1.0.4"], 5353)),
+    ]);
+    let summary = reconciler.reconcile(&fewer, &mut store);
+    assert_clean(&summary);
+    assert!(
+        store
+            .calls
+            .contains(&Call::DeleteClusterIp(Ipv4Addr::new(10, 96, 0, 2)))
+    );
+    assert_store_holds(&store.inner, &fewer);
+
+    // A restarted reconciler reads them back and writes nothing.
+    let (mut restarted, swept) = Reconciler::from_store(&mut store.inner).unwrap();
+    assert_eq!(swept, 0);
+    store.calls.clear();
+    let summary = restarted.reconcile(&fewer, &mut store);
+    assert_clean(&summary);
+    assert!(!summary.changed(), "{:?}", store.calls);
+
+    // A ClusterIP with no port left (a Service whose ports all use another protocol) stays.
+    let mut bare = fewer.clone();
+    bare.cluster_ips.insert(Ipv4Addr::new(10, 96, 0, 3));
+    let summary = restarted.reconcile(&bare, &mut store);
+    assert_clean(&summary);
+    assert_eq!(
+        store.calls,
+        vec![Call::SetClusterIp(Ipv4Addr::new(10, 96, 0, 3))]
+    );
+}
+
+#[test]
+fn a_policy_change_rewrites_only_the_service_value() {
+    let local = |drop_when_empty| Frontend {
+        drop_when_empty,
+        ..idle(Vec::new())
+    };
+    let (mut reconciler, store) = programmed(&state(&[local(false)]));
+    let key = local(false).key();
+    assert_eq!(store.services[&key].flags, 0);
+    let mut store = Recording::watching(store, key);
+
+    let summary = reconciler.reconcile(&state(&[local(true)]), &mut store);
+    assert_clean(&summary);
+    let value = store.inner.services[&key];
+    assert_eq!(value.flags, lb_common::service::SERVICE_DROP_WHEN_EMPTY);
+    assert_eq!(store.calls, vec![Call::SetService(key, value)]);
+    assert_store_holds(&store.inner, &state(&[local(true)]));
+
+    // The flag only means something while the frontend is empty.
+    store.calls.clear();
+    let with_backend = Frontend {
+        drop_when_empty: true,
+        ..idle(backends(&["10.1.0.9"], 80))
+    };
+    let summary = reconciler.reconcile(&state(std::slice::from_ref(&with_backend)), &mut store);
+    assert_clean(&summary);
+    assert_eq!(store.inner.services[&key].flags, 0);
 }

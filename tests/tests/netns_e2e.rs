@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, ErrorKind, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
     time::Duration,
@@ -292,6 +292,15 @@ fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &s
     after[name]
         .checked_sub(before[name])
         .unwrap_or_else(|| panic!("{name} went down: the stats map was replaced"))
+}
+
+/// The counters that moved between two readings, by how much.
+fn moved(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(name, value)| (name.clone(), value - before.get(name).copied().unwrap_or(0)))
+        .filter(|(_, delta)| *delta > 0)
+        .collect()
 }
 
 fn tcp_reply(connection: &mut Connection) -> Reply {
@@ -1093,9 +1102,113 @@ fn external_traffic_policy_local_uses_only_this_node_s_endpoints_or_drops() {
         .client()
         .run(|| TcpStream::connect_timeout(&node_port, UNSERVED_CONNECT_TIMEOUT))
         .expect("client thread");
-    assert!(
-        connected.is_err(),
-        "{node_port} answered with no local endpoint"
+    // Dropped, not refused: the Service has endpoints, only not here (kube-proxy does the same).
+    let error = connected.expect_err("answered with no local endpoint");
+    assert_eq!(error.kind(), ErrorKind::TimedOut, "{node_port}: {error}");
+    assert!(delta(&before, &cluster.counters(), "drop_no_local_endpoint") > 0);
+}
+
+/// An address of the service CIDR that no Service holds.
+const UNALLOCATED_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+/// A port the echo Service does not define.
+const UNDEFINED_PORT: u16 = 81;
+
+#[test]
+fn a_service_without_endpoints_or_port_refuses_and_unallocated_addresses_drop() {
+    if !require_root("a_service_without_endpoints_or_port_refuses_and_unallocated_addresses_drop") {
+        return;
+    }
+    let cluster = Cluster::start(Setup {
+        agent_args: &[REDIRECT_VETH, "--service-cidr", "10.96.0.0/12"],
+        ..Setup::default()
+    })
+    .expect("cluster");
+    let connect = |target: SocketAddr| {
+        cluster
+            .client()
+            .run(move || TcpStream::connect_timeout(&target, UNSERVED_CONNECT_TIMEOUT))
+            .expect("client thread")
+    };
+
+    // A port the Service does not define: refused at once, like a closed port on a host.
+    let before = cluster.counters();
+    let error = connect(SocketAddr::from((CLUSTER_IP, UNDEFINED_PORT)))
+        .expect_err("an undefined port answered");
+    assert_eq!(
+        error.kind(),
+        ErrorKind::ConnectionRefused,
+        "{error}; counters moved: {:?}",
+        moved(&before, &cluster.counters())
     );
-    assert!(delta(&before, &cluster.counters(), "drop_no_backend") > 0);
+    assert_eq!(
+        delta(&before, &cluster.counters(), "reject_undefined_port"),
+        1
+    );
+
+    // An unallocated address of the service CIDR: dropped (without the flag, the node's stack
+    // would answer "no route").
+    let before = cluster.counters();
+    let error = connect(SocketAddr::from((UNALLOCATED_SERVICE_IP, TCP_PORT)))
+        .expect_err("an unallocated address answered");
+    assert_eq!(error.kind(), ErrorKind::TimedOut, "{error}");
+    assert!(delta(&before, &cluster.counters(), "drop_unallocated_service_ip") > 0);
+
+    // Every endpoint gone: TCP and UDP clients are refused at once instead of timing out.
+    std::fs::write(cluster.manifests().join("echo.yaml"), echo_manifest(&[])).expect("edit");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster
+            .frontends()
+            .contains(&TCP_FRONTEND.to_string())
+            && cluster.tcp_endpoints().is_empty()),
+        "the agent did not apply the edit: {:?}",
+        cluster.tcp_endpoints()
+    );
+    let before = cluster.counters();
+    let error = connect(TCP_FRONTEND).expect_err("a Service without endpoints answered");
+    assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+    let udp = cluster
+        .client()
+        .run(|| -> std::io::Result<std::io::Error> {
+            let socket = std::net::UdpSocket::bind((CLIENT_ADDR, 0))?;
+            socket.set_read_timeout(Some(UNSERVED_CONNECT_TIMEOUT))?;
+            socket.connect(UDP_FRONTEND)?;
+            socket.send(b"query")?;
+            let mut buffer = [0u8; 64];
+            Ok(socket
+                .recv(&mut buffer)
+                .expect_err("a Service without endpoints answered"))
+        })
+        .expect("client thread")
+        .expect("UDP socket");
+    assert_eq!(udp.kind(), ErrorKind::ConnectionRefused, "{udp}");
+    assert_eq!(
+        delta(&before, &cluster.counters(), "reject_no_endpoints"),
+        2
+    );
+}
+
+#[test]
+fn without_veth_redirects_the_refusal_goes_back_through_the_node_s_stack() {
+    if !require_root("without_veth_redirects_the_refusal_goes_back_through_the_node_s_stack") {
+        return;
+    }
+    let cluster = Cluster::start(Setup {
+        agent_args: &[],
+        ..Setup::default()
+    })
+    .expect("cluster");
+    let before = cluster.counters();
+    let target = SocketAddr::from((CLUSTER_IP, UNDEFINED_PORT));
+    let error = cluster
+        .client()
+        .run(move || TcpStream::connect_timeout(&target, UNSERVED_CONNECT_TIMEOUT))
+        .expect("client thread")
+        .expect_err("an undefined port answered");
+    let moved = moved(&before, &cluster.counters());
+    assert_eq!(
+        error.kind(),
+        ErrorKind::ConnectionRefused,
+        "{error}; counters moved: {moved:?}"
+    );
+    assert_eq!(moved.get("reject_via_stack"), Some(&1), "{moved:?}");
 }

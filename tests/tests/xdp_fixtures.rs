@@ -19,8 +19,9 @@ use std::{
 };
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, SingleVlanHeader,
-    TcpHeader, TcpOptions, UdpHeader, VlanId, VlanPcp,
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpFragOffset, IpNumber,
+    Ipv4Header, Ipv4Options, SingleVlanHeader, TcpHeader, TcpOptions, UdpHeader, VlanId, VlanPcp,
+    icmpv4::DestUnreachableHeader,
 };
 use lb::{
     dataplane::{
@@ -33,9 +34,12 @@ use lb::{
     reconcile::Reconciler,
 };
 use lb_common::{
+    config::{Cidr, DataplaneConfig},
     conntrack::{DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowKey, FlowState, SEEN_FIN, SEEN_RST},
-    iface::{IFACE_LOCAL_SENDERS, IfaceConfig},
-    service::{BACKEND_ACTIVE, Backend, ServiceKey, ServiceValue, SlotKey},
+    iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
+    service::{
+        BACKEND_ACTIVE, Backend, SERVICE_DROP_WHEN_EMPTY, ServiceKey, ServiceValue, SlotKey,
+    },
     stats::Counter,
 };
 use lb_tests::{
@@ -197,6 +201,24 @@ fn l3_offset(frame: &[u8]) -> usize {
     }
     assert_eq!(be16(frame, offset), ETHERTYPE_IPV4, "not an IPv4 frame");
     offset + 2
+}
+
+/// Recomputes the IPv4 and ICMP checksums of an ICMP frame from scratch.
+fn verify_icmp_checksums(context: &str, frame: &[u8]) {
+    let ip = &frame[l3_offset(frame)..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    assert_eq!(
+        fold(sum_words(0, &ip[..ihl])),
+        0xffff,
+        "{context}: IPv4 header checksum does not verify"
+    );
+    assert_eq!(ip[9], IPPROTO_ICMP, "{context}: not ICMP");
+    let total_len = usize::from(be16(ip, 2));
+    assert_eq!(
+        fold(sum_words(0, &ip[ihl..total_len])),
+        0xffff,
+        "{context}: ICMP checksum does not verify"
+    );
 }
 
 /// Recomputes every checksum of an IPv4 TCP or UDP frame from scratch.
@@ -524,6 +546,48 @@ impl Pkt {
     }
 }
 
+/// TOS of an ICMP error: precedence "internetwork control" (RFC 791), as Linux sends them.
+const ICMP_ERROR_TOS: u8 = 0xc0;
+/// Bits of the TOS byte that form the DSCP.
+const DSCP_SHIFT: u8 = 2;
+/// Bytes of the offending datagram past its IPv4 header an ICMP error quotes (RFC 792).
+const ICMP_QUOTED_L4_BYTES: usize = 8;
+
+/// The ICMP port unreachable a router answers `offending` with, built with etherparse from RFC
+/// 792: back to the sender from the address it asked for, in the same VLANs, quoting the IPv4
+/// header (options included) and the first 8 bytes after it.
+fn port_unreachable(offending: &Pkt) -> Vec<u8> {
+    let bytes = offending.bytes();
+    let l3 = l3_offset(&bytes);
+    let ihl = usize::from(bytes[l3] & 0x0f) * 4;
+    let quote = &bytes[l3..l3 + ihl + ICMP_QUOTED_L4_BYTES];
+    let icmp = Icmpv4Header::with_checksum(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        quote,
+    );
+    let mut ip = Ipv4Header {
+        dscp: IpDscp::try_new(ICMP_ERROR_TOS >> DSCP_SHIFT).expect("DSCP"),
+        total_len: u16::try_from(IPV4_HLEN + icmp.header_len() + quote.len())
+            .expect("IPv4 total length"),
+        // Linux sends its ICMP errors without DF (its ICMP socket does no path-MTU discovery).
+        dont_fragment: false,
+        time_to_live: DEFAULT_TTL,
+        protocol: IpNumber(IPPROTO_ICMP),
+        source: offending.dst.octets(),
+        destination: offending.src.octets(),
+        ..Ipv4Header::default()
+    };
+    ip.header_checksum = ip.calc_header_checksum();
+    // The offending frame's link header, tags included, with the addresses swapped.
+    let mut frame = bytes[..l3].to_vec();
+    frame[..6].copy_from_slice(&offending.eth_src);
+    frame[6..12].copy_from_slice(&offending.eth_dst);
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&icmp.to_bytes());
+    frame.extend_from_slice(quote);
+    frame
+}
+
 fn mac_text(mac: [u8; 6]) -> String {
     mac.iter()
         .map(|byte| format!("{byte:02x}"))
@@ -628,6 +692,7 @@ fn frontend(
         proto,
         backends,
         draining: Vec::new(),
+        drop_when_empty: false,
     }
 }
 
@@ -729,6 +794,8 @@ enum Expect {
     Unchanged,
     /// The output is exactly this packet, whose checksums are then recomputed.
     Frame(Pkt),
+    /// The output is exactly this ICMP error frame, whose checksums are then recomputed.
+    Icmp(Vec<u8>),
 }
 
 struct Case {
@@ -798,34 +865,34 @@ impl Lab {
         }
         // As the agent describes veths: local sockets may send partial checksums on them.
         for iface in [lab.in0, lab.out0, lab.side0] {
-            lab.set_local_senders(iface, true);
+            lab.set_iface_flags(iface, IFACE_LOCAL_SENDERS);
         }
         lab
     }
 
-    /// Flags `iface` in `LB_IFACES` as carrying local senders (a veth) or not (a NIC).
-    fn set_local_senders(&self, iface: Iface, local: bool) {
+    /// Describes `iface` in `LB_IFACES` with the `IFACE_*` bits `flags`.
+    fn set_iface_flags(&self, iface: Iface, flags: u32) {
         open_ifaces(&self.pin_dir)
             .expect("opening LB_IFACES")
-            .insert(
-                iface.index,
-                IfaceConfig {
-                    flags: if local { IFACE_LOCAL_SENDERS } else { 0 },
-                },
-                0,
-            )
+            .insert(iface.index, IfaceConfig { flags }, 0)
             .expect("describing the interface");
     }
 
-    /// Programs exactly `frontends` through the reconciler, as the agent does.
+    /// Programs exactly `frontends` through the reconciler, as the agent does, with no
+    /// ClusterIP set (so packets to other ports of their addresses pass).
     fn program(&mut self, frontends: &[Frontend]) {
-        let desired = DesiredState {
+        self.program_state(&DesiredState {
             frontends: frontends
                 .iter()
                 .map(|frontend| (frontend.key(), frontend.clone()))
                 .collect(),
-        };
-        let summary = self.reconciler.reconcile(&desired, &mut self.maps);
+            cluster_ips: BTreeSet::new(),
+        });
+    }
+
+    /// Programs exactly `desired` through the reconciler, as the agent does.
+    fn program_state(&mut self, desired: &DesiredState) {
+        let summary = self.reconciler.reconcile(desired, &mut self.maps);
         assert!(
             summary.errors.is_empty(),
             "reconcile failed: {:?}",
@@ -899,6 +966,10 @@ impl Lab {
             Expect::Frame(expected) => {
                 assert_frame(case.name, &run.packet, &expected.bytes());
                 verify_checksums(case.name, &run.packet, expected.check);
+            }
+            Expect::Icmp(expected) => {
+                assert_frame(case.name, &run.packet, expected);
+                verify_icmp_checksums(case.name, &run.packet);
             }
         }
         assert_counter_deltas(case.name, &before, &after, &case.counters);
@@ -2044,8 +2115,8 @@ fn malformed_frames_are_dropped() {
 }
 
 #[test]
-fn services_without_usable_backends_drop() {
-    with_lab("services_without_usable_backends_drop", |lab| {
+fn services_without_usable_backends_reject_or_drop() {
+    with_lab("services_without_usable_backends_reject_or_drop", |lab| {
         const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
         const DANGLING_SLOT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
         const DEAD_BACKEND_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
@@ -2112,16 +2183,25 @@ fn services_without_usable_backends_drop() {
             output: Expect::Unchanged,
             counters: vec![(counter, 1)],
         };
+        let reject = |name, input: Pkt| Case {
+            name,
+            input: input.bytes(),
+            ingress: in0,
+            action: XDP_TX,
+            output: Expect::Icmp(port_unreachable(&input)),
+            counters: vec![(Counter::RejectNoEndpoints, 1)],
+        };
         lab.check_all(&[
-            drop(
+            reject(
                 "TCP to a Service without endpoints",
-                client(Pkt::tcp((CLIENT, 40_500), (EMPTY_VIP, VIP_PORT), SYN)),
-                Counter::DropNoBackend,
+                from_client(lab, Pkt::tcp((CLIENT, 40_500), (EMPTY_VIP, VIP_PORT), SYN)),
             ),
-            drop(
+            reject(
                 "UDP to a Service without endpoints",
-                client(Pkt::udp((CLIENT, 40_501), (EMPTY_VIP, DNS_PORT)).payload(b"q")),
-                Counter::DropNoBackend,
+                from_client(
+                    lab,
+                    Pkt::udp((CLIENT, 40_501), (EMPTY_VIP, DNS_PORT)).payload(b"q"),
+                ),
             ),
             drop(
                 "slot missing from the backend set",
@@ -2144,7 +2224,7 @@ fn services_without_usable_backends_drop() {
         ]);
         assert!(
             lab.conntrack().is_empty(),
-            "dropped packets create no flows"
+            "rejected and dropped packets create no flows"
         );
     });
 }
@@ -2383,6 +2463,24 @@ fn forwarding_decisions() {
                 counters: vec![(Counter::StackReply, 1), (Counter::StackVlan, 1)],
             },
         ]);
+
+        // On a veth, XDP_TX would sit in the peer's queue: the packet leaves by a redirect into
+        // the same interface instead (it is a TX port here), with the same rewrite.
+        lab.set_iface_flags(in0, IFACE_LOCAL_SENDERS | IFACE_NO_XDP_TX);
+        let local_on_veth = syn(41_012, VIP_LOCAL);
+        lab.check(&Case {
+            name: "egress == ingress on a veth: redirected, not XDP_TX",
+            input: local_on_veth.bytes(),
+            ingress: in0.index,
+            action: XDP_REDIRECT,
+            output: Expect::Frame(
+                local_on_veth
+                    .clone()
+                    .to(LOCAL_BACKEND, BACKEND_PORT)
+                    .hop(in0.mac, LOCAL_BACKEND_MAC),
+            ),
+            counters: redirect.clone(),
+        });
     });
 }
 
@@ -2915,9 +3013,9 @@ fn a_reset_from_the_backend_closes_the_flow_for_the_client() {
 }
 
 #[test]
-fn a_flow_whose_service_lost_every_endpoint_is_dropped_not_reselected() {
+fn a_flow_whose_service_lost_every_endpoint_is_rejected_not_reselected() {
     with_lab(
-        "a_flow_whose_service_lost_every_endpoint_is_dropped_not_reselected",
+        "a_flow_whose_service_lost_every_endpoint_is_rejected_not_reselected",
         |lab| {
             let web = |backends: &[(Ipv4Addr, u16)]| {
                 frontend("web", VIP, VIP_PORT, IPPROTO_TCP, backends)
@@ -2938,9 +3036,9 @@ fn a_flow_whose_service_lost_every_endpoint_is_dropped_not_reselected() {
                     },
                     input: ack.bytes(),
                     ingress: in0.index,
-                    action: XDP_DROP,
-                    output: Expect::Unchanged,
-                    counters: vec![(Counter::DropNoBackend, 1)],
+                    action: XDP_TX,
+                    output: Expect::Icmp(port_unreachable(&ack)),
+                    counters: vec![(Counter::RejectNoEndpoints, 1)],
                 });
             }
         },
@@ -2999,7 +3097,7 @@ fn a_checksum_that_only_looks_partial_is_complete_on_a_nic() {
             );
 
             // From a NIC: a complete checksum, fully updated, forwarded by XDP.
-            lab.set_local_senders(in0, false);
+            lab.set_iface_flags(in0, 0);
             lab.check(&Case {
                 name: "from a NIC",
                 input: frame.clone(),
@@ -3015,7 +3113,7 @@ fn a_checksum_that_only_looks_partial_is_complete_on_a_nic() {
             });
             // From a veth the value is taken for a partial checksum (the documented 2^-16 risk
             // that remains where local sockets send).
-            lab.set_local_senders(in0, true);
+            lab.set_iface_flags(in0, IFACE_LOCAL_SENDERS);
             let run = lab.dataplane.test_run(&frame, in0.index).expect("test_run");
             assert_eq!(action_name(run.action), action_name(XDP_PASS));
         },
@@ -3242,4 +3340,289 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
             });
         },
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rejects and service-CIDR drops.
+
+/// `10.96.0.0/12`, the lab's service CIDR, as the datapath stores it.
+fn lab_service_cidr() -> Cidr {
+    const PREFIX: u32 = 12;
+    let mask = u32::MAX << (32 - PREFIX);
+    Cidr {
+        addr: wire_addr(Ipv4Addr::from(u32::from(VIP) & mask)),
+        mask: mask.to_be(),
+    }
+}
+
+fn lab_config(rejects_per_second: u32) -> DataplaneConfig {
+    let mut config = DataplaneConfig {
+        service_cidr_count: 1,
+        rejects_per_second,
+        ..DataplaneConfig::default()
+    };
+    config.service_cidrs[0] = lab_service_cidr();
+    config
+}
+
+#[test]
+fn packets_a_service_cannot_take_are_rejected_or_dropped_like_kube_proxy() {
+    with_lab(
+        "packets_a_service_cannot_take_are_rejected_or_dropped_like_kube_proxy",
+        |lab| {
+            const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+            const LOCAL_ONLY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 33);
+            const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+            const OUTSIDE_SERVICE_CIDR: Ipv4Addr = Ipv4Addr::new(10, 2, 2, 9);
+            const UNDEFINED_PORT: u16 = 443;
+            const MULTICAST: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 9);
+            const BROADCAST_MAC: [u8; 6] = [0xff; 6];
+            /// An IPv4 option (NOP, NOP, NOP, end of list) to be quoted with the header.
+            const NOPS: [u8; 4] = [1, 1, 1, 0];
+            let frontends = [
+                frontend("empty", EMPTY_VIP, VIP_PORT, IPPROTO_TCP, &[]),
+                frontend("empty", EMPTY_VIP, DNS_PORT, IPPROTO_UDP, &[]),
+                Frontend {
+                    drop_when_empty: true,
+                    ..frontend("local", LOCAL_ONLY_VIP, VIP_PORT, IPPROTO_TCP, &[])
+                },
+                frontend(
+                    "web",
+                    VIP,
+                    VIP_PORT,
+                    IPPROTO_TCP,
+                    &[(BACKEND_A, BACKEND_PORT)],
+                ),
+            ];
+            lab.program_state(&DesiredState {
+                frontends: frontends.iter().map(|f| (f.key(), f.clone())).collect(),
+                cluster_ips: [VIP, EMPTY_VIP, LOCAL_ONLY_VIP].into_iter().collect(),
+            });
+            assert_eq!(
+                lab.maps.services.get(&frontends[2].key(), 0).unwrap().flags,
+                SERVICE_DROP_WHEN_EMPTY
+            );
+            lab.dataplane
+                .configure(&lab_config(0))
+                .expect("configuring the dataplane");
+
+            let in0 = lab.in0.index;
+            let reject = |name, input: Pkt, counter| Case {
+                name,
+                input: input.bytes(),
+                ingress: in0,
+                action: XDP_TX,
+                output: Expect::Icmp(port_unreachable(&input)),
+                counters: vec![(counter, 1)],
+            };
+            let drop = |name, input: Pkt, counter| Case {
+                name,
+                input: input.bytes(),
+                ingress: in0,
+                action: XDP_DROP,
+                output: Expect::Unchanged,
+                counters: vec![(counter, 1)],
+            };
+            let router_mac = lab.in0.mac;
+            let tcp = |dst: (Ipv4Addr, u16)| {
+                Pkt::tcp((CLIENT, 41_000), dst, SYN).eth(CLIENT_MAC, router_mac)
+            };
+            let udp = |dst: (Ipv4Addr, u16)| {
+                Pkt::udp((CLIENT, 41_001), dst)
+                    .payload(b"query")
+                    .eth(CLIENT_MAC, router_mac)
+            };
+            lab.check_all(&[
+                reject(
+                    "TCP to a Service without endpoints",
+                    tcp((EMPTY_VIP, VIP_PORT)),
+                    Counter::RejectNoEndpoints,
+                ),
+                reject(
+                    "UDP to a Service without endpoints, padded frame",
+                    udp((EMPTY_VIP, DNS_PORT)).padding(&[0; 6]),
+                    Counter::RejectNoEndpoints,
+                ),
+                reject(
+                    "QinQ-tagged: answered in the same VLANs",
+                    tcp((EMPTY_VIP, VIP_PORT)).tags(&[(TPID_8021AD, 100), (TPID_8021Q, 200)]),
+                    Counter::RejectNoEndpoints,
+                ),
+                reject(
+                    "IPv4 options: quoted with the header",
+                    tcp((EMPTY_VIP, VIP_PORT)).ip_options(&NOPS),
+                    Counter::RejectNoEndpoints,
+                ),
+                reject(
+                    "a partial checksum is quoted as it is",
+                    tcp((EMPTY_VIP, VIP_PORT)).check(Check::Partial),
+                    Counter::RejectNoEndpoints,
+                ),
+                reject(
+                    "TCP to a ClusterIP on a port its Service does not define",
+                    tcp((VIP, UNDEFINED_PORT)),
+                    Counter::RejectUndefinedPort,
+                ),
+                reject(
+                    "UDP to a ClusterIP on a port its Service does not define",
+                    udp((VIP, DNS_PORT)),
+                    Counter::RejectUndefinedPort,
+                ),
+                drop(
+                    "no local endpoint under a Local policy",
+                    tcp((LOCAL_ONLY_VIP, VIP_PORT)),
+                    Counter::DropNoLocalEndpoint,
+                ),
+                drop(
+                    "to an unallocated address of the service CIDR",
+                    tcp((UNALLOCATED, VIP_PORT)),
+                    Counter::DropUnallocatedServiceIp,
+                ),
+                drop(
+                    "from a multicast source: never answered",
+                    tcp((EMPTY_VIP, VIP_PORT)).from(MULTICAST, 41_000),
+                    Counter::DropRejectNotUnicast,
+                ),
+                drop(
+                    "from 0.0.0.0: never answered",
+                    tcp((EMPTY_VIP, VIP_PORT)).from(Ipv4Addr::UNSPECIFIED, 41_000),
+                    Counter::DropRejectNotUnicast,
+                ),
+                drop(
+                    "to the broadcast MAC: never answered",
+                    tcp((EMPTY_VIP, VIP_PORT)).eth(CLIENT_MAC, BROADCAST_MAC),
+                    Counter::DropRejectNotUnicast,
+                ),
+                Case {
+                    name: "outside the service CIDR and no ClusterIP: left to the kernel",
+                    input: tcp((OUTSIDE_SERVICE_CIDR, VIP_PORT)).bytes(),
+                    ingress: in0,
+                    action: XDP_PASS,
+                    output: Expect::Unchanged,
+                    counters: vec![(Counter::PassNoService, 1)],
+                },
+            ]);
+            assert!(
+                lab.conntrack().is_empty(),
+                "rejected and dropped packets create no flows"
+            );
+
+            // On veths: a redirect back into the veth, or (not a TX port) the kernel stack, which
+            // forwards the answer still addressed to this node.
+            let (in0_iface, side0) = (lab.in0, lab.side0);
+            lab.set_iface_flags(in0_iface, IFACE_LOCAL_SENDERS | IFACE_NO_XDP_TX);
+            lab.set_iface_flags(side0, IFACE_LOCAL_SENDERS | IFACE_NO_XDP_TX);
+            let on_veth = tcp((EMPTY_VIP, VIP_PORT));
+            let on_side = Pkt::tcp((SIDE_BACKEND, 41_002), (EMPTY_VIP, VIP_PORT), SYN)
+                .eth(SIDE_BACKEND_MAC, side0.mac);
+            let mut via_stack = port_unreachable(&on_side);
+            via_stack[..6].copy_from_slice(&side0.mac);
+            via_stack[6..12].copy_from_slice(&SIDE_BACKEND_MAC);
+            lab.check_all(&[
+                Case {
+                    action: XDP_REDIRECT,
+                    ..reject(
+                        "on a veth that is a TX port: redirected",
+                        on_veth,
+                        Counter::RejectNoEndpoints,
+                    )
+                },
+                Case {
+                    name: "on a veth that is no TX port: through the stack, addressed to the node",
+                    input: on_side.bytes(),
+                    ingress: side0.index,
+                    action: XDP_PASS,
+                    output: Expect::Icmp(via_stack),
+                    counters: vec![
+                        (Counter::RejectNoEndpoints, 1),
+                        (Counter::RejectViaStack, 1),
+                    ],
+                },
+            ]);
+            lab.set_iface_flags(in0_iface, IFACE_LOCAL_SENDERS);
+
+            // Without service CIDRs, unallocated addresses are the kernel's business again;
+            // ClusterIPs still reject their undefined ports.
+            lab.dataplane
+                .configure(&DataplaneConfig::default())
+                .expect("configuring the dataplane");
+            lab.check_all(&[
+                Case {
+                    name: "no service CIDR configured",
+                    input: tcp((UNALLOCATED, VIP_PORT)).bytes(),
+                    ingress: in0,
+                    action: XDP_PASS,
+                    output: Expect::Unchanged,
+                    counters: vec![(Counter::PassNoService, 1)],
+                },
+                reject(
+                    "a ClusterIP outside every configured range",
+                    tcp((VIP, UNDEFINED_PORT)),
+                    Counter::RejectUndefinedPort,
+                ),
+            ]);
+        },
+    );
+}
+
+/// Keeps the calling thread on the CPU it runs on now: per-CPU state must be the same CPU's.
+fn pin_to_current_cpu() {
+    // SAFETY: plain libc calls on a zeroed `cpu_set_t` owned here.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
+}
+
+#[test]
+fn rejects_beyond_the_rate_are_dropped_and_counted() {
+    with_lab("rejects_beyond_the_rate_are_dropped_and_counted", |lab| {
+        const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+        const RATE: u32 = 3;
+        const SENT: u32 = 5;
+        lab.program(&[frontend("empty", EMPTY_VIP, VIP_PORT, IPPROTO_TCP, &[])]);
+        lab.dataplane
+            .configure(&lab_config(RATE))
+            .expect("configuring the dataplane");
+        // The budget is per CPU: every run must land on the same one.
+        pin_to_current_cpu();
+        let in0 = lab.in0.index;
+        for attempt in 0..SENT {
+            let syn = from_client(
+                lab,
+                Pkt::tcp(
+                    (CLIENT, 42_000 + attempt as u16),
+                    (EMPTY_VIP, VIP_PORT),
+                    SYN,
+                ),
+            );
+            let case = if attempt < RATE {
+                Case {
+                    name: "within the rate",
+                    input: syn.bytes(),
+                    ingress: in0,
+                    action: XDP_TX,
+                    output: Expect::Icmp(port_unreachable(&syn)),
+                    counters: vec![(Counter::RejectNoEndpoints, 1)],
+                }
+            } else {
+                Case {
+                    name: "beyond the rate",
+                    input: syn.bytes(),
+                    ingress: in0,
+                    action: XDP_DROP,
+                    output: Expect::Unchanged,
+                    counters: vec![(Counter::DropRejectRateLimited, 1)],
+                }
+            };
+            lab.check(&case);
+        }
+    });
 }

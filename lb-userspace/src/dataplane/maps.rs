@@ -6,14 +6,15 @@ use std::{mem::size_of, path::Path};
 use anyhow::Context as _;
 use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use lb_common::{
+    config::{DataplaneConfig, RejectWindow},
     conntrack::{FlowKey, FlowState},
     iface::IfaceConfig,
     limits::{
-        CONNTRACK_ENTRIES_PER_FLOW, MAP_BACKENDS, MAP_CONNTRACK, MAP_IFACES, MAP_SERVICE_INFO,
-        MAP_SERVICES, MAP_SLOTS, MAP_STATS, MAP_TX_PORTS, MAX_BACKENDS, MAX_CONNTRACK,
-        MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS,
+        CONNTRACK_ENTRIES_PER_FLOW, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG, MAP_CONNTRACK,
+        MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS, MAP_STATS,
+        MAP_TX_PORTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS,
     },
-    service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
+    service::{Backend, CLUSTER_IP_ALLOCATED, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
     stats::{COUNTER_COUNT, Counter},
 };
 
@@ -78,7 +79,7 @@ impl Capacities {
     }
 
     /// Every map of the object as this build defines it, with these capacities.
-    pub fn layouts(&self) -> [Layout; 8] {
+    pub fn layouts(&self) -> [Layout; MAP_COUNT] {
         let mut layouts = LAYOUTS;
         for layout in &mut layouts {
             if layout.name == MAP_CONNTRACK {
@@ -89,8 +90,11 @@ impl Capacities {
     }
 }
 
+/// Number of maps in the object.
+pub const MAP_COUNT: usize = 11;
+
 /// Every map of the object as this build defines it, with the default [`Capacities`].
-pub const LAYOUTS: [Layout; 8] = [
+pub const LAYOUTS: [Layout; MAP_COUNT] = [
     layout(
         MAP_SERVICES,
         MapType::Hash,
@@ -147,6 +151,27 @@ pub const LAYOUTS: [Layout; 8] = [
         size_of::<IfaceConfig>(),
         MAX_INTERFACES,
     ),
+    layout(
+        MAP_CLUSTER_IPS,
+        MapType::Hash,
+        size_of::<u32>(),
+        size_of::<u32>(),
+        MAX_SERVICES,
+    ),
+    layout(
+        MAP_CONFIG,
+        MapType::Array,
+        size_of::<u32>(),
+        size_of::<DataplaneConfig>(),
+        1,
+    ),
+    layout(
+        MAP_REJECT_RATE,
+        MapType::PerCpuArray,
+        size_of::<u32>(),
+        size_of::<RejectWindow>(),
+        1,
+    ),
 ];
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -183,6 +208,8 @@ pub struct ServiceMaps {
     pub backends: Array<MapData, Backend>,
     /// `LB_SVC_INFO`.
     pub info: HashMap<MapData, u32, ServiceInfo>,
+    /// `LB_CLUSTER_IPS`.
+    pub cluster_ips: HashMap<MapData, u32, u32>,
 }
 
 impl ServiceMaps {
@@ -193,8 +220,14 @@ impl ServiceMaps {
             slots: open(pin_dir, MAP_SLOTS)?.try_into()?,
             backends: open(pin_dir, MAP_BACKENDS)?.try_into()?,
             info: open(pin_dir, MAP_SERVICE_INFO)?.try_into()?,
+            cluster_ips: open(pin_dir, MAP_CLUSTER_IPS)?.try_into()?,
         })
     }
+}
+
+/// Opens `LB_CONFIG`.
+pub fn open_config(pin_dir: &Path) -> anyhow::Result<Array<MapData, DataplaneConfig>> {
+    Ok(open(pin_dir, MAP_CONFIG)?.try_into()?)
 }
 
 /// Opens `LB_CONNTRACK`.
@@ -283,5 +316,14 @@ impl crate::reconcile::ServiceStore for ServiceMaps {
     }
     fn read_infos(&self) -> anyhow::Result<Vec<(u32, ServiceInfo)>> {
         Ok(self.info.iter().collect::<Result<_, _>>()?)
+    }
+    fn set_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()> {
+        Ok(self.cluster_ips.insert(addr, CLUSTER_IP_ALLOCATED, 0)?)
+    }
+    fn delete_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()> {
+        absent_is_fine(self.cluster_ips.remove(&addr))
+    }
+    fn read_cluster_ips(&self) -> anyhow::Result<Vec<u32>> {
+        Ok(self.cluster_ips.keys().collect::<Result<_, _>>()?)
     }
 }

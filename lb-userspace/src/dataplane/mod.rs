@@ -27,10 +27,11 @@ use aya::{
     },
 };
 use lb_common::{
-    iface::{IFACE_LOCAL_SENDERS, IfaceConfig},
+    config::DataplaneConfig,
+    iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
     limits::{
-        LINKS_SUBDIR, MAP_BACKENDS, MAP_CONNTRACK, MAP_IFACES, MAP_SERVICE_INFO, MAP_SERVICES,
-        MAP_SLOTS, MAP_STATS, MAP_TX_PORTS,
+        LINKS_SUBDIR, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG, MAP_CONNTRACK, MAP_IFACES,
+        MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS, MAP_STATS, MAP_TX_PORTS,
     },
 };
 use tracing::{info, warn};
@@ -52,7 +53,7 @@ pub const FLOOR_PROGRAM_NAME: &str = "lb_floor";
 pub const PROGRAM_NAME: &str = "lb_xdp";
 
 /// Every map of the object; each is pinned at `<pin dir>/<name>`.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; maps::MAP_COUNT] = [
     MAP_SERVICES,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -61,6 +62,9 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_STATS,
     MAP_TX_PORTS,
     MAP_IFACES,
+    MAP_CLUSTER_IPS,
+    MAP_CONFIG,
+    MAP_REJECT_RATE,
 ];
 
 /// `struct xdp_md`, the context `BPF_PROG_TEST_RUN` takes for XDP programs.
@@ -210,8 +214,13 @@ impl Dataplane {
         let veth = driver == system::VETH_DRIVER;
         let redirect = !veth || veth_redirect == VethRedirect::Allowed;
         let config = IfaceConfig {
-            // Local sockets send on veths, with partial checksums left for offload.
-            flags: if veth { IFACE_LOCAL_SENDERS } else { 0 },
+            // Local sockets send on veths, with partial checksums left for offload; and a
+            // veth's peer only receives XDP_TX frames when it runs an XDP program itself.
+            flags: if veth {
+                IFACE_LOCAL_SENDERS | IFACE_NO_XDP_TX
+            } else {
+                0
+            },
         };
         maps::open_ifaces(&self.pin_dir)?
             .insert(ifindex, config, 0)
@@ -238,6 +247,13 @@ impl Dataplane {
             }
         );
         Ok(())
+    }
+
+    /// Gives the program the node-wide settings.
+    pub fn configure(&mut self, config: &DataplaneConfig) -> anyhow::Result<()> {
+        maps::open_config(&self.pin_dir)?
+            .set(0, config, 0)
+            .context("writing the dataplane settings")
     }
 
     /// Runs the loaded program once on `packet` with `BPF_PROG_TEST_RUN`, as if it had arrived on
@@ -294,7 +310,8 @@ pub fn test_run_xdp(
     ingress_ifindex: u32,
     repeat: u32,
 ) -> anyhow::Result<TestRun> {
-    // Room for a program that grows the packet; ours never does.
+    // Room for a program that grows the packet: a reject adds IPv4 and ICMP headers before it
+    // cuts the rest (the kernel refuses a test run whose output does not fit).
     const OUTPUT_SLACK: usize = 256;
     let mut output = vec![0u8; packet.len() + OUTPUT_SLACK];
     let context = XdpMd {
