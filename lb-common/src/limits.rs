@@ -30,6 +30,9 @@ pub const MAP_CLUSTER_IPS: &str = "LB_CLUSTER_IPS";
 pub const MAP_CONFIG: &str = "LB_CONFIG";
 /// Map: per-CPU reject rate windows. See [`crate::config::RejectWindow`].
 pub const MAP_REJECT_RATE: &str = "LB_REJECT_RATE";
+/// Map: session affinity, client and frontend -> last backend. See
+/// [`crate::service::AffinityKey`].
+pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 
 /// Service frontends (one per Service address, port and protocol). 100,000 Services of a few
 /// ports each fit, which is beyond what the Kubernetes scalability SLOs test (10,000).
@@ -45,6 +48,10 @@ pub const MAX_BACKENDS: u32 = 1 << 19;
 /// recently used flows are forgotten, never new ones refused. `lb agent --conntrack-flows`
 /// changes it at start-up.
 pub const MAX_CONNTRACK: u32 = 1 << 19;
+/// Session-affinity entries (client, frontend): an LRU, so the least recently used pairs are
+/// forgotten when it is full, which only costs those clients their stickiness. kube-proxy's
+/// iptables mode remembers 100 clients per endpoint, its nftables mode 65,535 per Service.
+pub const MAX_AFFINITY: u32 = 1 << 17;
 /// Conntrack entries each flow takes: one per direction.
 pub const CONNTRACK_ENTRIES_PER_FLOW: u32 = 2;
 /// Interfaces the agent can attach to (and redirect to). A node's pods each add one veth;

@@ -38,6 +38,10 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// `SERVICE_*` policy bits.
     pub flags: u32,
+    /// `sessionAffinity: ClientIP`: a client's new flows go to the endpoint its last new flow
+    /// got, for this many seconds after that flow started (`timeoutSeconds`, 10800 by
+    /// default), through `LB_AFFINITY`. 0: no affinity.
+    pub affinity_timeout_s: u32,
 }
 
 /// `ServiceValue::flags`: the frontend has no backends because a `Local` traffic policy left
@@ -63,6 +67,10 @@ pub struct SlotKey {
 
 /// `Backend::flags`: the entry describes a live backend. Cleared entries are all zero.
 pub const BACKEND_ACTIVE: u8 = 1;
+/// `Backend::flags`: the endpoint is listed but takes no new flows (not ready, or terminating
+/// while others are ready): it has no slot, its established flows continue, and session
+/// affinity no longer leads to it.
+pub const BACKEND_DRAINING: u8 = 2;
 
 /// Value of `LB_BACKENDS` (an array indexed by backend id). Written by userspace, read by the
 /// datapath. A backend belongs to exactly one Service frontend, so removing an endpoint from one
@@ -74,7 +82,7 @@ pub struct Backend {
     pub addr: u32,
     /// Endpoint port (the resolved targetPort), network byte order.
     pub port: u16,
-    /// `BACKEND_ACTIVE` when in use.
+    /// `BACKEND_*` bits: `BACKEND_ACTIVE` when in use.
     pub flags: u8,
     /// Always zero.
     pub _pad: u8,
@@ -111,11 +119,39 @@ impl Default for ServiceInfo {
 
 const _: () = {
     assert!(size_of::<ServiceKey>() == 8);
-    assert!(size_of::<ServiceValue>() == 16);
+    assert!(size_of::<ServiceValue>() == 20);
+    assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<SlotKey>() == 8);
     assert!(size_of::<Backend>() == 12);
     assert!(size_of::<ServiceInfo>() == 2 * NAME_LEN + PORT_NAME_LEN);
 };
+
+/// Key of `LB_AFFINITY`: a client of one frontend. Written by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffinityKey {
+    /// The client's IPv4 address, network byte order.
+    pub client_addr: u32,
+    /// The frontend (`ServiceValue::service_id`).
+    pub service_id: u32,
+}
+
+/// Value of `LB_AFFINITY`: where the client's last new flow to the frontend went, and when.
+/// Written by the datapath on every new flow of a frontend with affinity; userspace reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityValue {
+    /// The backend chosen (an `LB_BACKENDS` id of this frontend).
+    pub backend_id: u32,
+    /// Always zero.
+    pub _pad: u32,
+    /// When that flow started, `bpf_ktime_get_ns` time.
+    pub last_flow_ns: u64,
+}
+
+/// Nanoseconds per second, for `ServiceValue::affinity_timeout_s`.
+pub const NS_PER_SECOND: u64 = 1_000_000_000;
 
 #[cfg(feature = "user")]
 mod user {
@@ -125,4 +161,6 @@ mod user {
     unsafe impl aya::Pod for super::SlotKey {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::ServiceInfo {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
 }

@@ -130,6 +130,10 @@ counters! {
     /// An ICMP error was handed to the kernel to send back: it arrived on a veth that may not
     /// be sent back on directly (`IFACE_NO_XDP_TX`, and no redirect allowed).
     RejectViaStack = 31, "reject_via_stack", Event;
+    /// A new flow went to its client's previous endpoint through session affinity.
+    AffinityHit = 32, "affinity_hit", Event;
+    /// Recording a session-affinity choice failed; the flow was still forwarded.
+    AffinityInsertFailed = 33, "affinity_insert_failed", Event;
 }
 
 /// Number of entries in `LB_STATS`.

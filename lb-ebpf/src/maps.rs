@@ -12,8 +12,10 @@ use lb_common::{
     config::{DataplaneConfig, RejectWindow},
     conntrack::{FlowKey, FlowState},
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
-    limits::{MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS},
-    service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
+    limits::{MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS},
+    service::{
+        AffinityKey, AffinityValue, Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+    },
     stats::COUNTER_COUNT,
 };
 
@@ -46,6 +48,13 @@ pub static LB_SVC_INFO: HashMap<u32, ServiceInfo, { MAX_SERVICES as usize }, USE
 /// The program writes; userspace reads and may delete.
 #[btf_map]
 pub static LB_CONNTRACK: LruHashMap<FlowKey, FlowState, { MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Session affinity: `AffinityKey` (client, frontend) -> `AffinityValue` (backend, when its
+/// last new flow started). The program writes on every new flow of a frontend with affinity;
+/// userspace reads.
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> =
     LruHashMap::new();
 
 /// Counters: `Counter` index -> packets, per CPU. The program writes; userspace sums the CPUs.

@@ -5,7 +5,10 @@
 //! that `LB_BACKENDS` still holds for this Service with the same address and port. Otherwise a
 //! backend is drawn uniformly at random among the Service's slots (kube-proxy's behaviour) and
 //! recorded: the original entry (client -> VIP) names the backend, the reply entry
-//! (backend -> client) names the VIP to restore on the way back.
+//! (backend -> client) names the VIP to restore on the way back. With session affinity
+//! (`sessionAffinity: ClientIP`), a new flow first goes where its client's last new flow to the
+//! frontend went (`LB_AFFINITY`), while that is within the timeout and the backend still takes
+//! new flows.
 //!
 //! The two entries of a flow share one liveness and one close state: whenever a packet refreshes
 //! its own entry (at most once per `REFRESH_INTERVAL_NS`) or brings a new FIN/RST, the peer entry
@@ -24,12 +27,15 @@ use lb_common::{
         DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowKey, FlowState, REFRESH_INTERVAL_NS, SEEN_FIN,
         SEEN_RST, is_expired,
     },
-    service::{Backend, ServiceKey, ServiceValue, SlotKey},
+    service::{
+        AffinityKey, AffinityValue, BACKEND_DRAINING, Backend, NS_PER_SECOND, ServiceKey,
+        ServiceValue, SlotKey,
+    },
     stats::Counter,
 };
 
 use crate::{
-    maps::{LB_CONNTRACK, LB_SLOTS, lookup_backend, lookup_service},
+    maps::{LB_AFFINITY, LB_CONNTRACK, LB_SLOTS, lookup_backend, lookup_service},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::{Drop, count},
 };
@@ -186,6 +192,55 @@ fn pick(packet: &Packet, service: &ServiceValue, now: u64) -> Result<Option<(u32
     Err(Drop::TupleCollision)
 }
 
+/// The backend session affinity gives a new flow of `packet`'s client to `service`: the one its
+/// last new flow got, if that flow started within the timeout and the backend still serves the
+/// frontend, takes new flows (not draining), and is not taken for this tuple by another flow.
+#[inline(always)]
+fn remembered(packet: &Packet, service: &ServiceValue, now: u64) -> Option<(u32, Backend)> {
+    if service.affinity_timeout_s == 0 {
+        return None;
+    }
+    let key = affinity_key(packet, service);
+    let entry = unsafe { *LB_AFFINITY.get_ptr(key)? };
+    let timeout = service.affinity_timeout_s as u64 * NS_PER_SECOND;
+    if now.saturating_sub(entry.last_flow_ns) > timeout {
+        return None;
+    }
+    let backend = lookup_backend(entry.backend_id)?;
+    let usable = backend.service_id == service.service_id
+        && backend.flags & BACKEND_DRAINING == 0
+        && !collides(packet, &backend, now);
+    usable.then_some((entry.backend_id, backend))
+}
+
+#[inline(always)]
+fn affinity_key(packet: &Packet, service: &ServiceValue) -> AffinityKey {
+    AffinityKey {
+        client_addr: packet.src_addr,
+        service_id: service.service_id,
+    }
+}
+
+/// Remembers where `packet`'s client's new flow went, for session affinity (kube-proxy restarts
+/// the timeout at every new connection, not at every packet).
+#[inline(always)]
+fn remember(packet: &Packet, service: &ServiceValue, backend_id: u32, now: u64) {
+    if service.affinity_timeout_s == 0 {
+        return;
+    }
+    let value = AffinityValue {
+        backend_id,
+        _pad: 0,
+        last_flow_ns: now,
+    };
+    if LB_AFFINITY
+        .insert(affinity_key(packet, service), value, BPF_ANY as u64)
+        .is_err()
+    {
+        count(Counter::AffinityInsertFailed);
+    }
+}
+
 /// Chooses the backend for a packet to the frontend `key`, whose value is `service`: see the
 /// module documentation. `None`: the packet starts a flow (or its flow lost its backend) and the
 /// frontend has no backend to give it.
@@ -220,14 +275,22 @@ pub fn select_backend(
         replacing = true;
     }
 
-    let picked = match pick(packet, service, now) {
-        // The agent switched the Service to a new backend set between our two lookups and has
-        // already deleted the old set's slots: follow the switch once.
-        Err(Drop::BackendMissing) => match lookup_service(key) {
-            Some(fresh) if fresh.backend_set != service.backend_set => pick(packet, &fresh, now)?,
-            _ => return Err(Drop::BackendMissing),
+    let picked = match remembered(packet, service, now) {
+        Some(backend) => {
+            count(Counter::AffinityHit);
+            Some(backend)
+        }
+        None => match pick(packet, service, now) {
+            // The agent switched the Service to a new backend set between our two lookups and
+            // has already deleted the old set's slots: follow the switch once.
+            Err(Drop::BackendMissing) => match lookup_service(key) {
+                Some(fresh) if fresh.backend_set != service.backend_set => {
+                    pick(packet, &fresh, now)?
+                }
+                _ => return Err(Drop::BackendMissing),
+            },
+            other => other?,
         },
-        other => other?,
     };
     let Some((backend_id, backend)) = picked else {
         return Ok(None);
@@ -273,6 +336,7 @@ pub fn select_backend(
     {
         count(Counter::FlowInsertFailed);
     }
+    remember(packet, service, backend_id, now);
     if replacing {
         count(Counter::FlowReselected);
     }

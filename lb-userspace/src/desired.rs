@@ -73,6 +73,8 @@ pub struct Frontend {
     /// `backends` is empty only because a `Local` traffic policy left no endpoint on this node
     /// (the Service has some elsewhere): drop, as kube-proxy does, rather than reject.
     pub drop_when_empty: bool,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds; 0 without affinity.
+    pub affinity_timeout_s: u32,
 }
 
 impl Frontend {
@@ -234,6 +236,17 @@ pub fn desired_state<'a>(
                 desired.cluster_ips.insert(*addr);
             }
         }
+        let affinity_timeout_s = match spec.session_affinity.as_deref() {
+            Some(AFFINITY_CLIENT_IP) => spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|config| config.client_ip.as_ref())
+                .and_then(|client_ip| client_ip.timeout_seconds)
+                .and_then(|seconds| u32::try_from(seconds).ok())
+                .filter(|seconds| *seconds > 0)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S),
+            _ => 0,
+        };
         let local_only = |policy: Option<&String>| policy.map(String::as_str) == Some(POLICY_LOCAL);
         let internal_local = local_only(spec.internal_traffic_policy.as_ref());
         let external_local = local_only(spec.external_traffic_policy.as_ref());
@@ -309,6 +322,7 @@ pub fn desired_state<'a>(
                     backends: sets.backends.clone(),
                     draining: sets.draining.clone(),
                     drop_when_empty: sets.drop_when_empty,
+                    affinity_timeout_s,
                 };
                 let key = frontend.key();
                 if let Some(owner) = desired.frontends.get(&key) {
@@ -365,6 +379,11 @@ fn ipv4(what: &str, ip: &str, note: &mut impl FnMut(String)) -> Option<Ipv4Addr>
         }
     }
 }
+
+/// `spec.sessionAffinity` value asking for per-client stickiness.
+const AFFINITY_CLIENT_IP: &str = "ClientIP";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset: three hours, as the API defaults.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// `internalTrafficPolicy` / `externalTrafficPolicy` value keeping traffic on this node.
 const POLICY_LOCAL: &str = "Local";

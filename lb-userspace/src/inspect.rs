@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path};
 use aya::maps::MapError;
 use lb_common::{
     net::{addr_from_wire, port_from_wire, proto_name},
-    service::{ServiceInfo, SlotKey},
+    service::{SERVICE_DROP_WHEN_EMPTY, ServiceInfo, SlotKey},
 };
 use serde::Serialize;
 
@@ -25,6 +25,11 @@ pub struct ServiceRow {
     pub protocol: String,
     /// `10.1.1.2:8080`, in slot order.
     pub endpoints: Vec<String>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
+    pub affinity_timeout_s: u32,
+    /// With no endpoint: `reject` (ICMP port unreachable) or `drop` (a `Local` traffic policy
+    /// and endpoints only on other nodes).
+    pub when_empty: &'static str,
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -77,6 +82,12 @@ pub fn service_rows(pin_dir: &Path) -> anyhow::Result<Vec<ServiceRow>> {
             frontend: format!("{}:{}", addr_from_wire(key.addr), port_from_wire(key.port)),
             protocol: proto_name(key.proto).to_owned(),
             endpoints,
+            affinity_timeout_s: value.affinity_timeout_s,
+            when_empty: if value.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+                "drop"
+            } else {
+                "reject"
+            },
         });
     }
     rows.sort_by(|a, b| {
@@ -134,9 +145,14 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
                 format!("{}/{}", row.frontend, row.protocol),
                 row.endpoints.len().to_string(),
                 if row.endpoints.is_empty() {
-                    "<none>".to_owned()
+                    format!("<none: {}>", row.when_empty)
                 } else {
                     row.endpoints.join(",")
+                },
+                if row.affinity_timeout_s == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("ClientIP {}s", row.affinity_timeout_s)
                 },
             ]
         })
@@ -149,6 +165,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
             "FRONTEND",
             "COUNT",
             "ENDPOINTS",
+            "AFFINITY",
         ],
         &cells,
     )

@@ -594,6 +594,12 @@ fn check_protocol(field: &str, protocol: Option<&str>) -> Result<(), FieldError>
 
 /// Service types the API server accepts.
 const SERVICE_TYPES: [&str; 4] = ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
+/// `spec.sessionAffinity` values the API server accepts.
+const SESSION_AFFINITIES: [&str; 2] = ["None", "ClientIP"];
+/// `spec.externalTrafficPolicy` / `spec.internalTrafficPolicy` values the API server accepts.
+const TRAFFIC_POLICIES: [&str; 2] = ["Cluster", "Local"];
+/// The longest session-affinity timeout the API server accepts: one day.
+const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 /// `spec.clusterIP` of a headless Service.
 pub const CLUSTER_IP_NONE: &str = "None";
 
@@ -656,6 +662,41 @@ fn validate_service(service: &Service) -> Result<(), FieldError> {
         if let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) {
             check_address(format!("status.loadBalancer.ingress[{index}].ip"), ip)?;
         }
+    }
+    let one_of = |field: &str, value: Option<&str>, allowed: &[&str]| match value {
+        Some(value) if !allowed.contains(&value) => Err(field_error(
+            field,
+            format!("must be one of {allowed:?}, got {value:?}"),
+        )),
+        _ => Ok(()),
+    };
+    one_of(
+        "spec.sessionAffinity",
+        spec.session_affinity.as_deref(),
+        &SESSION_AFFINITIES,
+    )?;
+    one_of(
+        "spec.externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+        &TRAFFIC_POLICIES,
+    )?;
+    one_of(
+        "spec.internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+        &TRAFFIC_POLICIES,
+    )?;
+    let affinity_timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|config| config.client_ip.as_ref())
+        .and_then(|client_ip| client_ip.timeout_seconds);
+    if let Some(seconds) = affinity_timeout
+        && !(1..=MAX_AFFINITY_TIMEOUT_S).contains(&seconds)
+    {
+        return Err(field_error(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            format!("must be between 1 and {MAX_AFFINITY_TIMEOUT_S}, got {seconds}"),
+        ));
     }
     if let (Some(ip), Some(first)) = (
         &spec.cluster_ip,

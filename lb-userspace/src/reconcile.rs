@@ -26,8 +26,8 @@ use lb_common::{
     limits::{MAX_BACKENDS, MAX_SERVICES},
     net::{addr_from_wire, addr_to_wire, port_from_wire, port_to_wire},
     service::{
-        BACKEND_ACTIVE, Backend, NAME_LEN, PORT_NAME_LEN, ServiceInfo, ServiceKey, ServiceValue,
-        SlotKey,
+        BACKEND_ACTIVE, BACKEND_DRAINING, Backend, NAME_LEN, PORT_NAME_LEN, ServiceInfo,
+        ServiceKey, ServiceValue, SlotKey,
     },
 };
 
@@ -72,6 +72,26 @@ pub fn service_info(frontend: &Frontend) -> ServiceInfo {
         name: copy::<NAME_LEN>(&frontend.name),
         port_name: copy::<PORT_NAME_LEN>(&frontend.port_name),
     }
+}
+
+/// The `LB_BACKENDS` value of `backend`, an endpoint of the frontend `service_id`.
+fn backend_entry(service_id: u32, backend: &BackendAddr, draining: bool) -> Backend {
+    Backend {
+        addr: addr_to_wire(backend.addr),
+        port: port_to_wire(backend.port),
+        flags: if draining {
+            BACKEND_ACTIVE | BACKEND_DRAINING
+        } else {
+            BACKEND_ACTIVE
+        },
+        _pad: 0,
+        service_id,
+    }
+}
+
+/// Whether the frontend's value carries `frontend`'s policy (everything but the backend set).
+fn same_policy(value: &ServiceValue, frontend: &Frontend) -> bool {
+    value.flags == frontend.flags() && value.affinity_timeout_s == frontend.affinity_timeout_s
 }
 
 fn backend_addr(backend: &Backend) -> BackendAddr {
@@ -278,6 +298,27 @@ impl Reconciler {
             }
         }
 
+        // The draining flag follows the slots: an agent that stopped between a switch and its
+        // flag write left it wrong.
+        let mut reflag = Vec::new();
+        for live in reconciler.live.values() {
+            let service_id = live.value.service_id;
+            let slotted = live
+                .ids
+                .iter()
+                .zip(&live.backends)
+                .map(|(id, b)| (id, b, false));
+            let draining = live.draining.iter().map(|(b, id)| (id, b, true));
+            for (id, backend, should_drain) in slotted.chain(draining) {
+                let drains = backends
+                    .get(id)
+                    .is_some_and(|entry| entry.flags & BACKEND_DRAINING != 0);
+                if drains != should_drain {
+                    reflag.push((*id, backend_entry(service_id, backend, should_drain)));
+                }
+            }
+        }
+
         // Strays keep their ids reserved until they are gone, so nothing new lands on them.
         for key in slots.keys().filter(|key| !used_slots.contains(key)) {
             reconciler.backend_sets.mark_used(key.backend_set);
@@ -296,6 +337,11 @@ impl Reconciler {
             }
         }
         let mut counting = Counting { store, writes: 0 };
+        for (id, value) in reflag {
+            counting
+                .run(|store| store.set_backend(id, &value))
+                .context("correcting a backend's draining flag")?;
+        }
         if let Some(error) = reconciler.collect_garbage(&mut counting).into_iter().next() {
             return Err(error.context("sweeping stray entries"));
         }
@@ -478,7 +524,7 @@ impl Reconciler {
 
     fn matches(live: &LiveFrontend, frontend: &Frontend) -> bool {
         live.backends == frontend.backends
-            && live.value.flags == frontend.flags()
+            && same_policy(&live.value, frontend)
             && live
                 .draining
                 .keys()
@@ -515,13 +561,7 @@ impl Reconciler {
     ) -> anyhow::Result<u32> {
         let id = self.backend_ids.allocate()?;
         written.push(Garbage::Backend(id));
-        let value = Backend {
-            addr: addr_to_wire(backend.addr),
-            port: port_to_wire(backend.port),
-            flags: BACKEND_ACTIVE,
-            _pad: 0,
-            service_id,
-        };
+        let value = backend_entry(service_id, backend, false);
         store.run(|store| store.set_backend(id, &value))?;
         Ok(id)
     }
@@ -572,6 +612,7 @@ impl Reconciler {
             backend_set,
             backend_count: ids.len() as u32,
             flags: frontend.flags(),
+            affinity_timeout_s: frontend.affinity_timeout_s,
         };
         Ok((value, ids))
     }
@@ -629,6 +670,14 @@ impl Reconciler {
         let entries = Self::entries(&live);
         let draining = Self::kept_draining(&live, frontend);
         let mut ids = live.ids.clone();
+        // A draining endpoint back in the set takes new flows again, affinity included: cleared
+        // before the switch gives it a slot.
+        for backend in &frontend.backends {
+            if let Some(id) = live.draining.get(backend) {
+                let value = backend_entry(service_id, backend, false);
+                store.run(|store| store.set_backend(*id, &value))?;
+            }
+        }
         if live.dirty || live.backends != frontend.backends {
             // Make: new backends, then the new set's slots, then the single switching write.
             let mut written = Vec::new();
@@ -647,10 +696,11 @@ impl Reconciler {
             entry.backends = frontend.backends.clone();
             entry.dirty = false;
             ids = new_ids;
-        } else if live.value.flags != frontend.flags() {
+        } else if !same_policy(&live.value, frontend) {
             // Same backends, another policy: one write of the value, the set stays.
             let value = ServiceValue {
                 flags: frontend.flags(),
+                affinity_timeout_s: frontend.affinity_timeout_s,
                 ..live.value
             };
             store.run(|store| store.set_service(key, &value))?;
@@ -663,6 +713,14 @@ impl Reconciler {
                 .filter(|id| !ids.contains(id) && !draining.values().any(|kept| kept == *id))
                 .map(|id| Garbage::Backend(*id)),
         );
+        // An endpoint that left the set but stays for its flows: affinity no longer leads to it.
+        // Flagged after the switch took its slot; until then the flag is harmless.
+        for (backend, id) in &draining {
+            if !live.draining.contains_key(backend) {
+                let value = backend_entry(service_id, backend, true);
+                store.run(|store| store.set_backend(*id, &value))?;
+            }
+        }
         self.live
             .get_mut(&key)
             .context("frontend vanished")?

@@ -123,6 +123,7 @@ fn frontend(
         backends,
         draining: Vec::new(),
         drop_when_empty: false,
+        affinity_timeout_s: 0,
     }
 }
 
@@ -1042,5 +1043,41 @@ fn cluster_ips_are_collected_for_undefined_port_rejects() {
         notes.iter().any(|n| n.object == "Service default/odd"
             && n.message.contains("is an address of this node")),
         "{notes:?}"
+    );
+}
+
+#[test]
+fn client_ip_session_affinity_carries_its_timeout_to_every_frontend() {
+    let node = NodeConfig {
+        nodeport_addresses: vec![Ipv4Addr::new(10, 0, 0, 1)],
+        ..NodeConfig::default()
+    };
+    let with = |affinity: &str| {
+        service(&format!(
+            "metadata: {{name: web}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.20\n\
+             {affinity}  ports:\n  - {{port: 80, nodePort: 30080}}\n"
+        ))
+    };
+    let timeouts = |service: Service| -> Vec<u32> {
+        let (state, notes) = desired_state(&[service], &[], &node);
+        assert!(notes.is_empty(), "{notes:?}");
+        state
+            .frontends
+            .values()
+            .map(|f| f.affinity_timeout_s)
+            .collect()
+    };
+    assert_eq!(timeouts(with("")), vec![0, 0]);
+    assert_eq!(timeouts(with("  sessionAffinity: None\n")), vec![0, 0]);
+    // The API's default: three hours.
+    assert_eq!(
+        timeouts(with("  sessionAffinity: ClientIP\n")),
+        vec![10_800, 10_800]
+    );
+    assert_eq!(
+        timeouts(with(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n"
+        )),
+        vec![60, 60]
     );
 }

@@ -1039,3 +1039,44 @@ fn external_and_load_balancer_addresses_must_be_ip_addresses() {
     ));
     assert!(load.errors.is_empty(), "{:#?}", load.errors);
 }
+
+#[test]
+fn session_affinity_and_traffic_policies_are_checked_like_the_api_server() {
+    let cases = [
+        (
+            "  sessionAffinity: Sticky\n  ports:\n  - port: 80\n",
+            "spec.sessionAffinity",
+            "got \"Sticky\"",
+        ),
+        (
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}\n  ports:\n  - port: 80\n",
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            "between 1 and 86400, got 86401",
+        ),
+        (
+            "  externalTrafficPolicy: Nearby\n  ports:\n  - port: 80\n",
+            "spec.externalTrafficPolicy",
+            "got \"Nearby\"",
+        ),
+        (
+            "  internalTrafficPolicy: local\n  ports:\n  - port: 80\n",
+            "spec.internalTrafficPolicy",
+            "got \"local\"",
+        ),
+    ];
+    for (spec, field, message) in cases {
+        let (_scratch, file, load) = load_single(&web_service(spec));
+        assert_single_error(
+            &load,
+            &file,
+            Some("Service default/web"),
+            Some(field),
+            &[message],
+        );
+    }
+    let (_scratch, _file, load) = load_single(&web_service(
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86400}}\n  \
+         externalTrafficPolicy: Local\n  internalTrafficPolicy: Cluster\n  ports:\n  - port: 80\n",
+    ));
+    assert!(load.errors.is_empty(), "{:#?}", load.errors);
+}

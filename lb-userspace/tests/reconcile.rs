@@ -13,7 +13,9 @@ use lb::{
 };
 use lb_common::{
     net::addr_from_wire,
-    service::{BACKEND_ACTIVE, Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
+    service::{
+        BACKEND_ACTIVE, BACKEND_DRAINING, Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+    },
 };
 
 const TCP: u8 = 6;
@@ -50,6 +52,7 @@ fn frontend(
         backends,
         draining: Vec::new(),
         drop_when_empty: false,
+        affinity_timeout_s: 0,
     }
 }
 
@@ -144,6 +147,15 @@ fn assert_store_holds(store: &MemoryStore, desired: &DesiredState) {
         assert!(owner.is_some(), "stale backend {id}: {entry:?}");
         draining.insert(*id, entry.service_id);
     }
+    for (id, backend) in &store.backends {
+        // Flagged draining exactly when out of the slots.
+        let expected = if draining.contains_key(id) {
+            BACKEND_ACTIVE | BACKEND_DRAINING
+        } else {
+            BACKEND_ACTIVE
+        };
+        assert_eq!(backend.flags, expected, "backend {id}");
+    }
     backend_ids.extend(draining);
     assert_eq!(
         store.backends.keys().copied().collect::<BTreeSet<_>>(),
@@ -151,7 +163,6 @@ fn assert_store_holds(store: &MemoryStore, desired: &DesiredState) {
         "stale backends"
     );
     for (id, backend) in &store.backends {
-        assert_eq!(backend.flags, BACKEND_ACTIVE);
         assert_eq!(backend.service_id, backend_ids[id]);
     }
     assert_eq!(
@@ -756,9 +767,9 @@ fn from_store_sweeps_what_a_crash_during_a_switch_left() {
     let mut crashed = store.inner;
     let (mut restarted, swept) = Reconciler::from_store(&mut crashed).unwrap();
     // The new set's slots are strays. The new backend still names web's service id, so it is
-    // adopted like a draining backend (at start-up the two look the same), to be reused or
-    // dropped by the next reconcile.
-    assert_eq!(swept, 3);
+    // adopted like a draining backend (at start-up the two look the same) and flagged so, to be
+    // reused or dropped by the next reconcile.
+    assert_eq!(swept, 3 + 1);
     let adopted: Vec<u32> = crashed
         .backends
         .keys()
@@ -768,8 +779,9 @@ fn from_store_sweeps_what_a_crash_during_a_switch_left() {
     assert_eq!(adopted.len(), 1);
     let summary = restarted.reconcile(&changed, &mut crashed);
     assert_clean(&summary);
-    // The adopted backend is reused: 3 new slots, the switch, 3 old slots, 1 departed backend.
-    assert_eq!(counts(&summary), (0, 1, 0, 2, 3 + 1 + 3 + 1));
+    // The adopted backend is reused (its draining flag cleared first): 3 new slots, the switch,
+    // 3 old slots, 1 departed backend.
+    assert_eq!(counts(&summary), (0, 1, 0, 2, 1 + 3 + 1 + 3 + 1));
     assert_eq!(
         ids(&crashed, &web_key)[&backend("10.1.0.5", 8080)],
         adopted[0]
@@ -813,9 +825,9 @@ fn a_frontend_missing_a_slot_is_rewritten() {
     );
 
     // The backend of the lost slot still names web's service id: it is adopted (like a draining
-    // backend), not swept, so the rewrite keeps its id and its flows.
+    // backend, flagged so: one write), not swept, so the rewrite keeps its id and its flows.
     let (mut reconciler, swept) = Reconciler::from_store(&mut store).unwrap();
-    assert_eq!(swept, 0);
+    assert_eq!(swept, 1);
     assert_clean(&reconciler.reconcile(&desired, &mut store));
     assert_eq!(
         store.resolve(&web_key),
@@ -994,7 +1006,11 @@ fn a_backend_that_stops_being_ready_drains_with_its_id_and_returns_with_it() {
         store.inner.resolve(&web_key),
         Some(backends(&["10.1.0.1", "10.1.0.3"], 8080))
     );
-    assert_eq!(store.inner.backends[&second].flags, BACKEND_ACTIVE);
+    // Flagged draining, so that session affinity stops leading to it.
+    assert_eq!(
+        store.inner.backends[&second].flags,
+        BACKEND_ACTIVE | BACKEND_DRAINING
+    );
     assert!(
         !store.calls.contains(&Call::ClearBackend(second)),
         "{:?}",
@@ -1005,9 +1021,27 @@ fn a_backend_that_stops_being_ready_drains_with_its_id_and_returns_with_it() {
     store.calls.clear();
     assert_eq!(reconciler.reconcile(&drained, &mut store).writes, 0);
 
-    // Ready again: back in the slots with the same id.
+    // A restarted agent reads the draining backend back and writes nothing.
+    let (mut restarted, swept) = Reconciler::from_store(&mut store.inner).unwrap();
+    assert_eq!(swept, 0);
+    assert_eq!(restarted.reconcile(&drained, &mut store).writes, 0);
+
+    // Ready again: back in the slots with the same id, the flag cleared before the switch.
+    store.calls.clear();
     assert_clean(&reconciler.reconcile(&all, &mut store));
     assert_eq!(ids(&store.inner, &web_key), ids_ready);
+    assert_eq!(store.inner.backends[&second].flags, BACKEND_ACTIVE);
+    let cleared = store
+        .calls
+        .iter()
+        .position(|call| matches!(call, Call::SetBackend(id, _) if *id == second))
+        .expect("the flag is cleared");
+    let switched = store
+        .calls
+        .iter()
+        .position(|call| matches!(call, Call::SetService(..)))
+        .expect("the set is switched");
+    assert!(cleared < switched, "{:?}", store.calls);
 
     // Gone from the slice: its entry goes too.
     let gone = state(&[web_draining(&["10.1.0.1", "10.1.0.3"], &[])]);
@@ -1120,6 +1154,24 @@ fn a_policy_change_rewrites_only_the_service_value() {
     assert_eq!(value.flags, lb_common::service::SERVICE_DROP_WHEN_EMPTY);
     assert_eq!(store.calls, vec![Call::SetService(key, value)]);
     assert_store_holds(&store.inner, &state(&[local(true)]));
+
+    // Session affinity is policy too: one write of the value.
+    store.calls.clear();
+    let sticky = Frontend {
+        affinity_timeout_s: 10_800,
+        ..local(true)
+    };
+    let summary = reconciler.reconcile(&state(std::slice::from_ref(&sticky)), &mut store);
+    assert_clean(&summary);
+    let value = store.inner.services[&key];
+    assert_eq!(value.affinity_timeout_s, 10_800);
+    assert_eq!(store.calls, vec![Call::SetService(key, value)]);
+    assert_eq!(
+        reconciler
+            .reconcile(&state(std::slice::from_ref(&sticky)), &mut store)
+            .writes,
+        0
+    );
 
     // The flag only means something while the frontend is empty.
     store.calls.clear();

@@ -1212,3 +1212,36 @@ fn without_veth_redirects_the_refusal_goes_back_through_the_node_s_stack() {
     );
     assert_eq!(moved.get("reject_via_stack"), Some(&1), "{moved:?}");
 }
+
+#[test]
+fn client_ip_session_affinity_keeps_a_client_on_one_endpoint() {
+    if !require_root("client_ip_session_affinity_keeps_a_client_on_one_endpoint") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    std::fs::write(
+        cluster.manifests().join("echo.yaml"),
+        echo_manifest(&[0, 1, 2]).replacen("spec:\n", "spec:\n  sessionAffinity: ClientIP\n", 1),
+    )
+    .expect("edit");
+    let sticky = || {
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&cluster.lb(&["services", "-o", "json"])).expect("JSON");
+        rows.iter().all(|row| row["affinity_timeout_s"] == 10_800)
+    };
+    assert!(
+        wait_until(APPLY_TIMEOUT, sticky),
+        "the agent did not apply session affinity: {}",
+        cluster.lb(&["services"])
+    );
+    // Every new connection and UDP flow of the client lands where its first one did: one
+    // backend each for TCP and UDP (separate Service ports, separate affinities).
+    let before = cluster.counters();
+    let (tcp, udp) = spread(&cluster, UdpChecksum::Computed);
+    assert_eq!(tcp.iter().filter(|n| **n > 0).count(), 1, "TCP {tcp:?}");
+    assert_eq!(udp.iter().filter(|n| **n > 0).count(), 1, "UDP {udp:?}");
+    assert_eq!(
+        delta(&before, &cluster.counters(), "affinity_hit"),
+        2 * (FLOWS as u64 - 1)
+    );
+}

@@ -27,7 +27,8 @@ use lb::{
     dataplane::{
         self, Dataplane,
         maps::{
-            Capacities, ServiceMaps, open_conntrack, open_ifaces, open_tx_ports, read_counters,
+            Capacities, ServiceMaps, open_affinity, open_conntrack, open_ifaces, open_tx_ports,
+            read_counters,
         },
     },
     desired::{BackendAddr, DesiredState, Frontend},
@@ -38,7 +39,8 @@ use lb_common::{
     conntrack::{DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowKey, FlowState, SEEN_FIN, SEEN_RST},
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
     service::{
-        BACKEND_ACTIVE, Backend, SERVICE_DROP_WHEN_EMPTY, ServiceKey, ServiceValue, SlotKey,
+        AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, SERVICE_DROP_WHEN_EMPTY, ServiceKey,
+        ServiceValue, SlotKey,
     },
     stats::Counter,
 };
@@ -693,6 +695,7 @@ fn frontend(
         backends,
         draining: Vec::new(),
         drop_when_empty: false,
+        affinity_timeout_s: 0,
     }
 }
 
@@ -2143,6 +2146,7 @@ fn services_without_usable_backends_reject_or_drop() {
             backend_set: HAND_BACKEND_SET,
             backend_count: 1,
             flags: 0,
+            affinity_timeout_s: 0,
         };
         lab.maps
             .services
@@ -3625,4 +3629,167 @@ fn rejects_beyond_the_rate_are_dropped_and_counted() {
             lab.check(&case);
         }
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session affinity.
+
+/// Sends a SYN from `client:port` to `VIP:VIP_PORT` and returns the backend it was sent to.
+fn backend_chosen(lab: &mut Lab, client: Ipv4Addr, port: u16) -> Ipv4Addr {
+    let syn = Pkt::tcp((client, port), (VIP, VIP_PORT), SYN).eth(CLIENT_MAC, lab.in0.mac);
+    let run = lab
+        .dataplane
+        .test_run(&syn.bytes(), lab.in0.index)
+        .expect("test run");
+    assert_eq!(action_name(run.action), action_name(XDP_REDIRECT));
+    ip_at(&run.packet, l3_offset(&run.packet) + IPV4_DST_OFFSET)
+}
+
+/// Offset of the destination address in the IPv4 header.
+const IPV4_DST_OFFSET: usize = 16;
+
+/// The `index`-th of a range of client addresses next to the client's (all unicast).
+fn other_client(index: u16) -> Ipv4Addr {
+    const FIRST_HOST: u32 = 16;
+    Ipv4Addr::from(u32::from(CLIENT) & !0xff | (FIRST_HOST + u32::from(index)) & 0xffff)
+}
+
+#[test]
+fn session_affinity_sends_a_client_s_new_flows_to_its_last_endpoint() {
+    with_lab(
+        "session_affinity_sends_a_client_s_new_flows_to_its_last_endpoint",
+        |lab| {
+            const TIMEOUT_S: u32 = 10_800;
+            const SHORT_TIMEOUT_S: u32 = 1;
+            /// Clients whose remembered choice is checked at once; if expiry were ignored all
+            /// would keep backend A, by chance only with probability (1/3)^30.
+            const CLIENTS: u16 = 30;
+            let endpoints = [
+                (BACKEND_A, BACKEND_PORT),
+                (BACKEND_B, BACKEND_PORT),
+                (BACKEND_C, BACKEND_PORT),
+            ];
+            let sticky = |timeout: u32, draining: &[(Ipv4Addr, u16)]| {
+                let ready: Vec<(Ipv4Addr, u16)> = endpoints
+                    .iter()
+                    .filter(|e| !draining.contains(e))
+                    .copied()
+                    .collect();
+                let mut frontend = frontend("sticky", VIP, VIP_PORT, IPPROTO_TCP, &ready);
+                frontend.affinity_timeout_s = timeout;
+                frontend.draining = draining
+                    .iter()
+                    .map(|(addr, port)| BackendAddr {
+                        addr: *addr,
+                        port: *port,
+                    })
+                    .collect();
+                frontend
+            };
+            lab.program(&[sticky(TIMEOUT_S, &[])]);
+            let service_id = lab.resolve(&sticky(TIMEOUT_S, &[])).0.service_id;
+
+            // Every new flow of one client goes where its first went.
+            let before = lab.counters();
+            let first = backend_chosen(lab, CLIENT, 43_000);
+            for run in 1..STICKY_RUNS as u16 {
+                assert_eq!(
+                    backend_chosen(lab, CLIENT, 43_000 + run),
+                    first,
+                    "flow {run}"
+                );
+            }
+            let after = lab.counters();
+            assert_eq!(
+                after[Counter::AffinityHit as usize] - before[Counter::AffinityHit as usize],
+                STICKY_RUNS as u64 - 1
+            );
+            let affinity = open_affinity(&lab.pin_dir).expect("opening LB_AFFINITY");
+            let key = AffinityKey {
+                client_addr: wire_addr(CLIENT),
+                service_id,
+            };
+            let entry = affinity.get(&key, 0).expect("the client's entry");
+            assert_eq!(
+                entry.backend_id,
+                lab.backend_id(&sticky(TIMEOUT_S, &[]), first, BACKEND_PORT)
+            );
+
+            // Other clients are spread as usual.
+            let mut seen = BTreeSet::new();
+            for index in 0..MAX_NEW_FLOWS {
+                seen.insert(backend_chosen(lab, other_client(index), 44_000));
+                if seen.len() == endpoints.len() {
+                    break;
+                }
+            }
+            assert_eq!(seen.len(), endpoints.len(), "clients reached only {seen:?}");
+
+            // An endpoint that stops taking new flows is not kept by affinity.
+            lab.program(&[sticky(TIMEOUT_S, &[(first, BACKEND_PORT)])]);
+            let moved = backend_chosen(lab, CLIENT, 43_500);
+            assert_ne!(
+                moved, first,
+                "affinity led a new flow to a draining endpoint"
+            );
+            for run in 1..STICKY_RUNS as u16 {
+                assert_eq!(backend_chosen(lab, CLIENT, 43_500 + run), moved);
+            }
+
+            // Choices older than the timeout are forgotten; younger ones are kept.
+            lab.program(&[sticky(SHORT_TIMEOUT_S, &[])]);
+            let a = lab.backend_id(&sticky(SHORT_TIMEOUT_S, &[]), BACKEND_A, BACKEND_PORT);
+            let now = monotonic_ns();
+            let expired_age = 2 * u64::from(SHORT_TIMEOUT_S) * 1_000_000_000;
+            let mut affinity = open_affinity(&lab.pin_dir).expect("opening LB_AFFINITY");
+            for index in 0..2 * CLIENTS {
+                let last_flow_ns = if index < CLIENTS {
+                    now
+                } else {
+                    now - expired_age
+                };
+                let key = AffinityKey {
+                    client_addr: wire_addr(other_client(MAX_NEW_FLOWS + index)),
+                    service_id,
+                };
+                let value = AffinityValue {
+                    backend_id: a,
+                    _pad: 0,
+                    last_flow_ns,
+                };
+                affinity.insert(key, value, 0).expect("writing an entry");
+            }
+            for index in 0..CLIENTS {
+                assert_eq!(
+                    backend_chosen(lab, other_client(MAX_NEW_FLOWS + index), 45_000),
+                    BACKEND_A,
+                    "a remembered choice within the timeout"
+                );
+            }
+            let kept = (CLIENTS..2 * CLIENTS)
+                .filter(|index| {
+                    backend_chosen(lab, other_client(MAX_NEW_FLOWS + index), 45_000) == BACKEND_A
+                })
+                .count();
+            assert!(
+                kept < usize::from(CLIENTS),
+                "every expired choice was still followed"
+            );
+
+            // Without affinity, one client's flows spread.
+            lab.program(&[sticky(0, &[])]);
+            let mut seen = BTreeSet::new();
+            for run in 0..MAX_NEW_FLOWS {
+                seen.insert(backend_chosen(lab, CLIENT, 46_000 + run));
+                if seen.len() == endpoints.len() {
+                    break;
+                }
+            }
+            assert_eq!(
+                seen.len(),
+                endpoints.len(),
+                "one client reached only {seen:?}"
+            );
+        },
+    );
 }

@@ -10,11 +10,15 @@ use lb_common::{
     conntrack::{FlowKey, FlowState},
     iface::IfaceConfig,
     limits::{
-        CONNTRACK_ENTRIES_PER_FLOW, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG, MAP_CONNTRACK,
-        MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS, MAP_STATS,
-        MAP_TX_PORTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS,
+        CONNTRACK_ENTRIES_PER_FLOW, MAP_AFFINITY, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG,
+        MAP_CONNTRACK, MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
+        MAP_STATS, MAP_TX_PORTS, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES,
+        MAX_SERVICES, MAX_SLOTS,
     },
-    service::{Backend, CLUSTER_IP_ALLOCATED, ServiceInfo, ServiceKey, ServiceValue, SlotKey},
+    service::{
+        AffinityKey, AffinityValue, Backend, CLUSTER_IP_ALLOCATED, ServiceInfo, ServiceKey,
+        ServiceValue, SlotKey,
+    },
     stats::{COUNTER_COUNT, Counter},
 };
 
@@ -91,7 +95,7 @@ impl Capacities {
 }
 
 /// Number of maps in the object.
-pub const MAP_COUNT: usize = 11;
+pub const MAP_COUNT: usize = 12;
 
 /// Every map of the object as this build defines it, with the default [`Capacities`].
 pub const LAYOUTS: [Layout; MAP_COUNT] = [
@@ -172,6 +176,13 @@ pub const LAYOUTS: [Layout; MAP_COUNT] = [
         size_of::<RejectWindow>(),
         1,
     ),
+    layout(
+        MAP_AFFINITY,
+        MapType::LruHash,
+        size_of::<AffinityKey>(),
+        size_of::<AffinityValue>(),
+        MAX_AFFINITY,
+    ),
 ];
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -223,6 +234,13 @@ impl ServiceMaps {
             cluster_ips: open(pin_dir, MAP_CLUSTER_IPS)?.try_into()?,
         })
     }
+}
+
+/// Opens `LB_AFFINITY`.
+pub fn open_affinity(
+    pin_dir: &Path,
+) -> anyhow::Result<HashMap<MapData, AffinityKey, AffinityValue>> {
+    Ok(open(pin_dir, MAP_AFFINITY)?.try_into()?)
 }
 
 /// Opens `LB_CONFIG`.
