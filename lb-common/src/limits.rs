@@ -30,6 +30,8 @@ pub const MAP_CLUSTER_IPS: &str = "LB_CLUSTER_IPS";
 pub const MAP_CONFIG: &str = "LB_CONFIG";
 /// Map: per-CPU reject rate windows. See [`crate::config::RejectWindow`].
 pub const MAP_REJECT_RATE: &str = "LB_REJECT_RATE";
+/// Map: `loadBalancerSourceRanges`, an LPM trie. See [`crate::service::SourceRangeKey`].
+pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
 /// Map: session affinity, client and frontend -> last backend. See
 /// [`crate::service::AffinityKey`].
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
@@ -52,6 +54,8 @@ pub const MAX_CONNTRACK: u32 = 1 << 19;
 /// forgotten when it is full, which only costs those clients their stickiness. kube-proxy's
 /// iptables mode remembers 100 clients per endpoint, its nftables mode 65,535 per Service.
 pub const MAX_AFFINITY: u32 = 1 << 17;
+/// `loadBalancerSourceRanges` entries across all frontends (allocated as used).
+pub const MAX_SOURCE_RANGES: u32 = 1 << 16;
 /// Conntrack entries each flow takes: one per direction.
 pub const CONNTRACK_ENTRIES_PER_FLOW: u32 = 2;
 /// Interfaces the agent can attach to (and redirect to). A node's pods each add one veth;

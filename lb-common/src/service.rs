@@ -50,6 +50,31 @@ pub struct ServiceValue {
 /// port unreachable and fails at once instead of timing out.
 pub const SERVICE_DROP_WHEN_EMPTY: u32 = 1;
 
+/// `ServiceValue::flags`: the frontend only accepts clients inside its Service's
+/// `loadBalancerSourceRanges`, listed in `LB_SOURCE_RANGES` under its service id; packets from
+/// other sources are dropped. Set on load balancer ingress IPs only, as kube-proxy does.
+pub const SERVICE_SOURCE_RANGES: u32 = 2;
+
+/// The data of an `LB_SOURCE_RANGES` key (after the LPM prefix length): the frontend, matched
+/// in full, then the client address, matched over the range's prefix. The key's prefix length is
+/// therefore `SOURCE_RANGE_ID_BITS` plus the range's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    /// The frontend (`ServiceValue::service_id`), network byte order so that the trie matches
+    /// its bytes in significance order like the address's.
+    pub service_id_be: u32,
+    /// The range's network address (lookups: the client's address), network byte order.
+    pub addr: u32,
+}
+
+/// Bits of `SourceRangeKey` before the address: the service id, always matched whole.
+pub const SOURCE_RANGE_ID_BITS: u32 = 32;
+/// Bits of a whole `SourceRangeKey`: the prefix length of a lookup.
+pub const SOURCE_RANGE_KEY_BITS: u32 = 64;
+/// Value of `LB_SOURCE_RANGES`: the range admits its clients. (The trie is a set.)
+pub const SOURCE_RANGE_ALLOWED: u32 = 1;
+
 /// Value of `LB_CLUSTER_IPS` (key: the ClusterIP, network byte order): the ClusterIP belongs to
 /// a Service, so a TCP or UDP packet to it on a port with no frontend is rejected rather than
 /// passed to a stack that has no such address. Written by userspace, read by the datapath.
@@ -121,6 +146,7 @@ const _: () = {
     assert!(size_of::<ServiceKey>() == 8);
     assert!(size_of::<ServiceValue>() == 20);
     assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<SourceRangeKey>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<SlotKey>() == 8);
     assert!(size_of::<Backend>() == 12);
@@ -162,5 +188,6 @@ mod user {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::ServiceInfo {}
     unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
 }

@@ -134,6 +134,8 @@ counters! {
     AffinityHit = 32, "affinity_hit", Event;
     /// Recording a session-affinity choice failed; the flow was still forwarded.
     AffinityInsertFailed = 33, "affinity_insert_failed", Event;
+    /// To a load balancer IP from a client outside the Service's `loadBalancerSourceRanges`.
+    DropSourceRange = 34, "drop_source_range", Drop;
 }
 
 /// Number of entries in `LB_STATS`.

@@ -20,7 +20,7 @@ mod stats;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
-    service::{SERVICE_DROP_WHEN_EMPTY, ServiceKey},
+    service::{SERVICE_DROP_WHEN_EMPTY, SERVICE_SOURCE_RANGES, ServiceKey},
     stats::Counter,
 };
 
@@ -52,6 +52,12 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
         _pad: 0,
     };
     if let Some(service) = maps::lookup_service(&frontend) {
+        // Every packet, not only a flow's first: a range withdrawn cuts its flows too.
+        if service.flags & SERVICE_SOURCE_RANGES != 0
+            && !maps::source_allowed(service.service_id, packet.src_addr)
+        {
+            return Err(Drop::SourceRange);
+        }
         let Some(backend) = select::select_backend(&packet, &frontend, &service)? else {
             if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
                 return Err(Drop::NoLocalEndpoint);

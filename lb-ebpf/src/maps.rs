@@ -5,16 +5,20 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use lb_common::{
     config::{DataplaneConfig, RejectWindow},
     conntrack::{FlowKey, FlowState},
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
-    limits::{MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS},
+    limits::{
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS,
+        MAX_SOURCE_RANGES,
+    },
     service::{
-        AffinityKey, AffinityValue, Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+        AffinityKey, AffinityValue, Backend, SOURCE_RANGE_KEY_BITS, ServiceInfo, ServiceKey,
+        ServiceValue, SlotKey, SourceRangeKey,
     },
     stats::COUNTER_COUNT,
 };
@@ -56,6 +60,13 @@ pub static LB_CONNTRACK: LruHashMap<FlowKey, FlowState, { MAX_CONNTRACK as usize
 #[btf_map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> =
     LruHashMap::new();
+
+/// `loadBalancerSourceRanges`: LPM trie of (service id, client prefix) -> `SOURCE_RANGE_ALLOWED`.
+/// Userspace writes the ranges of every frontend flagged `SERVICE_SOURCE_RANGES`; the program
+/// looks the client up.
+#[btf_map]
+pub static LB_SRC_RANGES: LpmTrie<SourceRangeKey, u32, { MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 /// Counters: `Counter` index -> packets, per CPU. The program writes; userspace sums the CPUs.
 #[btf_map]
@@ -138,4 +149,18 @@ pub fn config() -> DataplaneConfig {
         Some(config) => unsafe { *config },
         None => DataplaneConfig::default(),
     }
+}
+
+/// Whether `client` (network byte order) lies in one of the source ranges of frontend
+/// `service_id`.
+#[inline(always)]
+pub fn source_allowed(service_id: u32, client: u32) -> bool {
+    let key = Key::new(
+        SOURCE_RANGE_KEY_BITS,
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            addr: client,
+        },
+    );
+    LB_SRC_RANGES.get(&key).is_some()
 }

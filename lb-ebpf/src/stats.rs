@@ -15,6 +15,8 @@ pub enum Drop {
     NoLocalEndpoint,
     /// To an unallocated address inside a service CIDR.
     UnallocatedServiceIp,
+    /// From outside the frontend's `loadBalancerSourceRanges`.
+    SourceRange,
     /// A reject was due; this CPU's ICMP budget for the second is spent.
     RejectRateLimited,
     /// A reject was due; the packet's source may not be answered with an ICMP error.
@@ -33,6 +35,7 @@ impl Drop {
             Drop::Malformed => Counter::DropMalformed,
             Drop::NoLocalEndpoint => Counter::DropNoLocalEndpoint,
             Drop::UnallocatedServiceIp => Counter::DropUnallocatedServiceIp,
+            Drop::SourceRange => Counter::DropSourceRange,
             Drop::RejectRateLimited => Counter::DropRejectRateLimited,
             Drop::RejectNotUnicast => Counter::DropRejectNotUnicast,
             Drop::RejectFailed => Counter::DropRejectFailed,

@@ -32,12 +32,12 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{
     net::{IPPROTO_TCP, IPPROTO_UDP, addr_to_wire, port_to_wire},
-    service::{SERVICE_DROP_WHEN_EMPTY, ServiceKey},
+    service::{SERVICE_DROP_WHEN_EMPTY, SERVICE_SOURCE_RANGES, ServiceKey},
 };
 
 use crate::{
     manifests::{CLUSTER_IP_NONE, DEFAULT_NAMESPACE},
-    node::NodeConfig,
+    node::{Ipv4Cidr, NodeConfig},
 };
 
 /// `status.loadBalancer.ingress[].ipMode` of a load balancer that proxies to the nodes.
@@ -75,6 +75,10 @@ pub struct Frontend {
     pub drop_when_empty: bool,
     /// `sessionAffinity: ClientIP`: its timeout in seconds; 0 without affinity.
     pub affinity_timeout_s: u32,
+    /// `loadBalancerSourceRanges` (load balancer IPs only): the IPv4 clients admitted, host bits
+    /// cleared, sorted, without duplicates; `None` admits every client. A Service whose ranges
+    /// are all IPv6 admits no IPv4 client (`Some` of nothing).
+    pub source_ranges: Option<Vec<Ipv4Cidr>>,
 }
 
 impl Frontend {
@@ -90,11 +94,14 @@ impl Frontend {
 
     /// The `ServiceValue::flags` of this frontend.
     pub fn flags(&self) -> u32 {
+        let mut flags = 0;
         if self.drop_when_empty && self.backends.is_empty() {
-            SERVICE_DROP_WHEN_EMPTY
-        } else {
-            0
+            flags |= SERVICE_DROP_WHEN_EMPTY;
         }
+        if self.source_ranges.is_some() {
+            flags |= SERVICE_SOURCE_RANGES;
+        }
+        flags
     }
 }
 
@@ -215,8 +222,12 @@ pub fn desired_state<'a>(
             .flatten()
             .filter_map(|ip| ipv4("externalIP", ip, &mut note))
             .collect();
+        let mut lb_ips = Vec::new();
+        let mut source_ranges = None;
         if spec.type_.as_deref() == Some("LoadBalancer") {
-            more.extend(load_balancer_ips(service, &mut note));
+            lb_ips = load_balancer_ips(service, &mut note);
+            more.extend(lb_ips.iter().copied());
+            source_ranges = load_balancer_source_ranges(service, &mut note);
         }
         // Addresses before this index are ClusterIPs (internal traffic); the others, and the
         // node's addresses for nodePorts, receive external traffic.
@@ -271,16 +282,18 @@ pub fn desired_state<'a>(
             let candidates = endpoints(slices, &port_name, proto, node);
             let internal = choose(&candidates, internal_local);
             let external = choose(&candidates, external_local);
-            let mut listeners: Vec<(Ipv4Addr, u16, &EndpointSets)> = addrs
+            let no_ranges = &None;
+            let mut listeners: Vec<(Ipv4Addr, u16, &EndpointSets, &Option<Vec<Ipv4Cidr>>)> = addrs
                 .iter()
                 .enumerate()
                 .map(|(index, addr)| {
-                    let set = if index < cluster_ip_count {
-                        &internal
+                    if index < cluster_ip_count {
+                        (*addr, service_port, &internal, no_ranges)
+                    } else if lb_ips.contains(addr) {
+                        (*addr, service_port, &external, &source_ranges)
                     } else {
-                        &external
-                    };
-                    (*addr, service_port, set)
+                        (*addr, service_port, &external, no_ranges)
+                    }
                 })
                 .collect();
             if NODE_PORT_TYPES.contains(&spec.type_.as_deref().unwrap_or_default()) {
@@ -293,7 +306,7 @@ pub fn desired_state<'a>(
                         .extend(
                             node.nodeport_addresses
                                 .iter()
-                                .map(|addr| (*addr, node_port, &external)),
+                                .map(|addr| (*addr, node_port, &external, no_ranges)),
                         ),
                     Some(node_port) => note(format!(
                         "port {} ({port_name}): nodePort {node_port} is outside the node port \
@@ -311,7 +324,7 @@ pub fn desired_state<'a>(
                     None => {}
                 }
             }
-            for (addr, listen_port, sets) in listeners {
+            for (addr, listen_port, sets, ranges) in listeners {
                 let frontend = Frontend {
                     namespace: namespace.clone(),
                     name: name.clone(),
@@ -323,6 +336,7 @@ pub fn desired_state<'a>(
                     draining: sets.draining.clone(),
                     drop_when_empty: sets.drop_when_empty,
                     affinity_timeout_s,
+                    source_ranges: ranges.clone(),
                 };
                 let key = frontend.key();
                 if let Some(owner) = desired.frontends.get(&key) {
@@ -363,6 +377,60 @@ fn load_balancer_ips(service: &Service, note: &mut impl FnMut(String)) -> Vec<Ip
         addrs.extend(ipv4("load balancer ingress", ip, note));
     }
     addrs
+}
+
+/// The annotation that carried `loadBalancerSourceRanges` before the field existed; kube-proxy
+/// still reads it when the field is empty.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// A LoadBalancer Service's `loadBalancerSourceRanges` (or, when the field is empty, its legacy
+/// annotation), IPv4 prefixes with the host bits cleared, sorted and without duplicates; `None`
+/// when it sets none. IPv6 prefixes are noted and skipped: they admit no IPv4 client.
+fn load_balancer_source_ranges(
+    service: &Service,
+    note: &mut impl FnMut(String),
+) -> Option<Vec<Ipv4Cidr>> {
+    let spec = service.spec.as_ref();
+    let from_field: Vec<String> = spec
+        .and_then(|spec| spec.load_balancer_source_ranges.clone())
+        .unwrap_or_default();
+    let texts = if from_field.is_empty() {
+        service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(SOURCE_RANGES_ANNOTATION))
+            .map(|value| {
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|text| !text.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        from_field
+    };
+    if texts.is_empty() {
+        return None;
+    }
+    let mut ranges = Vec::new();
+    for text in texts {
+        if text.contains(':') {
+            note(format!(
+                "load balancer source range {text}: IPv6 is not supported yet"
+            ));
+            continue;
+        }
+        match text.parse::<Ipv4Cidr>() {
+            Ok(cidr) => ranges.push(cidr.network()),
+            Err(error) => note(format!("load balancer source range: {error:#}")),
+        }
+    }
+    ranges.sort();
+    ranges.dedup();
+    Some(ranges)
 }
 
 /// `ip` as an IPv4 address, or a note saying why it is not programmed (`what` names the field).

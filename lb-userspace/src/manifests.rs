@@ -22,6 +22,8 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
 
+use crate::{desired::SOURCE_RANGES_ANNOTATION, node::Ipv4Cidr};
+
 /// The kinds the load balancer reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -582,6 +584,30 @@ fn check_port(field: &str, port: i32) -> Result<(), FieldError> {
     }
 }
 
+/// Bits in an IPv6 address, the longest prefix of an IPv6 range.
+const IPV6_BITS: u8 = 128;
+
+/// An IPv4 or IPv6 prefix (`10.0.0.0/8`, `2001:db8::/32`), as the API server accepts in
+/// `loadBalancerSourceRanges`.
+fn check_cidr(field: &str, text: &str) -> Result<(), FieldError> {
+    let valid = match text.split_once('/') {
+        Some((addr, len)) if addr.contains(':') => {
+            addr.parse::<std::net::Ipv6Addr>().is_ok()
+                && len.parse::<u8>().is_ok_and(|len| len <= IPV6_BITS)
+        }
+        Some(_) => text.parse::<Ipv4Cidr>().is_ok(),
+        None => false,
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(field_error(
+            field,
+            format!("{text:?} is not an IP range such as 10.0.0.0/8"),
+        ))
+    }
+}
+
 fn check_protocol(field: &str, protocol: Option<&str>) -> Result<(), FieldError> {
     match protocol {
         None | Some("TCP" | "UDP" | "SCTP") => Ok(()),
@@ -685,6 +711,27 @@ fn validate_service(service: &Service) -> Result<(), FieldError> {
         spec.internal_traffic_policy.as_deref(),
         &TRAFFIC_POLICIES,
     )?;
+    for (index, range) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        check_cidr(&format!("spec.loadBalancerSourceRanges[{index}]"), range)?;
+    }
+    if let Some(ranges) = service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(SOURCE_RANGES_ANNOTATION))
+    {
+        for range in ranges.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+            check_cidr(
+                &format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"),
+                range,
+            )?;
+        }
+    }
     let affinity_timeout = spec
         .session_affinity_config
         .as_ref()

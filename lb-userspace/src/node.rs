@@ -10,7 +10,7 @@ use lb_common::config::{Cidr, DataplaneConfig, MAX_SERVICE_CIDRS};
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30_000..=32_767;
 
 /// An IPv4 prefix, as `--nodeport-addresses` takes it (`10.0.0.0/8`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ipv4Cidr {
     pub addr: Ipv4Addr,
     pub prefix_len: u8,
@@ -24,6 +24,14 @@ impl Ipv4Cidr {
         u32::MAX
             .checked_shl(u32::from(IPV4_BITS - self.prefix_len))
             .unwrap_or(0)
+    }
+
+    /// The same prefix with the host bits cleared (`10.1.2.3/8` is `10.0.0.0/8`).
+    pub fn network(self) -> Self {
+        Self {
+            addr: Ipv4Addr::from(u32::from(self.addr) & self.mask()),
+            prefix_len: self.prefix_len,
+        }
     }
 
     pub fn contains(self, addr: Ipv4Addr) -> bool {

@@ -31,7 +31,10 @@ use lb_common::{
     },
 };
 
-use crate::desired::{BackendAddr, DesiredState, Frontend};
+use crate::{
+    desired::{BackendAddr, DesiredState, Frontend},
+    node::Ipv4Cidr,
+};
 
 /// Write and read access to the Service maps. Deletes of absent entries succeed.
 pub trait ServiceStore {
@@ -48,6 +51,11 @@ pub trait ServiceStore {
     fn read_slots(&self) -> anyhow::Result<Vec<(SlotKey, u32)>>;
     fn read_active_backends(&self) -> anyhow::Result<Vec<(u32, Backend)>>;
     fn read_infos(&self) -> anyhow::Result<Vec<(u32, ServiceInfo)>>;
+
+    /// Admits `range` to the frontend `service_id` in `LB_SRC_RANGES`.
+    fn set_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> anyhow::Result<()>;
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> anyhow::Result<()>;
+    fn read_source_ranges(&self) -> anyhow::Result<Vec<(u32, Ipv4Cidr)>>;
 
     /// Adds a ClusterIP (network byte order) to `LB_CLUSTER_IPS`.
     fn set_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()>;
@@ -162,6 +170,8 @@ struct LiveFrontend {
     /// Backends kept for established flows only (in no slot), by address.
     draining: BTreeMap<BackendAddr, u32>,
     info: Option<ServiceInfo>,
+    /// What `LB_SRC_RANGES` holds for this frontend.
+    source_ranges: BTreeSet<Ipv4Cidr>,
     /// The maps are not known to match `ids`/`backends` (a failed or interrupted write): rewrite.
     dirty: bool,
 }
@@ -172,6 +182,9 @@ enum Garbage {
     Slot(SlotKey),
     /// Also returns the backend id to its pool once cleared.
     Backend(u32),
+    /// A source range of a frontend (by service id). Sorted before `Info`, so that a service id
+    /// returns to its pool only once its ranges are gone.
+    SourceRange(u32, Ipv4Cidr),
     /// Also returns the service id to its pool once deleted.
     Info(u32),
 }
@@ -246,6 +259,7 @@ impl Reconciler {
                 backends: Vec::new(),
                 draining: BTreeMap::new(),
                 info: infos.get(&value.service_id).copied(),
+                source_ranges: BTreeSet::new(),
                 dirty: false,
             };
             for slot in 0..value.backend_count {
@@ -336,6 +350,19 @@ impl Reconciler {
                 reconciler.garbage.insert(Garbage::Info(*id));
             }
         }
+        for (id, range) in store.read_source_ranges()? {
+            match by_service_id
+                .get(&id)
+                .and_then(|key| reconciler.live.get_mut(key))
+            {
+                Some(live) => {
+                    live.source_ranges.insert(range);
+                }
+                None => {
+                    reconciler.garbage.insert(Garbage::SourceRange(id, range));
+                }
+            }
+        }
         let mut counting = Counting { store, writes: 0 };
         for (id, value) in reflag {
             counting
@@ -363,11 +390,24 @@ impl Reconciler {
                     store.run(|store| store.delete_slot(key))
                 }
                 Garbage::Backend(id) => store.run(|store| store.clear_backend(id)),
+                Garbage::SourceRange(id, range) => {
+                    store.run(|store| store.delete_source_range(id, range))
+                }
+                Garbage::Info(id)
+                    if self
+                        .garbage
+                        .iter()
+                        .any(|item| matches!(item, Garbage::SourceRange(of, _) if *of == id)) =>
+                {
+                    // A range of this id could not be deleted: the id must not be reused yet.
+                    self.garbage.insert(item);
+                    continue;
+                }
                 Garbage::Info(id) => store.run(|store| store.delete_info(id)),
             };
             match result {
                 Ok(()) => match item {
-                    Garbage::Slot(_) => {}
+                    Garbage::Slot(_) | Garbage::SourceRange(..) => {}
                     Garbage::Backend(id) => self.backend_ids.release(id),
                     Garbage::Info(id) => self.service_ids.release(id),
                 },
@@ -526,6 +566,10 @@ impl Reconciler {
         live.backends == frontend.backends
             && same_policy(&live.value, frontend)
             && live
+                .source_ranges
+                .iter()
+                .eq(frontend.source_ranges.iter().flatten())
+            && live
                 .draining
                 .keys()
                 .eq(Self::kept_draining(live, frontend).keys())
@@ -633,9 +677,15 @@ impl Reconciler {
         // The info is the service id's garbage handle: deleting it returns the id.
         let mut written = vec![Garbage::Info(service_id)];
         let info = service_info(frontend);
+        let ranges: BTreeSet<Ipv4Cidr> = frontend.source_ranges.iter().flatten().copied().collect();
         let result = (|| {
             let (value, ids) =
                 self.make(store, &mut written, service_id, frontend, &BTreeMap::new())?;
+            // The ranges before the value whose flag makes the program look them up.
+            for range in &ranges {
+                written.push(Garbage::SourceRange(service_id, *range));
+                store.run(|store| store.set_source_range(service_id, *range))?;
+            }
             store.run(|store| store.set_info(service_id, &info))?;
             store.run(|store| store.set_service(key, &value))?;
             Ok((value, ids))
@@ -649,6 +699,7 @@ impl Reconciler {
                 backends: frontend.backends.clone(),
                 draining: BTreeMap::new(),
                 info: Some(info),
+                source_ranges: ranges,
                 dirty: false,
             },
         );
@@ -670,6 +721,15 @@ impl Reconciler {
         let entries = Self::entries(&live);
         let draining = Self::kept_draining(&live, frontend);
         let mut ids = live.ids.clone();
+        // New source ranges before the value that may start looking them up; withdrawn ones
+        // after it (as garbage, deleted at the end of the reconciliation).
+        let ranges: BTreeSet<Ipv4Cidr> = frontend.source_ranges.iter().flatten().copied().collect();
+        for range in ranges.difference(&live.source_ranges) {
+            store.run(|store| store.set_source_range(service_id, *range))?;
+            if let Some(entry) = self.live.get_mut(&key) {
+                entry.source_ranges.insert(*range);
+            }
+        }
         // A draining endpoint back in the set takes new flows again, affinity included: cleared
         // before the switch gives it a slot.
         for backend in &frontend.backends {
@@ -721,10 +781,13 @@ impl Reconciler {
                 store.run(|store| store.set_backend(*id, &value))?;
             }
         }
-        self.live
-            .get_mut(&key)
-            .context("frontend vanished")?
-            .draining = draining;
+        for range in live.source_ranges.difference(&ranges) {
+            self.garbage
+                .insert(Garbage::SourceRange(service_id, *range));
+        }
+        let entry = self.live.get_mut(&key).context("frontend vanished")?;
+        entry.draining = draining;
+        entry.source_ranges.retain(|range| ranges.contains(range));
         let info = service_info(frontend);
         if live.info != Some(info) {
             let result = store.run(|store| store.set_info(service_id, &info));
@@ -752,6 +815,11 @@ impl Reconciler {
                 .values()
                 .map(|id| Garbage::Backend(*id)),
         );
+        self.garbage.extend(
+            live.source_ranges
+                .iter()
+                .map(|range| Garbage::SourceRange(live.value.service_id, *range)),
+        );
         self.garbage.insert(Garbage::Info(live.value.service_id));
         Ok(())
     }
@@ -767,6 +835,8 @@ pub struct MemoryStore {
     pub backends: BTreeMap<u32, Backend>,
     pub infos: BTreeMap<u32, ServiceInfo>,
     pub cluster_ips: BTreeSet<u32>,
+    /// `LB_SRC_RANGES`: (service id, range).
+    pub source_ranges: BTreeSet<(u32, Ipv4Cidr)>,
 }
 
 impl MemoryStore {
@@ -840,5 +910,16 @@ impl ServiceStore for MemoryStore {
     }
     fn read_cluster_ips(&self) -> anyhow::Result<Vec<u32>> {
         Ok(self.cluster_ips.iter().copied().collect())
+    }
+    fn set_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> anyhow::Result<()> {
+        self.source_ranges.insert((service_id, range));
+        Ok(())
+    }
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> anyhow::Result<()> {
+        self.source_ranges.remove(&(service_id, range));
+        Ok(())
+    }
+    fn read_source_ranges(&self) -> anyhow::Result<Vec<(u32, Ipv4Cidr)>> {
+        Ok(self.source_ranges.iter().copied().collect())
     }
 }

@@ -124,6 +124,7 @@ fn frontend(
         draining: Vec::new(),
         drop_when_empty: false,
         affinity_timeout_s: 0,
+        source_ranges: None,
     }
 }
 
@@ -1080,4 +1081,64 @@ fn client_ip_session_affinity_carries_its_timeout_to_every_frontend() {
         )),
         vec![60, 60]
     );
+}
+
+#[test]
+fn load_balancer_source_ranges_guard_only_the_load_balancer_ips() {
+    let node = NodeConfig {
+        nodeport_addresses: vec![Ipv4Addr::new(10, 0, 0, 1)],
+        ..NodeConfig::default()
+    };
+    let with = |extra: &str, annotations: &str| {
+        service(&format!(
+            "metadata: {{name: web{annotations}}}\nspec:\n  type: LoadBalancer\n  \
+             clusterIP: 10.96.0.20\n  externalIPs: [198.51.100.7]\n{extra}  ports:\n  \
+             - {{port: 80, nodePort: 30080}}\nstatus: {{loadBalancer: {{ingress: [{{ip: \
+             203.0.113.9}}]}}}}\n"
+        ))
+    };
+    let ranges_at = |service: Service| {
+        let (state, notes) = desired_state(&[service], &[], &node);
+        let by_addr: Vec<(Ipv4Addr, Option<Vec<String>>)> = frontends(&state)
+            .into_iter()
+            .map(|f| {
+                let ranges = f
+                    .source_ranges
+                    .map(|ranges| ranges.iter().map(ToString::to_string).collect());
+                (f.addr, ranges)
+            })
+            .collect();
+        (by_addr, notes)
+    };
+    let (by_addr, notes) = ranges_at(with(
+        "  loadBalancerSourceRanges: [192.0.2.77/24, 10.0.0.0/8, 10.0.0.0/8]\n",
+        "",
+    ));
+    assert!(notes.is_empty(), "{notes:?}");
+    let guarded = Some(vec!["10.0.0.0/8".to_owned(), "192.0.2.0/24".to_owned()]);
+    assert_eq!(
+        by_addr,
+        vec![
+            (Ipv4Addr::new(10, 0, 0, 1), None),
+            (Ipv4Addr::new(10, 96, 0, 20), None),
+            (Ipv4Addr::new(198, 51, 100, 7), None),
+            (Ipv4Addr::new(203, 0, 113, 9), guarded.clone()),
+        ]
+    );
+
+    // The legacy annotation counts when the field is empty.
+    let (by_addr, _) = ranges_at(with(
+        "",
+        ", annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: \
+         '192.0.2.0/24, 10.1.2.3/8'}",
+    ));
+    assert_eq!(by_addr[3], (Ipv4Addr::new(203, 0, 113, 9), guarded));
+
+    // Only IPv6 ranges: no IPv4 client is admitted (closed, not open), and it is said.
+    let (by_addr, notes) = ranges_at(with("  loadBalancerSourceRanges: ['2001:db8::/32']\n", ""));
+    assert_eq!(
+        by_addr[3],
+        (Ipv4Addr::new(203, 0, 113, 9), Some(Vec::new()))
+    );
+    assert_eq!(notes.len(), 1, "{notes:?}");
 }

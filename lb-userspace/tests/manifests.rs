@@ -1080,3 +1080,21 @@ fn session_affinity_and_traffic_policies_are_checked_like_the_api_server() {
     ));
     assert!(load.errors.is_empty(), "{:#?}", load.errors);
 }
+
+#[test]
+fn load_balancer_source_ranges_must_be_ip_ranges() {
+    let (_scratch, file, load) = load_single(&web_service(
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: [10.0.0.0/8, 10.0.0.0]\n  ports:\n  - port: 80\n",
+    ));
+    assert_single_error(
+        &load,
+        &file,
+        Some("Service default/web"),
+        Some("spec.loadBalancerSourceRanges[1]"),
+        &["\"10.0.0.0\" is not an IP range"],
+    );
+    let (_scratch, _file, load) = load_single(&web_service(
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: [10.0.0.0/8, '2001:db8::/32']\n  ports:\n  - port: 80\n",
+    ));
+    assert!(load.errors.is_empty(), "{:#?}", load.errors);
+}

@@ -9,6 +9,7 @@ use std::{
 use anyhow::bail;
 use lb::{
     desired::{BackendAddr, DesiredState, Frontend},
+    node::Ipv4Cidr,
     reconcile::{MemoryStore, Reconciler, ServiceStore, Summary},
 };
 use lb_common::{
@@ -53,6 +54,7 @@ fn frontend(
         draining: Vec::new(),
         drop_when_empty: false,
         affinity_timeout_s: 0,
+        source_ranges: None,
     }
 }
 
@@ -120,6 +122,19 @@ fn assert_store_holds(store: &MemoryStore, desired: &DesiredState) {
         assert_eq!(text(&info.name), frontend.name);
         assert_eq!(text(&info.port_name), frontend.port_name);
     }
+    let ranges: BTreeSet<(u32, Ipv4Cidr)> = desired
+        .frontends
+        .iter()
+        .flat_map(|(key, frontend)| {
+            let id = store.services[key].service_id;
+            frontend
+                .source_ranges
+                .iter()
+                .flatten()
+                .map(move |range| (id, *range))
+        })
+        .collect();
+    assert_eq!(store.source_ranges, ranges, "source ranges");
     assert_eq!(
         store
             .cluster_ips
@@ -214,6 +229,8 @@ enum Call {
     DeleteInfo(u32),
     SetClusterIp(Ipv4Addr),
     DeleteClusterIp(Ipv4Addr),
+    SetSourceRange(u32, Ipv4Cidr),
+    DeleteSourceRange(u32, Ipv4Cidr),
 }
 
 /// Asserts that `calls` are `expected` in any order (each write happens once).
@@ -331,6 +348,19 @@ impl ServiceStore for Recording {
     }
     fn read_cluster_ips(&self) -> anyhow::Result<Vec<u32>> {
         self.inner.read_cluster_ips()
+    }
+    fn set_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> anyhow::Result<()> {
+        self.record(Call::SetSourceRange(service_id, range), |s| {
+            s.set_source_range(service_id, range)
+        })
+    }
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> anyhow::Result<()> {
+        self.record(Call::DeleteSourceRange(service_id, range), |s| {
+            s.delete_source_range(service_id, range)
+        })
+    }
+    fn read_source_ranges(&self) -> anyhow::Result<Vec<(u32, Ipv4Cidr)>> {
+        self.inner.read_source_ranges()
     }
 }
 
@@ -1182,4 +1212,80 @@ fn a_policy_change_rewrites_only_the_service_value() {
     let summary = reconciler.reconcile(&state(std::slice::from_ref(&with_backend)), &mut store);
     assert_clean(&summary);
     assert_eq!(store.inner.services[&key].flags, 0);
+}
+
+#[test]
+fn source_ranges_are_written_before_their_flag_and_withdrawn_after_it() {
+    let cidr = |text: &str| text.parse::<Ipv4Cidr>().expect("a CIDR");
+    let guarded = |ranges: Option<&[&str]>| Frontend {
+        source_ranges: ranges.map(|ranges| ranges.iter().map(|r| cidr(r)).collect()),
+        ..web(backends(&["10.1.0.1"], 8080))
+    };
+    let key = guarded(None).key();
+    let mut store = Recording::new(MemoryStore::default());
+    let (mut reconciler, _) = Reconciler::from_store(&mut store).unwrap();
+
+    // Added with its ranges: every range before the value that turns the lookups on.
+    let first = state(&[guarded(Some(&["10.0.0.0/24", "192.0.2.0/24"]))]);
+    assert_clean(&reconciler.reconcile(&first, &mut store));
+    assert_store_holds(&store.inner, &first);
+    let service_id = store.inner.services[&key].service_id;
+    let value_at = |calls: &[Call]| {
+        calls
+            .iter()
+            .position(|call| matches!(call, Call::SetService(..)))
+            .expect("the value is written")
+    };
+    let switch = value_at(&store.calls);
+    for range in ["10.0.0.0/24", "192.0.2.0/24"] {
+        let at = store
+            .calls
+            .iter()
+            .position(|call| *call == Call::SetSourceRange(service_id, cidr(range)))
+            .expect("the range is written");
+        assert!(at < switch, "{:?}", store.calls);
+    }
+    assert_eq!(reconciler.reconcile(&first, &mut store).writes, 0);
+
+    // One range swapped: the new one is written, the old one deleted, the value untouched.
+    store.calls.clear();
+    let second = state(&[guarded(Some(&["10.0.0.0/24", "198.51.100.0/24"]))]);
+    assert_clean(&reconciler.reconcile(&second, &mut store));
+    assert_eq!(
+        store.calls,
+        vec![
+            Call::SetSourceRange(service_id, cidr("198.51.100.0/24")),
+            Call::DeleteSourceRange(service_id, cidr("192.0.2.0/24")),
+        ]
+    );
+    assert_store_holds(&store.inner, &second);
+
+    // A restart reads them back and writes nothing.
+    let (mut restarted, swept) = Reconciler::from_store(&mut store.inner).unwrap();
+    assert_eq!(swept, 0);
+    assert_eq!(restarted.reconcile(&second, &mut store).writes, 0);
+
+    // No ranges any more: the value drops the flag first, then the ranges go.
+    store.calls.clear();
+    let open = state(&[guarded(None)]);
+    assert_clean(&restarted.reconcile(&open, &mut store));
+    assert!(
+        matches!(store.calls[0], Call::SetService(..)),
+        "{:?}",
+        store.calls
+    );
+    assert_eq!(store.calls.len(), 3, "{:?}", store.calls);
+    assert_store_holds(&store.inner, &open);
+
+    // Removing the frontend removes its ranges.
+    assert_clean(&restarted.reconcile(&second, &mut store));
+    assert_clean(&restarted.reconcile(&DesiredState::default(), &mut store));
+    assert!(store.inner.source_ranges.is_empty());
+
+    // Ranges of a frontend that is gone are swept at start-up.
+    let mut orphaned = MemoryStore::default();
+    orphaned.source_ranges.insert((7, cidr("10.0.0.0/8")));
+    let (_, swept) = Reconciler::from_store(&mut orphaned).unwrap();
+    assert_eq!(swept, 1);
+    assert!(orphaned.source_ranges.is_empty());
 }

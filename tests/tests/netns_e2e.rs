@@ -1245,3 +1245,67 @@ fn client_ip_session_affinity_keeps_a_client_on_one_endpoint() {
         2 * (FLOWS as u64 - 1)
     );
 }
+
+/// The `edge` LoadBalancer Service on [`LOAD_BALANCER_IP`], admitting `ranges`.
+fn guarded_load_balancer_manifest(ranges: &str) -> String {
+    service_manifest("edge", SECOND_CLUSTER_IP, &[0, 1, 2])
+        .replacen(
+            "spec:\n",
+            &format!("spec:\n  type: LoadBalancer\n  loadBalancerSourceRanges: [{ranges}]\n"),
+            1,
+        )
+        .replacen(
+            "---\n",
+            &format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {LOAD_BALANCER_IP}\n---\n"),
+            1,
+        )
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_their_clients_and_drop_the_others() {
+    if !require_root("load_balancer_source_ranges_admit_their_clients_and_drop_the_others") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    cluster
+        .client()
+        .ip(&[
+            "route",
+            "add",
+            &format!("{LOAD_BALANCER_IP}/32"),
+            "via",
+            &NODE_CLIENT_SIDE.to_string(),
+        ])
+        .expect("client route");
+    let frontend = SocketAddr::from((LOAD_BALANCER_IP, TCP_PORT));
+    let manifest = cluster.manifests().join("edge.yaml");
+    std::fs::write(&manifest, guarded_load_balancer_manifest("10.0.0.0/24")).expect("manifest");
+    // The ranges are written before the frontend that looks them up.
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster
+            .frontends()
+            .contains(&frontend.to_string())),
+        "{}",
+        cluster.lb(&["services"])
+    );
+    // The client's own range: every backend answers through the load balancer IP.
+    assert_every_backend_through(&cluster, LOAD_BALANCER_IP, (TCP_PORT, UDP_PORT));
+
+    // Another range only: the client's connections are dropped and counted.
+    std::fs::write(&manifest, guarded_load_balancer_manifest("192.0.2.0/24")).expect("edit");
+    let before = cluster.counters();
+    let dropped = wait_until(APPLY_TIMEOUT, || {
+        cluster
+            .client()
+            .run(move || TcpStream::connect_timeout(&frontend, UNSERVED_CONNECT_TIMEOUT))
+            .expect("client thread")
+            .is_err_and(|error| error.kind() == ErrorKind::TimedOut)
+    });
+    assert!(dropped, "{frontend} still answered outside the ranges");
+    assert!(delta(&before, &cluster.counters(), "drop_source_range") > 0);
+    // The ClusterIP of the same Service is not guarded.
+    let through_cluster_ip = SocketAddr::from((SECOND_CLUSTER_IP, TCP_PORT));
+    let mut connection =
+        Connection::open(cluster.client(), through_cluster_ip).expect("ClusterIP connection");
+    connection.request().expect("ClusterIP answer");
+}

@@ -32,6 +32,7 @@ use lb::{
         },
     },
     desired::{BackendAddr, DesiredState, Frontend},
+    node::Ipv4Cidr,
     reconcile::Reconciler,
 };
 use lb_common::{
@@ -696,6 +697,7 @@ fn frontend(
         draining: Vec::new(),
         drop_when_empty: false,
         affinity_timeout_s: 0,
+        source_ranges: None,
     }
 }
 
@@ -3790,6 +3792,94 @@ fn session_affinity_sends_a_client_s_new_flows_to_its_last_endpoint() {
                 endpoints.len(),
                 "one client reached only {seen:?}"
             );
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// loadBalancerSourceRanges.
+
+#[test]
+fn load_balancer_source_ranges_admit_only_their_clients() {
+    with_lab(
+        "load_balancer_source_ranges_admit_only_their_clients",
+        |lab| {
+            const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+            const OUTSIDER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 5);
+            let cidr = |text: &str| text.parse::<Ipv4Cidr>().expect("a CIDR");
+            let guarded = |ranges: Option<Vec<Ipv4Cidr>>| Frontend {
+                source_ranges: ranges,
+                ..frontend(
+                    "guarded",
+                    LB_IP,
+                    VIP_PORT,
+                    IPPROTO_TCP,
+                    &[(BACKEND_A, BACKEND_PORT)],
+                )
+            };
+            let open = frontend(
+                "guarded",
+                VIP,
+                VIP_PORT,
+                IPPROTO_TCP,
+                &[(BACKEND_A, BACKEND_PORT)],
+            );
+            lab.program(&[guarded(Some(vec![cidr("10.0.0.0/24")])), open.clone()]);
+            let in0 = lab.in0;
+            let syn = |client: Ipv4Addr, port: u16, vip: Ipv4Addr| {
+                Pkt::tcp((client, port), (vip, VIP_PORT), SYN).eth(CLIENT_MAC, in0.mac)
+            };
+            let out0_mac = lab.out0.mac;
+            let admitted = |name, packet: Pkt| Case {
+                name,
+                input: packet.bytes(),
+                ingress: in0.index,
+                action: XDP_REDIRECT,
+                output: Expect::Frame(
+                    packet
+                        .clone()
+                        .to(BACKEND_A, BACKEND_PORT)
+                        .hop(out0_mac, BACKEND_A_MAC),
+                ),
+                counters: vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+            };
+            let refused = |name, packet: Pkt| Case {
+                name,
+                input: packet.bytes(),
+                ingress: in0.index,
+                action: XDP_DROP,
+                output: Expect::Unchanged,
+                counters: vec![(Counter::DropSourceRange, 1)],
+            };
+            let inside = syn(CLIENT, 47_100, LB_IP);
+            lab.check_all(&[
+                admitted("a client inside the ranges", inside.clone()),
+                refused("a client outside the ranges", syn(OUTSIDER, 47_101, LB_IP)),
+                admitted(
+                    "the same client through an address without ranges",
+                    syn(OUTSIDER, 47_102, VIP),
+                ),
+            ]);
+
+            // Narrowed to another /32: the established flow of the old range is cut too, the
+            // outsider admitted, and the trie matches the whole address of a /32.
+            lab.program(&[guarded(Some(vec![cidr("192.0.2.5/32")])), open.clone()]);
+            let established =
+                Pkt::tcp((CLIENT, 47_100), (LB_IP, VIP_PORT), ACK).eth(CLIENT_MAC, in0.mac);
+            lab.check_all(&[
+                refused("an established flow of a withdrawn range", established),
+                admitted("the /32 itself", syn(OUTSIDER, 47_103, LB_IP)),
+                refused(
+                    "its neighbour",
+                    syn(Ipv4Addr::new(192, 0, 2, 6), 47_104, LB_IP),
+                ),
+            ]);
+
+            // Ranges that admit no IPv4 client: closed. None at all: open.
+            lab.program(&[guarded(Some(Vec::new())), open.clone()]);
+            lab.check(&refused("no IPv4 range", syn(OUTSIDER, 47_105, LB_IP)));
+            lab.program(&[guarded(None), open]);
+            lab.check(&admitted("no ranges", syn(OUTSIDER, 47_106, LB_IP)));
         },
     );
 }

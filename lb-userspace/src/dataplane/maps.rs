@@ -4,7 +4,10 @@
 use std::{mem::size_of, path::Path};
 
 use anyhow::Context as _;
-use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
+use aya::maps::{
+    Array, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, MapType, PerCpuArray,
+    lpm_trie::Key,
+};
 use lb_common::{
     config::{DataplaneConfig, RejectWindow},
     conntrack::{FlowKey, FlowState},
@@ -12,15 +15,18 @@ use lb_common::{
     limits::{
         CONNTRACK_ENTRIES_PER_FLOW, MAP_AFFINITY, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG,
         MAP_CONNTRACK, MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
-        MAP_STATS, MAP_TX_PORTS, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES,
-        MAX_SERVICES, MAX_SLOTS,
+        MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
+        MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
     },
+    net::{addr_from_wire, addr_to_wire},
     service::{
-        AffinityKey, AffinityValue, Backend, CLUSTER_IP_ALLOCATED, ServiceInfo, ServiceKey,
-        ServiceValue, SlotKey,
+        AffinityKey, AffinityValue, Backend, CLUSTER_IP_ALLOCATED, SOURCE_RANGE_ALLOWED,
+        SOURCE_RANGE_ID_BITS, ServiceInfo, ServiceKey, ServiceValue, SlotKey, SourceRangeKey,
     },
     stats::{COUNTER_COUNT, Counter},
 };
+
+use crate::node::Ipv4Cidr;
 
 /// What a pinned map must look like for this build to reuse it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -95,7 +101,7 @@ impl Capacities {
 }
 
 /// Number of maps in the object.
-pub const MAP_COUNT: usize = 12;
+pub const MAP_COUNT: usize = 13;
 
 /// Every map of the object as this build defines it, with the default [`Capacities`].
 pub const LAYOUTS: [Layout; MAP_COUNT] = [
@@ -177,6 +183,13 @@ pub const LAYOUTS: [Layout; MAP_COUNT] = [
         1,
     ),
     layout(
+        MAP_SOURCE_RANGES,
+        MapType::LpmTrie,
+        size_of::<Key<SourceRangeKey>>(),
+        size_of::<u32>(),
+        MAX_SOURCE_RANGES,
+    ),
+    layout(
         MAP_AFFINITY,
         MapType::LruHash,
         size_of::<AffinityKey>(),
@@ -221,6 +234,8 @@ pub struct ServiceMaps {
     pub info: HashMap<MapData, u32, ServiceInfo>,
     /// `LB_CLUSTER_IPS`.
     pub cluster_ips: HashMap<MapData, u32, u32>,
+    /// `LB_SRC_RANGES`.
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
 }
 
 impl ServiceMaps {
@@ -232,6 +247,7 @@ impl ServiceMaps {
             backends: open(pin_dir, MAP_BACKENDS)?.try_into()?,
             info: open(pin_dir, MAP_SERVICE_INFO)?.try_into()?,
             cluster_ips: open(pin_dir, MAP_CLUSTER_IPS)?.try_into()?,
+            source_ranges: open(pin_dir, MAP_SOURCE_RANGES)?.try_into()?,
         })
     }
 }
@@ -344,4 +360,45 @@ impl crate::reconcile::ServiceStore for ServiceMaps {
     fn read_cluster_ips(&self) -> anyhow::Result<Vec<u32>> {
         Ok(self.cluster_ips.keys().collect::<Result<_, _>>()?)
     }
+    fn set_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> anyhow::Result<()> {
+        Ok(self.source_ranges.insert(
+            &source_range_key(service_id, range),
+            SOURCE_RANGE_ALLOWED,
+            0,
+        )?)
+    }
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> anyhow::Result<()> {
+        absent_is_fine(
+            self.source_ranges
+                .remove(&source_range_key(service_id, range)),
+        )
+    }
+    fn read_source_ranges(&self) -> anyhow::Result<Vec<(u32, Ipv4Cidr)>> {
+        let mut ranges = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key?;
+            let data = key.data();
+            let prefix_len = key.prefix_len().saturating_sub(SOURCE_RANGE_ID_BITS);
+            ranges.push((
+                u32::from_be(data.service_id_be),
+                Ipv4Cidr {
+                    addr: addr_from_wire(data.addr),
+                    prefix_len: u8::try_from(prefix_len).unwrap_or(u8::MAX),
+                },
+            ));
+        }
+        Ok(ranges)
+    }
+}
+
+/// The `LB_SRC_RANGES` key admitting `range` to the frontend `service_id`.
+fn source_range_key(service_id: u32, range: Ipv4Cidr) -> Key<SourceRangeKey> {
+    let range = range.network();
+    Key::new(
+        SOURCE_RANGE_ID_BITS + u32::from(range.prefix_len),
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            addr: addr_to_wire(range.addr),
+        },
+    )
 }
