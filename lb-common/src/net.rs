@@ -14,6 +14,8 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 /// EtherType of an IEEE 802.1ad (QinQ) service tag.
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
+/// IP protocol number of ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
 /// IP protocol number of TCP.
 pub const IPPROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.

@@ -59,7 +59,8 @@ macro_rules! counters {
 counters! {
     /// Not IPv4 (ARP, IPv6, LLDP, ...).
     PassNotIpv4 = 0, "pass_not_ipv4", Pass;
-    /// IPv4 but neither TCP nor UDP (ICMP, ...).
+    /// IPv4 but neither TCP nor UDP, nor an ICMP error about a translated flow (pings, ICMP
+    /// errors about other traffic, other protocols).
     PassNotTcpUdp = 1, "pass_not_tcp_udp", Pass;
     /// An IPv4 fragment; fragments are not translated yet.
     PassFragment = 2, "pass_fragment", Pass;
@@ -101,7 +102,8 @@ counters! {
     StackNoRoute = 18, "stack_no_route", Event;
     /// The next hop's neighbour entry is not resolved yet; the kernel resolves it.
     StackNoNeighbour = 19, "stack_no_neighbour", Event;
-    /// The packet is larger than the egress MTU; the kernel fragments or answers ICMP.
+    /// The packet is larger than the egress MTU without DF (or an ICMP error); the kernel
+    /// fragments it.
     StackFragNeeded = 20, "stack_frag_needed", Event;
     /// TTL would expire; the kernel answers ICMP time exceeded.
     StackTtlExceeded = 21, "stack_ttl_exceeded", Event;
@@ -136,6 +138,13 @@ counters! {
     AffinityInsertFailed = 33, "affinity_insert_failed", Event;
     /// To a load balancer IP from a client outside the Service's `loadBalancerSourceRanges`.
     DropSourceRange = 34, "drop_source_range", Drop;
+    /// A translated packet with DF set was too big for its next hop: answered with ICMP
+    /// fragmentation needed quoting it as its sender sent it, so path-MTU discovery works
+    /// through the Service.
+    RejectFragNeeded = 35, "reject_frag_needed", Reject;
+    /// An ICMP error about a translated flow was translated back and sent on (its verdict is
+    /// counted as a service packet's or a reply's).
+    IcmpErrorTranslated = 36, "icmp_error_translated", Event;
 }
 
 /// Number of entries in `LB_STATS`.

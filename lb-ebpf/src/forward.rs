@@ -7,7 +7,9 @@
 //! resolved neighbour within the MTU, its TTL survives the hop, and the egress interface is one the
 //! agent manages (`LB_TX_PORTS`). The program then acts as the router: TTL minus one, the
 //! next hop's MAC addresses. A packet leaving where it came in goes with `XDP_TX`, except on a veth,
-//! where only a redirect is sure to reach the peer (see `IFACE_NO_XDP_TX`).
+//! where only a redirect is sure to reach the peer (see `IFACE_NO_XDP_TX`). A TCP or UDP packet
+//! with DF set that is too big for the next hop comes back to the caller, which answers
+//! fragmentation needed itself (see `reject`); the kernel would quote the translated packet.
 
 use core::mem::size_of;
 
@@ -20,7 +22,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{checksum::replace_u16, stats::Counter};
+use lb_common::{checksum::replace_u16, net::IPPROTO_ICMP, stats::Counter};
 
 use crate::{
     maps::{LB_TX_PORTS, xdp_tx_works},
@@ -59,20 +61,52 @@ impl Direction {
 
     /// Hands the packet to the kernel stack, recording why.
     #[inline(always)]
-    fn to_stack(self, reason: Counter) -> Verdict {
+    pub fn to_stack(self, reason: Counter) -> Verdict {
         count(reason);
         self.verdict(xdp_action::XDP_PASS)
     }
 }
 
+/// What became of a rewritten packet.
+pub enum Forwarded {
+    /// Sent on (or to the kernel stack) with this verdict.
+    Verdict(Verdict),
+    /// DF is set and the packet is larger than the next hop's MTU: the caller answers
+    /// fragmentation needed, since only it can quote the packet as its sender sent it.
+    TooBig { mtu: u16 },
+}
+
+/// The IPv4 "don't fragment" flag, host order.
+const IP_DONT_FRAGMENT: u16 = 0x4000;
+
 /// Sends a rewritten packet on its way; see the module documentation.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, packet: &Packet, partial: bool, direction: Direction) -> Verdict {
-    if partial {
-        return direction.to_stack(Counter::StackPartialChecksum);
-    }
+pub fn forward(
+    ctx: &XdpContext,
+    packet: &Packet,
+    partial: bool,
+    direction: Direction,
+) -> Forwarded {
+    Forwarded::Verdict(match route(ctx, packet, partial, direction) {
+        Ok(verdict) => verdict,
+        Err(mtu) => return Forwarded::TooBig { mtu },
+    })
+}
+
+/// [`forward`]; `Err` carries the MTU of a next hop the packet is too big for, with DF set.
+#[inline(always)]
+fn route(
+    ctx: &XdpContext,
+    packet: &Packet,
+    partial: bool,
+    direction: Direction,
+) -> Result<Verdict, u16> {
     if packet.tagged {
-        return direction.to_stack(Counter::StackVlan);
+        return Ok(direction.to_stack(if partial {
+            Counter::StackPartialChecksum
+        } else {
+            Counter::StackVlan
+        }));
     }
     let ip = packet.ip;
     let ingress = ctx.ingress_ifindex() as u32;
@@ -102,16 +136,38 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, partial: bool, direction: Dire
             0,
         )
     } as u32;
+    let too_big = || {
+        let dont_fragment = u16::from_be(unsafe { (*ip).frag_off }) & IP_DONT_FRAGMENT != 0;
+        // SAFETY: on FRAG_NEEDED the lookup wrote the MTU over the length it read.
+        (dont_fragment && packet.proto != IPPROTO_ICMP)
+            .then_some(unsafe { params.__bindgen_anon_1.mtu_result })
+    };
+    if partial {
+        // The kernel finishes the checksum; only a packet too big for the next hop is answered
+        // here (a partial checksum never comes from GSO: veths turn GSO off towards XDP).
+        if result == BPF_FIB_LKUP_RET_FRAG_NEEDED
+            && let Some(mtu) = too_big()
+        {
+            return Err(mtu);
+        }
+        return Ok(direction.to_stack(Counter::StackPartialChecksum));
+    }
     match result {
         BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return direction.to_stack(Counter::StackNoNeighbour),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return direction.to_stack(Counter::StackFragNeeded),
-        _ => return direction.to_stack(Counter::StackNoRoute),
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Ok(direction.to_stack(Counter::StackNoNeighbour)),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            if let Some(mtu) = too_big() {
+                return Err(mtu);
+            }
+            // The kernel fragments it (ICMP errors are small; the stack handles the rest).
+            return Ok(direction.to_stack(Counter::StackFragNeeded));
+        }
+        _ => return Ok(direction.to_stack(Counter::StackNoRoute)),
     }
 
     let ttl = unsafe { (*ip).ttl };
     if ttl < MIN_FORWARD_TTL {
-        return direction.to_stack(Counter::StackTtlExceeded);
+        return Ok(direction.to_stack(Counter::StackTtlExceeded));
     }
     let egress = params.ifindex;
     let action = if egress == ingress && xdp_tx_works(ingress) {
@@ -121,7 +177,7 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, partial: bool, direction: Dire
         // edits below still make it out. A missing entry falls back to XDP_PASS untouched.
         match LB_TX_PORTS.redirect(egress, xdp_action::XDP_PASS as u64) {
             Ok(action) => action,
-            Err(_) => return direction.to_stack(Counter::StackNotTxPort),
+            Err(_) => return Ok(direction.to_stack(Counter::StackNotTxPort)),
         }
     };
 
@@ -134,5 +190,5 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, partial: bool, direction: Dire
         (*packet.eth).dst = params.dmac;
         (*packet.eth).src = params.smac;
     }
-    direction.verdict(action)
+    Ok(direction.verdict(action))
 }

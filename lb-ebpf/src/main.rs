@@ -11,6 +11,7 @@
 #![no_main]
 
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -25,9 +26,10 @@ use lb_common::{
 };
 
 use crate::{
-    forward::Direction,
+    forward::{Direction, Forwarded},
     nat::Side,
-    parse::Parsed,
+    parse::{Packet, Parsed},
+    reject::Unreachable,
     stats::{Drop, Verdict},
 };
 
@@ -40,6 +42,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
     let packet = match parse::parse(ctx)? {
         Parsed::Packet(packet) => packet,
+        Parsed::IcmpError(error) => return icmp::translate(ctx, &error),
         Parsed::NotIpv4 => return Ok(Verdict::pass(Counter::PassNotIpv4)),
         Parsed::NotTcpUdp => return Ok(Verdict::pass(Counter::PassNotTcpUdp)),
         Parsed::Fragment => return Ok(Verdict::pass(Counter::PassFragment)),
@@ -65,12 +68,24 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
             return reject::reject(ctx, &packet, Counter::RejectNoEndpoints);
         };
         let partial = nat::rewrite(ctx, &packet, Side::Destination, backend.addr, backend.port);
-        return Ok(forward::forward(ctx, &packet, partial, Direction::Service));
+        return send(
+            ctx,
+            &packet,
+            partial,
+            Direction::Service,
+            (backend.addr, backend.port),
+        );
     }
 
     if let Some(service) = select::lookup_reply(&packet) {
         let partial = nat::rewrite(ctx, &packet, Side::Source, service.addr, service.port);
-        return Ok(forward::forward(ctx, &packet, partial, Direction::Reply));
+        return send(
+            ctx,
+            &packet,
+            partial,
+            Direction::Reply,
+            (service.addr, service.port),
+        );
     }
 
     if maps::is_cluster_ip(packet.dst_addr) {
@@ -80,6 +95,35 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
         return Err(Drop::UnallocatedServiceIp);
     }
     Ok(Verdict::pass(Counter::PassNoService))
+}
+
+/// Forwards a packet translated to `translated`; one too big for its next hop (DF set) gets its
+/// translation undone and is answered with fragmentation needed, quoting it as its sender sent
+/// it.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    packet: &Packet,
+    partial: bool,
+    direction: Direction,
+    translated: (u32, u16),
+) -> Result<Verdict, Drop> {
+    match forward::forward(ctx, packet, partial, direction) {
+        Forwarded::Verdict(verdict) => Ok(verdict),
+        Forwarded::TooBig { mtu } => {
+            let side = match direction {
+                Direction::Service => Side::Destination,
+                Direction::Reply => Side::Source,
+            };
+            nat::restore(packet, side, translated, partial);
+            reject::answer(
+                ctx,
+                packet,
+                Unreachable::FragNeeded { mtu },
+                Counter::RejectFragNeeded,
+            )
+        }
+    }
 }
 
 #[cfg(not(test))]

@@ -40,42 +40,72 @@ const UDP_ZERO_CHECKSUM_SENT_AS: u16 = 0xffff;
 /// which case the packet must be finished by the kernel rather than redirected.
 #[inline(always)]
 pub fn rewrite(ctx: &XdpContext, packet: &Packet, side: Side, addr: u32, port: u16) -> bool {
-    let ip = packet.ip;
-    let ports = packet.l4.cast::<[u16; 2]>();
+    let check_field = l4_check(packet);
+    // SAFETY: `parse` bounds-checked the whole fixed L4 header, which holds the checksum.
+    let old_check = unsafe { *check_field };
+    let partial = old_check != 0
+        && is_partial(
+            old_check,
+            pseudo_header_sum(
+                packet.src_addr,
+                packet.dst_addr,
+                packet.proto,
+                packet.l4_len,
+            ),
+        )
+        && has_local_senders(ctx.ingress_ifindex() as u32);
+    let original = match side {
+        Side::Destination => (packet.dst_addr, packet.dst_port),
+        Side::Source => (packet.src_addr, packet.src_port),
+    };
+    apply(packet, side, original, (addr, port), partial);
+    partial
+}
+
+/// Puts `side` of `packet` back as its sender sent it, after `rewrite` made it `current` and
+/// found its checksum `partial` or not.
+#[inline(always)]
+pub fn restore(packet: &Packet, side: Side, current: (u32, u16), partial: bool) {
+    let original = match side {
+        Side::Destination => (packet.dst_addr, packet.dst_port),
+        Side::Source => (packet.src_addr, packet.src_port),
+    };
+    apply(packet, side, current, original, partial);
+}
+
+#[inline(always)]
+fn l4_check(packet: &Packet) -> *mut u16 {
     let check_offset = if packet.proto == IPPROTO_UDP {
         UDP_CHECK_OFFSET
     } else {
         TCP_CHECK_OFFSET
     };
+    // SAFETY: in bounds, see `rewrite`.
+    unsafe { packet.l4.add(check_offset).cast::<u16>() }
+}
+
+/// Replaces `old` by `new` on `side` of `packet`, with the checksum updates the module
+/// documentation describes.
+#[inline(always)]
+fn apply(packet: &Packet, side: Side, old: (u32, u16), new: (u32, u16), partial: bool) {
+    let ip = packet.ip;
+    let ports = packet.l4.cast::<[u16; 2]>();
+    let l4_check = l4_check(packet);
+    let ((old_addr, old_port), (addr, port)) = (old, new);
     // SAFETY: `parse` bounds-checked the IPv4 header and the whole fixed L4 header, which holds
     // the ports and the checksum field.
     unsafe {
-        let l4_check = packet.l4.add(check_offset).cast::<u16>();
         let old_check = *l4_check;
-        let partial = old_check != 0
-            && is_partial(
-                old_check,
-                pseudo_header_sum(
-                    packet.src_addr,
-                    packet.dst_addr,
-                    packet.proto,
-                    packet.l4_len,
-                ),
-            )
-            && has_local_senders(ctx.ingress_ifindex() as u32);
-
-        let (old_addr, old_port) = match side {
+        match side {
             Side::Destination => {
                 (*ip).dst = addr;
                 (*ports)[1] = port;
-                (packet.dst_addr, packet.dst_port)
             }
             Side::Source => {
                 (*ip).src = addr;
                 (*ports)[0] = port;
-                (packet.src_addr, packet.src_port)
             }
-        };
+        }
         (*ip).check = replace_u32((*ip).check, old_addr, addr);
 
         if old_check == 0 && packet.proto == IPPROTO_UDP {
@@ -90,6 +120,5 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, side: Side, addr: u32, port: u
                 check
             };
         }
-        partial
     }
 }

@@ -13,7 +13,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::net::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::net::{
+    ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 use crate::stats::Drop;
 
@@ -127,12 +129,53 @@ pub struct Packet {
     pub l4_offset: usize,
 }
 
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) quoting the start of
+/// a TCP or UDP packet: what a translated flow's errors look like.
+///
+/// Invariants: the outer packet is parsed like any `Packet` (its `l4` is the ICMP header, its
+/// ports zero); the quoted IPv4 header is bounds-checked whole (20 bytes; its options are
+/// counted in `inner_l4_offset`), and `QUOTED_L4_BYTES` of the quoted TCP or UDP header lie
+/// inside both the frame and the outer datagram.
+pub struct IcmpError {
+    pub outer: Packet,
+    /// The quoted IPv4 header.
+    pub inner_ip: *mut Ipv4Hdr,
+    /// Offset in the frame of the quoted TCP or UDP header.
+    pub inner_l4_offset: usize,
+    /// Offset in the frame where the outer datagram ends (Ethernet padding excluded).
+    pub end: usize,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub inner_proto: u8,
+    /// The quoted addresses and ports, network byte order.
+    pub inner_src_addr: u32,
+    pub inner_dst_addr: u32,
+    pub inner_src_port: u16,
+    pub inner_dst_port: u16,
+}
+
+/// ICMP types that quote the packet they are about (RFC 792).
+pub const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// The ICMP header: type, code, checksum and four type-specific bytes.
+pub const ICMP_HLEN: usize = 8;
+/// Offset of the checksum in the ICMP header.
+pub const ICMP_CHECK_OFFSET: usize = 2;
+/// Bytes of the quoted datagram past its IPv4 header that every ICMP error carries (RFC 792):
+/// the ports, and for UDP the checksum.
+pub const QUOTED_L4_BYTES: usize = 8;
+/// Mask of the fragment offset alone (the quoted packet may carry "more fragments" and still
+/// start with its ports).
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
 /// What `parse` found.
 pub enum Parsed {
     /// Another EtherType (ARP, IPv6, ...): passed untouched.
     NotIpv4,
-    /// IPv4 carrying neither TCP nor UDP: passed untouched.
+    /// IPv4 carrying neither TCP nor UDP, nor an ICMP error about them: passed untouched.
     NotTcpUdp,
+    /// An ICMP error about a TCP or UDP packet.
+    IcmpError(IcmpError),
     /// An IPv4 fragment (first or later): passed untouched.
     Fragment,
     /// A TCP or UDP packet to consider.
@@ -189,15 +232,38 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
     }
 
     let proto = unsafe { (*ip).proto };
+    let fragment = u16::from_be(unsafe { (*ip).frag_off }) & IP_FRAGMENT_MASK != 0;
+    let l4_offset = l3_offset + ip_hlen;
+    let l4_len = tot_len - ip_hlen;
+    if proto == IPPROTO_ICMP && !fragment {
+        let icmp: *mut [u8; ICMP_HLEN] = match header_at(ctx, l4_offset) {
+            Ok(icmp) => icmp,
+            Err(_) => return Ok(Parsed::NotTcpUdp),
+        };
+        let outer = Packet {
+            eth,
+            ip,
+            l4: icmp.cast(),
+            proto,
+            tagged,
+            tcp_flags: 0,
+            src_addr: unsafe { (*ip).src },
+            dst_addr: unsafe { (*ip).dst },
+            src_port: 0,
+            dst_port: 0,
+            l4_len: l4_len as u16,
+            l3_offset,
+            l4_offset,
+        };
+        return Ok(parse_icmp_error(ctx, outer, l3_offset + tot_len));
+    }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Ok(Parsed::NotTcpUdp);
     }
-    if u16::from_be(unsafe { (*ip).frag_off }) & IP_FRAGMENT_MASK != 0 {
+    if fragment {
         return Ok(Parsed::Fragment);
     }
 
-    let l4_offset = l3_offset + ip_hlen;
-    let l4_len = tot_len - ip_hlen;
     let mut tcp_flags = 0;
     let l4: *mut u8 = if proto == IPPROTO_TCP {
         let tcp: *mut TcpHdr = header_at(ctx, l4_offset)?;
@@ -233,4 +299,52 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
         l3_offset,
         l4_offset,
     }))
+}
+
+/// An ICMP error about a TCP or UDP packet, or `NotTcpUdp` for any other ICMP message (echo,
+/// errors about other protocols or later fragments, quotes too short to name the ports): those
+/// are the kernel's business.
+#[inline(always)]
+fn parse_icmp_error(ctx: &XdpContext, outer: Packet, end: usize) -> Parsed {
+    let kind = unsafe { *outer.l4 };
+    if kind != ICMP_DEST_UNREACHABLE && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETER_PROBLEM
+    {
+        return Parsed::NotTcpUdp;
+    }
+    let inner_offset = outer.l4_offset + ICMP_HLEN;
+    let Ok(inner_ip) = header_at::<Ipv4Hdr>(ctx, inner_offset) else {
+        return Parsed::NotTcpUdp;
+    };
+    let version_ihl = unsafe { (*inner_ip).version_ihl };
+    let inner_hlen = (version_ihl & LOW_NIBBLE_MASK) as usize * WORD;
+    let inner_proto = unsafe { (*inner_ip).proto };
+    let inner_offset_field = u16::from_be(unsafe { (*inner_ip).frag_off }) & IP_OFFSET_MASK;
+    if version_ihl >> HIGH_NIBBLE_SHIFT != IP_VERSION_4
+        || inner_hlen < IPV4_MIN_HLEN
+        || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP)
+        || inner_offset_field != 0
+    {
+        return Parsed::NotTcpUdp;
+    }
+    let inner_l4_offset = inner_offset + inner_hlen;
+    // The frame check first: after the datagram-end check, the compiler would find it implied
+    // (the datagram lies inside the frame) and drop it, and the verifier cannot follow that.
+    let Ok(ports) = header_at::<[u16; QUOTED_L4_BYTES / 2]>(ctx, inner_l4_offset) else {
+        return Parsed::NotTcpUdp;
+    };
+    if inner_l4_offset + QUOTED_L4_BYTES > end {
+        return Parsed::NotTcpUdp;
+    }
+    let [inner_src_port, inner_dst_port, _, _] = unsafe { *ports };
+    Parsed::IcmpError(IcmpError {
+        inner_src_addr: unsafe { (*inner_ip).src },
+        inner_dst_addr: unsafe { (*inner_ip).dst },
+        outer,
+        inner_ip,
+        inner_l4_offset,
+        end,
+        inner_proto,
+        inner_src_port,
+        inner_dst_port,
+    })
 }

@@ -1,8 +1,13 @@
-//! Rejecting a packet the way kube-proxy's REJECT does: the packet is turned, in place, into an
-//! ICMP destination unreachable (port unreachable) and sent back out of the interface it came in
-//! on (`XDP_TX`; on a veth a redirect, or the kernel stack when redirects into it are not
-//! allowed). The client's connect or send then fails at once with "connection refused" instead
-//! of waiting for a timeout.
+//! Answering a packet with an ICMP destination unreachable built in its place, sent back out of
+//! the interface it came in on (`XDP_TX`; on a veth a redirect, or the kernel stack when
+//! redirects into it are not allowed):
+//! - *port unreachable*, the way kube-proxy's REJECT refuses a Service that cannot take the
+//!   packet: the client's connect or send fails at once instead of waiting for a timeout;
+//! - *fragmentation needed* with the next hop's MTU, for a packet with DF set that is too big
+//!   for the link towards its backend or client once translated. The answer quotes the packet as
+//!   its sender sent it (the caller undoes the translation first), so the sender's path-MTU
+//!   discovery learns the size; the kernel stack would quote the translated packet, which the
+//!   sender cannot match to any of its sockets.
 //!
 //! The answer keeps the frame's VLAN tags and swaps its MAC addresses; its IPv4 source is the
 //! address the client asked for (the Service's), its destination the client. It quotes the
@@ -10,9 +15,11 @@
 //! (RFC 792), which is what the client's stack matches the error to its socket by.
 //!
 //! No ICMP error answers a packet from a non-unicast source or sent to a link-layer group address
-//! (RFC 1122 3.2.2), and each CPU sends at most `DataplaneConfig::rejects_per_second` of them
-//! per second, as the kernel limits its own: a flood towards an empty Service must not turn the
-//! node into a reflector. Those packets are dropped and counted instead.
+//! (RFC 1122 3.2.2), and each CPU sends at most `DataplaneConfig::rejects_per_second` port
+//! unreachables per second, as the kernel limits its own: a flood towards an empty Service must
+//! not turn the node into a reflector. Those packets are dropped and counted instead.
+//! Fragmentation needed is not limited, as Linux does not limit it: path-MTU discovery must not
+//! stall.
 
 use core::mem::size_of;
 
@@ -21,11 +28,14 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{checksum::fold, config::REJECT_WINDOW_NS, stats::Counter};
+use lb_common::{checksum::fold, config::REJECT_WINDOW_NS, net::IPPROTO_ICMP, stats::Counter};
 
 use crate::{
     maps::{LB_REJECT_RATE, LB_TX_PORTS, config, xdp_tx_works},
-    parse::{EthHdr, IPV4_MIN_HLEN, Ipv4Hdr, MAX_VLAN_TAGS, Packet, VLAN_HLEN, header_at},
+    parse::{
+        EthHdr, ICMP_DEST_UNREACHABLE, IPV4_MIN_HLEN, Ipv4Hdr, MAX_VLAN_TAGS, Packet, VLAN_HLEN,
+        header_at,
+    },
     stats::{Drop, Verdict, count},
 };
 
@@ -35,8 +45,8 @@ struct IcmpHdr {
     kind: u8,
     code: u8,
     check: u16,
-    /// Unused for port unreachable; zero.
-    rest: u32,
+    /// Zero for port unreachable; for fragmentation needed an unused word and the MTU.
+    rest: [u16; 2],
 }
 
 const ICMP_HLEN: usize = size_of::<IcmpHdr>();
@@ -45,9 +55,8 @@ const GROWTH: usize = IPV4_MIN_HLEN + ICMP_HLEN;
 /// Bytes of the offending datagram past its IPv4 header that an ICMP error quotes (RFC 792):
 /// enough for the ports.
 const QUOTED_L4_BYTES: usize = 8;
-const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_PORT_UNREACHABLE: u8 = 3;
-const IPPROTO_ICMP: u8 = 1;
+const ICMP_FRAG_NEEDED: u8 = 4;
 /// IPv4, a header of five 32-bit words (no options).
 const VERSION_IHL: u8 = 0x45;
 /// Precedence "internetwork control", which Linux gives its own ICMP errors.
@@ -68,10 +77,31 @@ const FIRST_MULTICAST_OCTET: u8 = 224;
 /// The I/G bit of a MAC address' first octet: set for multicast and broadcast.
 const MAC_GROUP_BIT: u8 = 1;
 
+/// The destination unreachable message to answer with.
+#[derive(Clone, Copy)]
+pub enum Unreachable {
+    Port,
+    /// Fragmentation needed and DF set, with the next hop's MTU (RFC 1191).
+    FragNeeded {
+        mtu: u16,
+    },
+}
+
 /// Answers `packet` with ICMP port unreachable, counted under `counter`; see the module
 /// documentation.
 #[inline(always)]
 pub fn reject(ctx: &XdpContext, packet: &Packet, counter: Counter) -> Result<Verdict, Drop> {
+    answer(ctx, packet, Unreachable::Port, counter)
+}
+
+/// Answers `packet` with `message`, counted under `counter`; see the module documentation.
+#[inline(always)]
+pub fn answer(
+    ctx: &XdpContext,
+    packet: &Packet,
+    message: Unreachable,
+    counter: Counter,
+) -> Result<Verdict, Drop> {
     let first_octet = packet.src_addr.to_ne_bytes()[0];
     let (eth_dst, eth_src) = unsafe { ((*packet.eth).dst, (*packet.eth).src) };
     if first_octet == THIS_NETWORK_OCTET
@@ -80,7 +110,7 @@ pub fn reject(ctx: &XdpContext, packet: &Packet, counter: Counter) -> Result<Ver
     {
         return Err(Drop::RejectNotUnicast);
     }
-    if !within_budget() {
+    if matches!(message, Unreachable::Port) && !within_budget() {
         return Err(Drop::RejectRateLimited);
     }
 
@@ -149,11 +179,16 @@ pub fn reject(ctx: &XdpContext, packet: &Packet, counter: Counter) -> Result<Ver
     let ip: *mut Ipv4Hdr = header_at(ctx, l2_len).map_err(|_| Drop::RejectFailed)?;
     unsafe { ip.write_unaligned(ip_header) };
 
+    let (code, rest) = match message {
+        Unreachable::Port => (ICMP_PORT_UNREACHABLE, [0, 0]),
+        // An unused 16-bit word, then the MTU.
+        Unreachable::FragNeeded { mtu } => (ICMP_FRAG_NEEDED, [0, mtu.to_be()]),
+    };
     let mut icmp_header = IcmpHdr {
         kind: ICMP_DEST_UNREACHABLE,
-        code: ICMP_PORT_UNREACHABLE,
+        code,
         check: 0,
-        rest: 0,
+        rest,
     };
     icmp_header.check = !fold(quoted_sum + halfword_sum(&icmp_header));
     let icmp: *mut IcmpHdr =

@@ -1309,3 +1309,160 @@ fn load_balancer_source_ranges_admit_their_clients_and_drop_the_others() {
         Connection::open(cluster.client(), through_cluster_ip).expect("ClusterIP connection");
     connection.request().expect("ClusterIP answer");
 }
+
+/// A port no backend listens on.
+const CLOSED_BACKEND_PORT: u16 = 5399;
+
+#[test]
+fn a_closed_endpoint_port_refuses_through_the_service() {
+    if !require_root("a_closed_endpoint_port_refuses_through_the_service") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    // The UDP port's endpoints point at a port nothing listens on: each backend's kernel answers
+    // port unreachable about the translated datagram, which the client's socket can only match
+    // once it is translated back.
+    std::fs::write(
+        cluster.manifests().join("echo.yaml"),
+        echo_manifest(&[0, 1, 2]).replace(
+            &format!("  port: {BACKEND_UDP_PORT}\n"),
+            &format!("  port: {CLOSED_BACKEND_PORT}\n"),
+        ),
+    )
+    .expect("edit");
+    let closed = format!("{}:{CLOSED_BACKEND_PORT}", backend_addr(0));
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster
+            .endpoints(UDP_FRONTEND, "UDP")
+            .contains(&closed)),
+        "the agent did not apply the edit: {:?}",
+        cluster.endpoints(UDP_FRONTEND, "UDP")
+    );
+    let before = cluster.counters();
+    let error = cluster
+        .client()
+        .run(|| -> std::io::Result<std::io::Error> {
+            let socket = std::net::UdpSocket::bind((CLIENT_ADDR, 0))?;
+            socket.set_read_timeout(Some(IO_TIMEOUT))?;
+            socket.connect(UDP_FRONTEND)?;
+            socket.send(b"query")?;
+            let mut buffer = [0u8; 64];
+            Ok(socket
+                .recv(&mut buffer)
+                .expect_err("a closed port answered"))
+        })
+        .expect("client thread")
+        .expect("UDP socket");
+    let moved = moved(&before, &cluster.counters());
+    assert_eq!(
+        error.kind(),
+        ErrorKind::ConnectionRefused,
+        "{error}; counters moved: {moved:?}"
+    );
+    assert_eq!(moved.get("icmp_error_translated"), Some(&1), "{moved:?}");
+}
+
+/// The MTU of the links to the backends in the path-MTU test: smaller than the client's.
+const BACKEND_LINK_MTU: u16 = 1280;
+/// A datagram that fits the client's link but not the backends'.
+const BIG_DATAGRAM: usize = 1400;
+
+#[test]
+fn path_mtu_discovery_works_through_a_cluster_ip() {
+    if !require_root("path_mtu_discovery_works_through_a_cluster_ip") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    let mtu = BACKEND_LINK_MTU.to_string();
+    for (index, backend) in cluster.topology.backends.iter().enumerate() {
+        let node_side = lb_tests::topology::node_backend_interface(index);
+        cluster
+            .topology
+            .node
+            .ip(&["link", "set", &node_side, "mtu", &mtu])
+            .expect("node-side MTU");
+        backend
+            .ip(&["link", "set", "eth0", "mtu", &mtu])
+            .expect("backend MTU");
+    }
+    let before = cluster.counters();
+    let learned = cluster
+        .client()
+        .run(|| -> std::io::Result<(i32, std::io::Error)> {
+            use std::os::fd::AsRawFd as _;
+            let socket = std::net::UdpSocket::bind((CLIENT_ADDR, 0))?;
+            socket.connect(UDP_FRONTEND)?;
+            let fd = socket.as_raw_fd();
+            let set = |option, value: libc::c_int| {
+                // SAFETY: a valid socket and an int option value of the size given.
+                let result = unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::IPPROTO_IP,
+                        option,
+                        (&value as *const libc::c_int).cast(),
+                        size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if result == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            // DF on every datagram, and path-MTU discovery on this socket.
+            set(libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)?;
+            let path_mtu = || -> std::io::Result<i32> {
+                let mut value: libc::c_int = 0;
+                let mut length = size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: as above, with room for the int the kernel writes.
+                let result = unsafe {
+                    libc::getsockopt(
+                        fd,
+                        libc::IPPROTO_IP,
+                        libc::IP_MTU,
+                        (&mut value as *mut libc::c_int).cast(),
+                        &mut length,
+                    )
+                };
+                if result == 0 {
+                    Ok(value)
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            socket.send(&[0x5a; BIG_DATAGRAM])?;
+            // The node answers at once; give the client's kernel a bounded moment to file it.
+            let mut mtu = path_mtu()?;
+            for _ in 0..PMTU_POLLS {
+                if mtu < BIG_DATAGRAM as i32 {
+                    break;
+                }
+                std::thread::sleep(PMTU_POLL_INTERVAL);
+                mtu = path_mtu()?;
+            }
+            let refused = socket
+                .send(&[0x5a; BIG_DATAGRAM])
+                .expect_err("a datagram over the path MTU was sent");
+            Ok((mtu, refused))
+        })
+        .expect("client thread")
+        .expect("UDP socket");
+    let moved = moved(&before, &cluster.counters());
+    assert_eq!(
+        learned.0,
+        i32::from(BACKEND_LINK_MTU),
+        "the client did not learn the path MTU; counters moved: {moved:?}"
+    );
+    assert_eq!(
+        learned.1.raw_os_error(),
+        Some(libc::EMSGSIZE),
+        "{}",
+        learned.1
+    );
+    assert_eq!(moved.get("reject_frag_needed"), Some(&1), "{moved:?}");
+}
+
+/// Bounds the wait for the client's kernel to take in a fragmentation-needed answer.
+const PMTU_POLLS: usize = 50;
+const PMTU_POLL_INTERVAL: Duration = Duration::from_millis(20);

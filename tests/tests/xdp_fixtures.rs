@@ -19,9 +19,9 @@ use std::{
 };
 
 use etherparse::{
-    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpFragOffset, IpNumber,
-    Ipv4Header, Ipv4Options, SingleVlanHeader, TcpHeader, TcpOptions, UdpHeader, VlanId, VlanPcp,
-    icmpv4::DestUnreachableHeader,
+    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpDscp, IpFragOffset,
+    IpNumber, Ipv4Header, Ipv4Options, SingleVlanHeader, TcpHeader, TcpOptions, UdpHeader, VlanId,
+    VlanPcp, icmpv4::DestUnreachableHeader,
 };
 use lb::{
     dataplane::{
@@ -304,6 +304,8 @@ struct Pkt {
     payload: Vec<u8>,
     /// Ethernet padding after the datagram.
     padding: Vec<u8>,
+    /// Sent without DF (routers may fragment it).
+    may_fragment: bool,
 }
 
 impl Pkt {
@@ -322,7 +324,14 @@ impl Pkt {
             check: Check::Complete,
             payload: Vec::new(),
             padding: Vec::new(),
+            may_fragment: false,
         }
+    }
+
+    /// Clears DF.
+    fn may_fragment(mut self) -> Self {
+        self.may_fragment = true;
+        self
     }
 
     fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Self {
@@ -512,7 +521,7 @@ impl Pkt {
             total_len: u16::try_from(IPV4_HLEN + self.ip_options.len() + l4.len())
                 .expect("IPv4 total length"),
             identification: IP_ID,
-            dont_fragment: unfragmented,
+            dont_fragment: unfragmented && !self.may_fragment,
             more_fragments: self.more_fragments,
             fragment_offset: IpFragOffset::try_new(self.fragment_offset).expect("offset"),
             time_to_live: self.ttl,
@@ -560,14 +569,16 @@ const ICMP_QUOTED_L4_BYTES: usize = 8;
 /// 792: back to the sender from the address it asked for, in the same VLANs, quoting the IPv4
 /// header (options included) and the first 8 bytes after it.
 fn port_unreachable(offending: &Pkt) -> Vec<u8> {
+    unreachable(offending, DestUnreachableHeader::Port)
+}
+
+/// Like [`port_unreachable`], with another destination unreachable message.
+fn unreachable(offending: &Pkt, message: DestUnreachableHeader) -> Vec<u8> {
     let bytes = offending.bytes();
     let l3 = l3_offset(&bytes);
     let ihl = usize::from(bytes[l3] & 0x0f) * 4;
     let quote = &bytes[l3..l3 + ihl + ICMP_QUOTED_L4_BYTES];
-    let icmp = Icmpv4Header::with_checksum(
-        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
-        quote,
-    );
+    let icmp = Icmpv4Header::with_checksum(Icmpv4Type::DestinationUnreachable(message), quote);
     let mut ip = Ipv4Header {
         dscp: IpDscp::try_new(ICMP_ERROR_TOS >> DSCP_SHIFT).expect("DSCP"),
         total_len: u16::try_from(IPV4_HLEN + icmp.header_len() + quote.len())
@@ -2309,6 +2320,7 @@ fn forwarding_decisions() {
         let unrouted = syn(41_006, VIP_UNROUTED);
         let fits = at_route_mtu(41_007, 0);
         let too_big = at_route_mtu(41_008, 1);
+        let too_big_no_df = at_route_mtu(41_013, 1).may_fragment();
         let side = syn(41_009, VIP_SIDE);
         let reply = Pkt::tcp((BACKEND_A, BACKEND_PORT), (CLIENT, 41_001), SYN | ACK)
             .eth(BACKEND_A_MAC, out0.mac);
@@ -2408,11 +2420,24 @@ fn forwarding_decisions() {
                 counters: redirect.clone(),
             },
             Case {
-                name: "one byte over the route MTU",
+                name: "one byte over the route MTU with DF: answered, quoted as sent",
                 input: too_big.bytes(),
                 ingress: in0.index,
+                action: XDP_TX,
+                output: Expect::Icmp(unreachable(
+                    &too_big,
+                    DestUnreachableHeader::FragmentationNeeded {
+                        next_hop_mtu: ROUTED_MTU as u16,
+                    },
+                )),
+                counters: vec![(Counter::RejectFragNeeded, 1), (Counter::FlowCreated, 1)],
+            },
+            Case {
+                name: "one byte over the route MTU without DF: the kernel fragments",
+                input: too_big_no_df.bytes(),
+                ingress: in0.index,
                 action: XDP_PASS,
-                output: Expect::Frame(too_big.clone().to(ROUTED_BACKEND, BACKEND_PORT)),
+                output: Expect::Frame(too_big_no_df.clone().to(ROUTED_BACKEND, BACKEND_PORT)),
                 counters: stack(Counter::StackFragNeeded),
             },
             Case {
@@ -3880,6 +3905,251 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
             lab.check(&refused("no IPv4 range", syn(OUTSIDER, 47_105, LB_IP)));
             lab.program(&[guarded(None), open]);
             lab.check(&admitted("no ranges", syn(OUTSIDER, 47_106, LB_IP)));
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// ICMP errors about translated flows.
+
+/// The start of `packet`'s IPv4 datagram an ICMP error quotes: its header and `l4_bytes` more
+/// (`None`: all of it).
+fn quote_of(packet: &Pkt, l4_bytes: Option<usize>) -> Vec<u8> {
+    let bytes = packet.bytes();
+    let l3 = l3_offset(&bytes);
+    let ihl = usize::from(bytes[l3] & 0x0f) * 4;
+    match l4_bytes {
+        Some(l4_bytes) => bytes[l3..l3 + ihl + l4_bytes].to_vec(),
+        None => bytes[l3..].to_vec(),
+    }
+}
+
+/// An ICMP message frame, built with etherparse.
+fn icmp_frame(
+    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    (src, dst): (Ipv4Addr, Ipv4Addr),
+    ttl: u8,
+    kind: &Icmpv4Type,
+    payload: &[u8],
+) -> Vec<u8> {
+    let icmp = Icmpv4Header::with_checksum(kind.clone(), payload);
+    let mut ip = Ipv4Header {
+        total_len: u16::try_from(IPV4_HLEN + icmp.header_len() + payload.len()).expect("length"),
+        time_to_live: ttl,
+        protocol: IpNumber(IPPROTO_ICMP),
+        source: src.octets(),
+        destination: dst.octets(),
+        ..Ipv4Header::default()
+    };
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut frame = Ethernet2Header {
+        source: src_mac,
+        destination: dst_mac,
+        ether_type: EtherType(ETHERTYPE_IPV4),
+    }
+    .to_bytes()
+    .to_vec();
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&icmp.to_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back() {
+    with_lab(
+        "icmp_errors_about_translated_flows_are_translated_back",
+        |lab| {
+            /// A router between the node and the backend.
+            const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 9);
+            const PATH_MTU: u16 = 1400;
+            /// TTL of a packet after the node forwarded it.
+            const FORWARDED_TTL: u8 = DEFAULT_TTL - 1;
+            lab.program(&[
+                frontend(
+                    "web",
+                    VIP,
+                    VIP_PORT,
+                    IPPROTO_TCP,
+                    &[(BACKEND_A, BACKEND_PORT)],
+                ),
+                frontend(
+                    "dns",
+                    VIP,
+                    DNS_PORT,
+                    IPPROTO_UDP,
+                    &[(BACKEND_A, BACKEND_DNS_PORT)],
+                ),
+            ]);
+            let (in0, out0) = (lab.in0, lab.out0);
+            // A TCP flow and a UDP flow with a reply.
+            let syn = Pkt::tcp((CLIENT, 48_000), (VIP, VIP_PORT), SYN)
+                .payload(&[0x42; 40])
+                .eth(CLIENT_MAC, in0.mac);
+            let query = Pkt::udp((CLIENT, 48_001), (VIP, DNS_PORT))
+                .payload(b"query")
+                .eth(CLIENT_MAC, in0.mac);
+            let answer = Pkt::udp((BACKEND_A, BACKEND_DNS_PORT), (CLIENT, 48_001))
+                .payload(b"answer")
+                .eth(BACKEND_A_MAC, out0.mac);
+            for (packet, ingress) in [(&syn, in0), (&query, in0), (&answer, out0)] {
+                let run = lab
+                    .dataplane
+                    .test_run(&packet.bytes(), ingress.index)
+                    .expect("test run");
+                assert_eq!(action_name(run.action), action_name(XDP_REDIRECT));
+            }
+            let flows = lab.conntrack();
+
+            let frag_needed =
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: PATH_MTU,
+                });
+            let port = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+            // What the node sent, as a router or the backend quotes it, and what the client
+            // must see quoted instead.
+            let sent_syn = syn.clone().ttl(FORWARDED_TTL).to(BACKEND_A, BACKEND_PORT);
+            let client_syn = syn.clone().ttl(FORWARDED_TTL);
+            let sent_query = query
+                .clone()
+                .ttl(FORWARDED_TTL)
+                .to(BACKEND_A, BACKEND_DNS_PORT);
+            let client_query = query.clone().ttl(FORWARDED_TTL);
+            // The reply as the client got it, and as the backend sent it.
+            let got_answer = answer.clone().ttl(FORWARDED_TTL).from(VIP, DNS_PORT);
+            let sent_answer = answer.clone().ttl(FORWARDED_TTL);
+
+            let towards_client = |kind: &Icmpv4Type, quote: Vec<u8>| {
+                icmp_frame(
+                    (in0.mac, CLIENT_MAC),
+                    (VIP, CLIENT),
+                    FORWARDED_TTL,
+                    kind,
+                    &quote,
+                )
+            };
+            let translated_reply = vec![
+                (Counter::RedirectReply, 1),
+                (Counter::IcmpErrorTranslated, 1),
+            ];
+            let pass = |name, input: Vec<u8>, ingress: Iface| Case {
+                name,
+                input,
+                ingress: ingress.index,
+                action: XDP_PASS,
+                output: Expect::Unchanged,
+                counters: vec![(Counter::PassNotTcpUdp, 1)],
+            };
+            lab.check_all(&[
+                Case {
+                    name: "fragmentation needed from a router about a packet to the backend",
+                    input: icmp_frame(
+                        (BACKEND_A_MAC, out0.mac),
+                        (ROUTER, CLIENT),
+                        DEFAULT_TTL,
+                        &frag_needed,
+                        &quote_of(&sent_syn, Some(ICMP_QUOTED_L4_BYTES)),
+                    ),
+                    ingress: out0.index,
+                    action: XDP_REDIRECT,
+                    output: Expect::Icmp(towards_client(
+                        &frag_needed,
+                        quote_of(&client_syn, Some(ICMP_QUOTED_L4_BYTES)),
+                    )),
+                    counters: translated_reply.clone(),
+                },
+                Case {
+                    name: "a quote holding the TCP checksum gets it translated too",
+                    input: icmp_frame(
+                        (BACKEND_A_MAC, out0.mac),
+                        (ROUTER, CLIENT),
+                        DEFAULT_TTL,
+                        &frag_needed,
+                        &quote_of(&sent_syn, Some(TCP_HLEN + 8)),
+                    ),
+                    ingress: out0.index,
+                    action: XDP_REDIRECT,
+                    output: Expect::Icmp(towards_client(
+                        &frag_needed,
+                        quote_of(&client_syn, Some(TCP_HLEN + 8)),
+                    )),
+                    counters: translated_reply.clone(),
+                },
+                Case {
+                    name: "port unreachable from the backend about a whole UDP datagram",
+                    input: icmp_frame(
+                        (BACKEND_A_MAC, out0.mac),
+                        (BACKEND_A, CLIENT),
+                        DEFAULT_TTL,
+                        &port,
+                        &quote_of(&sent_query, None),
+                    ),
+                    ingress: out0.index,
+                    action: XDP_REDIRECT,
+                    output: Expect::Icmp(towards_client(&port, quote_of(&client_query, None))),
+                    counters: translated_reply.clone(),
+                },
+                Case {
+                    name: "port unreachable from the client about a reply: to the backend",
+                    input: icmp_frame(
+                        (CLIENT_MAC, in0.mac),
+                        (CLIENT, VIP),
+                        DEFAULT_TTL,
+                        &port,
+                        &quote_of(&got_answer, None),
+                    ),
+                    ingress: in0.index,
+                    action: XDP_REDIRECT,
+                    output: Expect::Icmp(icmp_frame(
+                        (out0.mac, BACKEND_A_MAC),
+                        (CLIENT, BACKEND_A),
+                        FORWARDED_TTL,
+                        &port,
+                        &quote_of(&sent_answer, None),
+                    )),
+                    counters: vec![
+                        (Counter::RedirectService, 1),
+                        (Counter::IcmpErrorTranslated, 1),
+                    ],
+                },
+                pass(
+                    "an error about a flow never translated",
+                    icmp_frame(
+                        (BACKEND_A_MAC, out0.mac),
+                        (ROUTER, CLIENT),
+                        DEFAULT_TTL,
+                        &port,
+                        &quote_of(
+                            &Pkt::udp((CLIENT, 48_002), (BACKEND_A, BACKEND_DNS_PORT)),
+                            None,
+                        ),
+                    ),
+                    out0,
+                ),
+                pass(
+                    "a quote too short to hold the ports",
+                    icmp_frame(
+                        (BACKEND_A_MAC, out0.mac),
+                        (ROUTER, CLIENT),
+                        DEFAULT_TTL,
+                        &port,
+                        &quote_of(&sent_query, Some(2)),
+                    ),
+                    out0,
+                ),
+                pass(
+                    "a ping to the Service address",
+                    icmp_frame(
+                        (CLIENT_MAC, in0.mac),
+                        (CLIENT, VIP),
+                        DEFAULT_TTL,
+                        &Icmpv4Type::EchoRequest(IcmpEchoHeader { id: 7, seq: 1 }),
+                        b"ping",
+                    ),
+                    in0,
+                ),
+            ]);
+            assert_eq!(lab.conntrack(), flows, "errors changed conntrack state");
         },
     );
 }
