@@ -87,9 +87,53 @@ pub struct FlowState {
     pub last_seen_ns: u64,
 }
 
+/// Key of `LB_FRAGMENTS`: one IPv4 datagram in fragments, as reassembly identifies it (RFC 791),
+/// with the addresses its fragments carry on arrival. Written by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct FragmentKey {
+    /// Source address, network byte order.
+    pub src_addr: u32,
+    /// Destination address, network byte order.
+    pub dst_addr: u32,
+    /// The IPv4 identification, as in the packet.
+    pub id: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Always zero: keys are compared bytewise.
+    pub _pad: u8,
+}
+
+/// `FragmentValue::side`: the fragments' destination becomes `addr` (towards a backend).
+pub const FRAGMENT_DESTINATION: u8 = 0;
+/// `FragmentValue::side`: the fragments' source becomes `addr` (a reply from a backend).
+pub const FRAGMENT_SOURCE: u8 = 1;
+
+/// Value of `LB_FRAGMENTS`: how the datagram's first fragment was translated, for the later
+/// fragments (which carry no ports) to follow. Written by the datapath; userspace only reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragmentValue {
+    /// The address the first fragment's `side` was rewritten to, network byte order.
+    pub addr: u32,
+    /// `FRAGMENT_DESTINATION` or `FRAGMENT_SOURCE`.
+    pub side: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+    /// `bpf_ktime_get_ns()` when the first fragment passed.
+    pub created_ns: u64,
+}
+
+/// How long after its first fragment a datagram's later fragments are still translated: Linux's
+/// reassembly timeout (`net.ipv4.ipfrag_time`, 30 s). An IPv4 identification reused after that is
+/// another datagram.
+pub const FRAGMENT_LIFETIME_NS: u64 = 30 * NS_PER_SEC;
+
 const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowState>() == 32);
+    assert!(size_of::<FragmentKey>() == 12);
+    assert!(size_of::<FragmentValue>() == 16);
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -129,6 +173,8 @@ mod user {
     // SAFETY: `#[repr(C)]` and `bytemuck::Pod` (no padding, any bit pattern valid).
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentValue {}
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub const MAP_CONFIG: &str = "LB_CONFIG";
 pub const MAP_REJECT_RATE: &str = "LB_REJECT_RATE";
 /// Map: `loadBalancerSourceRanges`, an LPM trie. See [`crate::service::SourceRangeKey`].
 pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
+/// Map: fragmented datagrams in flight. See [`crate::conntrack::FragmentKey`].
+pub const MAP_FRAGMENTS: &str = "LB_FRAGMENTS";
 /// Map: session affinity, client and frontend -> last backend. See
 /// [`crate::service::AffinityKey`].
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
@@ -56,6 +58,9 @@ pub const MAX_CONNTRACK: u32 = 1 << 19;
 pub const MAX_AFFINITY: u32 = 1 << 17;
 /// `loadBalancerSourceRanges` entries across all frontends (allocated as used).
 pub const MAX_SOURCE_RANGES: u32 = 1 << 16;
+/// Fragmented datagrams tracked at once (an LRU: the oldest are forgotten first). Linux keeps at
+/// most 4 MiB of fragments queued per namespace, a few thousand datagrams.
+pub const MAX_FRAGMENTS: u32 = 1 << 14;
 /// Conntrack entries each flow takes: one per direction.
 pub const CONNTRACK_ENTRIES_PER_FLOW: u32 = 2;
 /// Interfaces the agent can attach to (and redirect to). A node's pods each add one veth;

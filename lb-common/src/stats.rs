@@ -62,7 +62,8 @@ counters! {
     /// IPv4 but neither TCP nor UDP, nor an ICMP error about a translated flow (pings, ICMP
     /// errors about other traffic, other protocols).
     PassNotTcpUdp = 1, "pass_not_tcp_udp", Pass;
-    /// An IPv4 fragment; fragments are not translated yet.
+    /// A later IPv4 fragment (no ports) of a datagram whose first fragment this node did not
+    /// translate in the last 30 s: not a Service's, or it arrived before its first fragment.
     PassFragment = 2, "pass_fragment", Pass;
     /// TCP/UDP to no Service and not a reply of a tracked flow.
     PassNoService = 3, "pass_no_service", Pass;
@@ -145,6 +146,12 @@ counters! {
     /// An ICMP error about a translated flow was translated back and sent on (its verdict is
     /// counted as a service packet's or a reply's).
     IcmpErrorTranslated = 36, "icmp_error_translated", Event;
+    /// A later fragment followed its datagram's first fragment's translation (its verdict is
+    /// counted as a service packet's or a reply's).
+    FragmentTranslated = 37, "fragment_translated", Event;
+    /// Recording a first fragment's translation failed: its later fragments will pass
+    /// untranslated.
+    FragmentInsertFailed = 38, "fragment_insert_failed", Event;
 }
 
 /// Number of entries in `LB_STATS`.

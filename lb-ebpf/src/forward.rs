@@ -26,7 +26,7 @@ use lb_common::{checksum::replace_u16, net::IPPROTO_ICMP, stats::Counter};
 
 use crate::{
     maps::{LB_TX_PORTS, xdp_tx_works},
-    parse::Packet,
+    parse::{Packet, Piece},
     stats::{Verdict, count},
 };
 
@@ -116,12 +116,14 @@ fn route(
     params.family = AF_INET;
     params.l4_protocol = packet.proto;
     params.ifindex = ingress;
-    // SAFETY: `parse` bounds-checked the IPv4 header and the L4 ports; `rewrite` already put the
-    // translated addresses and ports in the packet.
+    // SAFETY: `parse` bounds-checked the IPv4 header and the L4 ports (a later fragment has none);
+    // `rewrite` already put the translated addresses and ports in the packet.
     unsafe {
-        let ports = *packet.l4.cast::<[u16; 2]>();
-        params.sport = ports[0];
-        params.dport = ports[1];
+        if packet.piece != Piece::Later {
+            let ports = *packet.l4.cast::<[u16; 2]>();
+            params.sport = ports[0];
+            params.dport = ports[1];
+        }
         params.__bindgen_anon_1.tot_len = u16::from_be((*ip).tot_len);
         params.__bindgen_anon_2.tos = (*ip).tos;
         params.__bindgen_anon_3.ipv4_src = (*ip).src;

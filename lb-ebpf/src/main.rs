@@ -11,6 +11,7 @@
 #![no_main]
 
 mod forward;
+mod fragments;
 mod icmp;
 mod maps;
 mod nat;
@@ -45,7 +46,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
         Parsed::IcmpError(error) => return icmp::translate(ctx, &error),
         Parsed::NotIpv4 => return Ok(Verdict::pass(Counter::PassNotIpv4)),
         Parsed::NotTcpUdp => return Ok(Verdict::pass(Counter::PassNotTcpUdp)),
-        Parsed::Fragment => return Ok(Verdict::pass(Counter::PassFragment)),
+        Parsed::LaterFragment(packet) => return Ok(fragments::follow(ctx, &packet)),
     };
 
     let frontend = ServiceKey {
@@ -68,6 +69,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
             return reject::reject(ctx, &packet, Counter::RejectNoEndpoints);
         };
         let partial = nat::rewrite(ctx, &packet, Side::Destination, backend.addr, backend.port);
+        fragments::remember(&packet, Side::Destination, backend.addr);
         return send(
             ctx,
             &packet,
@@ -79,6 +81,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
 
     if let Some(service) = select::lookup_reply(&packet) {
         let partial = nat::rewrite(ctx, &packet, Side::Source, service.addr, service.port);
+        fragments::remember(&packet, Side::Source, service.addr);
         return send(
             ctx,
             &packet,

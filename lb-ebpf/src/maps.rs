@@ -10,11 +10,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     config::{DataplaneConfig, RejectWindow},
-    conntrack::{FlowKey, FlowState},
+    conntrack::{FlowKey, FlowState, FragmentKey, FragmentValue},
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
     limits::{
-        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS,
-        MAX_SOURCE_RANGES,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_INTERFACES, MAX_SERVICES,
+        MAX_SLOTS, MAX_SOURCE_RANGES,
     },
     service::{
         AffinityKey, AffinityValue, Backend, SOURCE_RANGE_KEY_BITS, ServiceInfo, ServiceKey,
@@ -67,6 +67,13 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as
 #[btf_map]
 pub static LB_SRC_RANGES: LpmTrie<SourceRangeKey, u32, { MAX_SOURCE_RANGES as usize }> =
     LpmTrie::new();
+
+/// Fragmented datagrams in flight: `FragmentKey` (source, destination, IPv4 id, protocol) ->
+/// how the first fragment was translated. The program writes at each first fragment and reads
+/// at the later ones; userspace only reads.
+#[btf_map]
+pub static LB_FRAGMENTS: LruHashMap<FragmentKey, FragmentValue, { MAX_FRAGMENTS as usize }> =
+    LruHashMap::new();
 
 /// Counters: `Counter` index -> packets, per CPU. The program writes; userspace sums the CPUs.
 #[btf_map]

@@ -21,7 +21,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::{
     maps::has_local_senders,
-    parse::{Packet, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET},
+    parse::{Packet, Piece, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET},
 };
 
 /// Which end of the packet a rewrite replaces.
@@ -43,7 +43,9 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, side: Side, addr: u32, port: u
     let check_field = l4_check(packet);
     // SAFETY: `parse` bounds-checked the whole fixed L4 header, which holds the checksum.
     let old_check = unsafe { *check_field };
+    // Fragments always carry complete checksums: the kernel completes one before fragmenting.
     let partial = old_check != 0
+        && packet.piece == Piece::Whole
         && is_partial(
             old_check,
             pseudo_header_sum(

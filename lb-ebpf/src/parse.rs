@@ -1,8 +1,10 @@
-//! Header parsing: Ethernet with up to two VLAN tags (802.1Q, 802.1ad), IPv4, TCP and UDP.
+//! Header parsing: Ethernet with up to two VLAN tags (802.1Q, 802.1ad), IPv4, TCP and UDP (whole
+//! or in fragments), and ICMP errors quoting TCP or UDP.
 //!
 //! Invariants of a returned [`Packet`]:
 //! - every pointer has been bounds-checked against `data_end` for the whole fixed header it
-//!   points to (for TCP, the 20-byte base header; for UDP, all 8 bytes);
+//!   points to (for TCP, the 20-byte base header; for UDP, all 8 bytes), except `l4` of a later
+//!   fragment, which has no L4 header (see [`Piece::Later`]);
 //! - the IPv4 total length fits in the frame and covers the IPv4 header and the whole L4 header
 //!   (Ethernet padding after the datagram is allowed and ignored);
 //! - addresses and ports are copied raw (network byte order), `l4_len` is in host order.
@@ -127,6 +129,23 @@ pub struct Packet {
     pub l3_offset: usize,
     /// Offset of the TCP or UDP header in the frame.
     pub l4_offset: usize,
+    /// Where the packet stands in its datagram.
+    pub piece: Piece,
+    /// The IPv4 identification, as in the packet (what ties fragments together).
+    pub ip_id: u16,
+}
+
+/// Where a packet stands in its IPv4 datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it carries the TCP or UDP header, whose UDP length and checksum cover
+    /// the whole datagram.
+    First,
+    /// A later fragment: payload only. `l4` points at it but is not bounds-checked and ports are
+    /// zero; only the addresses may be read or rewritten.
+    Later,
 }
 
 /// An ICMP error (destination unreachable, time exceeded, parameter problem) quoting the start of
@@ -176,8 +195,8 @@ pub enum Parsed {
     NotTcpUdp,
     /// An ICMP error about a TCP or UDP packet.
     IcmpError(IcmpError),
-    /// An IPv4 fragment (first or later): passed untouched.
-    Fragment,
+    /// A later fragment of a TCP or UDP datagram (see `Piece::Later`).
+    LaterFragment(Packet),
     /// A TCP or UDP packet to consider.
     Packet(Packet),
 }
@@ -254,15 +273,38 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
             l4_len: l4_len as u16,
             l3_offset,
             l4_offset,
+            piece: Piece::Whole,
+            ip_id: unsafe { (*ip).id },
         };
         return Ok(parse_icmp_error(ctx, outer, l3_offset + tot_len));
     }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Ok(Parsed::NotTcpUdp);
     }
-    if fragment {
-        return Ok(Parsed::Fragment);
-    }
+    let piece = if !fragment {
+        Piece::Whole
+    } else if u16::from_be(unsafe { (*ip).frag_off }) & IP_OFFSET_MASK == 0 {
+        Piece::First
+    } else {
+        // Pointer arithmetic without a dereference: the verifier allows it unchecked.
+        return Ok(Parsed::LaterFragment(Packet {
+            eth,
+            ip,
+            l4: (ctx.data() + l4_offset) as *mut u8,
+            proto,
+            tagged,
+            tcp_flags: 0,
+            src_addr: unsafe { (*ip).src },
+            dst_addr: unsafe { (*ip).dst },
+            src_port: 0,
+            dst_port: 0,
+            l4_len: l4_len as u16,
+            l3_offset,
+            l4_offset,
+            piece: Piece::Later,
+            ip_id: unsafe { (*ip).id },
+        }));
+    };
 
     let mut tcp_flags = 0;
     let l4: *mut u8 = if proto == IPPROTO_TCP {
@@ -276,7 +318,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
     } else {
         let udp: *mut UdpHdr = header_at(ctx, l4_offset)?;
         let udp_len = u16::from_be(unsafe { (*udp).len }) as usize;
-        if udp_len < UDP_HLEN || udp_len > l4_len {
+        // A first fragment holds only the start of the datagram its length counts.
+        if udp_len < UDP_HLEN || (udp_len > l4_len && piece == Piece::Whole) {
             return Err(Drop::Malformed);
         }
         udp.cast()
@@ -298,6 +341,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
         l4_len: l4_len as u16,
         l3_offset,
         l4_offset,
+        piece,
+        ip_id: unsafe { (*ip).id },
     }))
 }
 

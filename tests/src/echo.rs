@@ -133,9 +133,15 @@ pub fn udp_socket(
 /// Sends one datagram on `socket` (from [`udp_socket`]) and reads the reply. Fails unless the
 /// backend saw the client's own address and port.
 pub fn udp_request(socket: &UdpSocket) -> anyhow::Result<Reply> {
+    socket.send(b"ping")?;
+    udp_receive(socket)
+}
+
+/// Reads the reply to a datagram already sent on `socket` (from [`udp_socket`]). Fails unless
+/// the backend saw the client's own address and port.
+pub fn udp_receive(socket: &UdpSocket) -> anyhow::Result<Reply> {
     // Identity replies are a name and an address: far below this.
     const REPLY_BUFFER: usize = 256;
-    socket.send(b"ping")?;
     let mut buffer = [0u8; REPLY_BUFFER];
     let target = socket.peer_addr()?;
     let length = socket

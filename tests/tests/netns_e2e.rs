@@ -1466,3 +1466,29 @@ fn path_mtu_discovery_works_through_a_cluster_ip() {
 /// Bounds the wait for the client's kernel to take in a fragmentation-needed answer.
 const PMTU_POLLS: usize = 50;
 const PMTU_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A UDP datagram larger than the client's link: its kernel sends it in fragments.
+const FRAGMENTED_DATAGRAM: usize = 4000;
+
+#[test]
+fn a_fragmented_datagram_reaches_one_backend_whole() {
+    if !require_root("a_fragmented_datagram_reaches_one_backend_whole") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    let before = cluster.counters();
+    let reply = cluster
+        .client()
+        .run(|| -> anyhow::Result<Reply> {
+            let socket = udp_socket(cluster.client(), UDP_FRONTEND, UdpChecksum::Computed)?;
+            socket.send(&[0x5a; FRAGMENTED_DATAGRAM])?;
+            echo::udp_receive(&socket)
+        })
+        .expect("client thread")
+        .expect("a reply to the fragmented datagram");
+    let moved = moved(&before, &cluster.counters());
+    // The backend answered (so it reassembled the whole datagram), to the client's own address.
+    assert!(backend_index(&reply).is_ok(), "{reply:?}");
+    // Three fragments of 1480 bytes at most: the first chose, the other two followed.
+    assert_eq!(moved.get("fragment_translated"), Some(&2), "{moved:?}");
+}

@@ -27,8 +27,8 @@ use lb::{
     dataplane::{
         self, Dataplane,
         maps::{
-            Capacities, ServiceMaps, open_affinity, open_conntrack, open_ifaces, open_tx_ports,
-            read_counters,
+            Capacities, ServiceMaps, open_affinity, open_conntrack, open_fragments, open_ifaces,
+            open_tx_ports, read_counters,
         },
     },
     desired::{BackendAddr, DesiredState, Frontend},
@@ -37,7 +37,10 @@ use lb::{
 };
 use lb_common::{
     config::{Cidr, DataplaneConfig},
-    conntrack::{DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowKey, FlowState, SEEN_FIN, SEEN_RST},
+    conntrack::{
+        DIRECTION_ORIGINAL, DIRECTION_REPLY, FRAGMENT_LIFETIME_NS, FlowKey, FlowState, FragmentKey,
+        SEEN_FIN, SEEN_RST,
+    },
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
     service::{
         AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, SERVICE_DROP_WHEN_EMPTY, ServiceKey,
@@ -812,6 +815,9 @@ enum Expect {
     Frame(Pkt),
     /// The output is exactly this ICMP error frame, whose checksums are then recomputed.
     Icmp(Vec<u8>),
+    /// The output is exactly this fragment, whose IPv4 checksum is then recomputed (its L4
+    /// checksum covers the reassembled datagram).
+    Fragment(Pkt),
 }
 
 struct Case {
@@ -986,6 +992,17 @@ impl Lab {
             Expect::Icmp(expected) => {
                 assert_frame(case.name, &run.packet, expected);
                 verify_icmp_checksums(case.name, &run.packet);
+            }
+            Expect::Fragment(expected) => {
+                assert_frame(case.name, &run.packet, &expected.bytes());
+                let ip = &run.packet[l3_offset(&run.packet)..];
+                let ihl = usize::from(ip[0] & 0x0f) * 4;
+                assert_eq!(
+                    fold(sum_words(0, &ip[..ihl])),
+                    0xffff,
+                    "{}: IPv4 header checksum does not verify",
+                    case.name
+                );
             }
         }
         assert_counter_deltas(case.name, &before, &after, &case.counters);
@@ -1885,7 +1902,6 @@ fn packets_not_for_a_service_pass_untouched() {
                 .expect("ICMP frame");
             frame
         };
-        let tcp_header_to_vip = Pkt::tcp((CLIENT, CLIENT_PORT), (VIP, VIP_PORT), SYN).l4_bytes();
         let pass = |name, input: Vec<u8>, counter| Case {
             name,
             input,
@@ -1940,16 +1956,11 @@ fn packets_not_for_a_service_pass_untouched() {
             ),
             pass("ICMP echo to the VIP", icmp_echo, Counter::PassNotTcpUdp),
             pass(
-                "non-first fragment to the VIP",
+                "a later fragment whose first fragment never came",
                 client(
                     Pkt::raw(CLIENT, VIP, IPPROTO_TCP, b"middle of a segment")
                         .fragment(false, SECOND_FRAGMENT_OFFSET),
                 ),
-                Counter::PassFragment,
-            ),
-            pass(
-                "first fragment to the VIP (more fragments set)",
-                client(Pkt::raw(CLIENT, VIP, IPPROTO_TCP, &tcp_header_to_vip).fragment(true, 0)),
                 Counter::PassFragment,
             ),
             pass(
@@ -4152,4 +4163,173 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
             assert_eq!(lab.conntrack(), flows, "errors changed conntrack state");
         },
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fragments.
+
+/// Bytes of a fragment's payload per unit of the IPv4 fragment offset.
+const FRAGMENT_UNIT: usize = 8;
+
+/// `datagram` (an L4 header and payload) cut at `cuts` into fragments from `src` to `dst`.
+fn fragments(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, datagram: &[u8], cuts: &[usize]) -> Vec<Pkt> {
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(datagram.len());
+    bounds
+        .windows(2)
+        .map(|range| {
+            let more = range[1] < datagram.len();
+            let offset = u16::try_from(range[0] / FRAGMENT_UNIT).expect("offset");
+            Pkt::raw(src, dst, proto, &datagram[range[0]..range[1]]).fragment(more, offset)
+        })
+        .collect()
+}
+
+#[test]
+fn fragments_follow_their_first_fragment_both_ways() {
+    with_lab("fragments_follow_their_first_fragment_both_ways", |lab| {
+        /// Where the datagrams are cut: multiples of the fragment unit.
+        const CUTS: [usize; 2] = [48, 96];
+        lab.program(&[frontend(
+            "dns",
+            VIP,
+            DNS_PORT,
+            IPPROTO_UDP,
+            &[(BACKEND_A, BACKEND_DNS_PORT)],
+        )]);
+        let (in0, out0) = (lab.in0, lab.out0);
+        let payload: Vec<u8> = (0..100u8).collect();
+        let query =
+            |to: (Ipv4Addr, u16)| Pkt::udp((CLIENT, 48_100), to).payload(&payload).l4_bytes();
+        let reply = |from: (Ipv4Addr, u16)| {
+            Pkt::udp(from, (CLIENT, 48_100))
+                .payload(&payload)
+                .l4_bytes()
+        };
+        let sent = fragments(CLIENT, VIP, IPPROTO_UDP, &query((VIP, DNS_PORT)), &CUTS);
+        let delivered = fragments(
+            CLIENT,
+            BACKEND_A,
+            IPPROTO_UDP,
+            &query((BACKEND_A, BACKEND_DNS_PORT)),
+            &CUTS,
+        );
+        let answered = fragments(
+            BACKEND_A,
+            CLIENT,
+            IPPROTO_UDP,
+            &reply((BACKEND_A, BACKEND_DNS_PORT)),
+            &CUTS,
+        );
+        let received = fragments(VIP, CLIENT, IPPROTO_UDP, &reply((VIP, DNS_PORT)), &CUTS);
+        let from_client = |p: &Pkt| p.clone().eth(CLIENT_MAC, in0.mac);
+        let from_backend = |p: &Pkt| p.clone().eth(BACKEND_A_MAC, out0.mac);
+        let to_backend = |p: &Pkt| p.clone().hop(out0.mac, BACKEND_A_MAC);
+        let to_client = |p: &Pkt| p.clone().hop(in0.mac, CLIENT_MAC);
+        let forwarded = |name, input: Pkt, ingress: Iface, output: Pkt, counters| Case {
+            name,
+            input: input.bytes(),
+            ingress: ingress.index,
+            action: XDP_REDIRECT,
+            output: Expect::Fragment(output),
+            counters,
+        };
+        let service = vec![
+            (Counter::RedirectService, 1),
+            (Counter::FragmentTranslated, 1),
+        ];
+        let replied = vec![
+            (Counter::RedirectReply, 1),
+            (Counter::FragmentTranslated, 1),
+        ];
+        lab.check_all(&[
+            Case {
+                name: "a later fragment before its first: untouched",
+                input: from_client(&sent[1]).bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Unchanged,
+                counters: vec![(Counter::PassFragment, 1)],
+            },
+            forwarded(
+                "the first fragment chooses the backend",
+                from_client(&sent[0]),
+                in0,
+                to_backend(&delivered[0]),
+                vec![(Counter::RedirectService, 1), (Counter::FlowCreated, 1)],
+            ),
+            forwarded(
+                "the middle fragment follows it",
+                from_client(&sent[1]),
+                in0,
+                to_backend(&delivered[1]),
+                service.clone(),
+            ),
+            forwarded(
+                "the last fragment follows it",
+                from_client(&sent[2]),
+                in0,
+                to_backend(&delivered[2]),
+                service.clone(),
+            ),
+            forwarded(
+                "the backend's fragmented reply: first",
+                from_backend(&answered[0]),
+                out0,
+                to_client(&received[0]),
+                vec![(Counter::RedirectReply, 1)],
+            ),
+            forwarded(
+                "the reply's middle fragment",
+                from_backend(&answered[1]),
+                out0,
+                to_client(&received[1]),
+                replied.clone(),
+            ),
+            forwarded(
+                "the reply's last fragment",
+                from_backend(&answered[2]),
+                out0,
+                to_client(&received[2]),
+                replied,
+            ),
+        ]);
+
+        // The reassembled datagram's UDP checksum holds for the backend's addresses.
+        let datagram: Vec<u8> = delivered
+            .iter()
+            .flat_map(|fragment| fragment.payload.clone())
+            .collect();
+        assert_eq!(
+            fold(sum_words(
+                pseudo_header_sum(CLIENT, BACKEND_A, IPPROTO_UDP, datagram.len()),
+                &datagram
+            )),
+            0xffff,
+            "the reassembled datagram's UDP checksum"
+        );
+
+        // Past the reassembly timeout, an identification is another datagram's.
+        let mut entries = open_fragments(&lab.pin_dir).expect("opening LB_FRAGMENTS");
+        let key = FragmentKey {
+            src_addr: wire_addr(CLIENT),
+            dst_addr: wire_addr(VIP),
+            id: IP_ID.to_be(),
+            proto: IPPROTO_UDP,
+            _pad: 0,
+        };
+        let mut entry = entries.get(&key, 0).expect("the datagram's entry");
+        assert_eq!(entry.addr, wire_addr(BACKEND_A));
+        entry.created_ns = monotonic_ns() - FRAGMENT_LIFETIME_NS - 1_000_000_000;
+        entries.insert(key, entry, 0).expect("ageing the entry");
+        lab.check(&Case {
+            name: "a later fragment past the reassembly timeout",
+            input: from_client(&sent[2]).bytes(),
+            ingress: in0.index,
+            action: XDP_PASS,
+            output: Expect::Unchanged,
+            counters: vec![(Counter::PassFragment, 1)],
+        });
+    });
 }

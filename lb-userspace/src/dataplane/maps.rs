@@ -10,13 +10,13 @@ use aya::maps::{
 };
 use lb_common::{
     config::{DataplaneConfig, RejectWindow},
-    conntrack::{FlowKey, FlowState},
+    conntrack::{FlowKey, FlowState, FragmentKey, FragmentValue},
     iface::IfaceConfig,
     limits::{
         CONNTRACK_ENTRIES_PER_FLOW, MAP_AFFINITY, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG,
-        MAP_CONNTRACK, MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
-        MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
-        MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
+        MAP_CONNTRACK, MAP_FRAGMENTS, MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES,
+        MAP_SLOTS, MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS, MAX_AFFINITY, MAX_BACKENDS,
+        MAX_CONNTRACK, MAX_FRAGMENTS, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
     },
     net::{addr_from_wire, addr_to_wire},
     service::{
@@ -101,7 +101,7 @@ impl Capacities {
 }
 
 /// Number of maps in the object.
-pub const MAP_COUNT: usize = 13;
+pub const MAP_COUNT: usize = 14;
 
 /// Every map of the object as this build defines it, with the default [`Capacities`].
 pub const LAYOUTS: [Layout; MAP_COUNT] = [
@@ -190,6 +190,13 @@ pub const LAYOUTS: [Layout; MAP_COUNT] = [
         MAX_SOURCE_RANGES,
     ),
     layout(
+        MAP_FRAGMENTS,
+        MapType::LruHash,
+        size_of::<FragmentKey>(),
+        size_of::<FragmentValue>(),
+        MAX_FRAGMENTS,
+    ),
+    layout(
         MAP_AFFINITY,
         MapType::LruHash,
         size_of::<AffinityKey>(),
@@ -250,6 +257,13 @@ impl ServiceMaps {
             source_ranges: open(pin_dir, MAP_SOURCE_RANGES)?.try_into()?,
         })
     }
+}
+
+/// Opens `LB_FRAGMENTS`.
+pub fn open_fragments(
+    pin_dir: &Path,
+) -> anyhow::Result<HashMap<MapData, FragmentKey, FragmentValue>> {
+    Ok(open(pin_dir, MAP_FRAGMENTS)?.try_into()?)
 }
 
 /// Opens `LB_AFFINITY`.

@@ -31,8 +31,8 @@ use lb_common::{
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
     limits::{
         LINKS_SUBDIR, MAP_AFFINITY, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG, MAP_CONNTRACK,
-        MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS, MAP_SOURCE_RANGES,
-        MAP_STATS, MAP_TX_PORTS,
+        MAP_FRAGMENTS, MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
+        MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS,
     },
 };
 use tracing::{info, warn};
@@ -68,6 +68,7 @@ pub const ALL_MAPS: [&str; maps::MAP_COUNT] = [
     MAP_REJECT_RATE,
     MAP_SOURCE_RANGES,
     MAP_AFFINITY,
+    MAP_FRAGMENTS,
 ];
 
 /// `struct xdp_md`, the context `BPF_PROG_TEST_RUN` takes for XDP programs.
