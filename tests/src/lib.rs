@@ -12,6 +12,7 @@ pub mod agent;
 pub mod capture;
 pub mod echo;
 pub mod leftovers;
+pub mod model;
 pub mod netns;
 pub mod privilege;
 pub mod servers;

@@ -93,7 +93,9 @@ fn remove_test_leftovers() {
 }
 
 fn fixtures() -> anyhow::Result<()> {
-    privileged("xdp_fixtures")
+    privileged("xdp_fixtures")?;
+    // 10,000 random packets against the reference model (LB_DIFFERENTIAL_CASES for more).
+    privileged("differential")
 }
 
 fn end_to_end() -> anyhow::Result<()> {
@@ -137,7 +139,7 @@ const TIERS: [Tier; 7] = [
         run: host,
     },
     Tier {
-        name: "XDP fixtures (BPF_PROG_TEST_RUN)",
+        name: "XDP fixtures and model (BPF_PROG_TEST_RUN)",
         needs_root: true,
         run: fixtures,
     },
