@@ -32,6 +32,9 @@ pub const MAP_CONFIG: &str = "LB_CONFIG";
 pub const MAP_REJECT_RATE: &str = "LB_REJECT_RATE";
 /// Map: `loadBalancerSourceRanges`, an LPM trie. See [`crate::service::SourceRangeKey`].
 pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
+/// Map: node sockets translated at `connect()`/`sendmsg()`. See
+/// [`crate::service::SockRevNatKey`].
+pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
 /// Map: fragmented datagrams in flight. See [`crate::conntrack::FragmentKey`].
 pub const MAP_FRAGMENTS: &str = "LB_FRAGMENTS";
 /// Map: session affinity, client and frontend -> last backend. See
@@ -61,6 +64,9 @@ pub const MAX_SOURCE_RANGES: u32 = 1 << 16;
 /// Fragmented datagrams tracked at once (an LRU: the oldest are forgotten first). Linux keeps at
 /// most 4 MiB of fragments queued per namespace, a few thousand datagrams.
 pub const MAX_FRAGMENTS: u32 = 1 << 14;
+/// Node sockets (and backends) the socket hooks remember (an LRU: the least recently used are
+/// forgotten, which only shows a backend's address to a long-idle UDP socket).
+pub const MAX_SOCK_REVNAT: u32 = 1 << 16;
 /// Conntrack entries each flow takes: one per direction.
 pub const CONNTRACK_ENTRIES_PER_FLOW: u32 = 2;
 /// Interfaces the agent can attach to (and redirect to). A node's pods each add one veth;

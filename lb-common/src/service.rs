@@ -147,6 +147,8 @@ const _: () = {
     assert!(size_of::<ServiceValue>() == 20);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<SourceRangeKey>() == 8);
+    assert!(size_of::<SockRevNatKey>() == 16);
+    assert!(size_of::<SockRevNatValue>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<SlotKey>() == 8);
     assert!(size_of::<Backend>() == 12);
@@ -176,6 +178,33 @@ pub struct AffinityValue {
     pub last_flow_ns: u64,
 }
 
+/// Key of `LB_SOCK_REVNAT`: a node socket translated by the socket hooks, and the backend it was
+/// sent to. Written by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SockRevNatKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`), unique while the socket lives.
+    pub cookie: u64,
+    /// The backend address, network byte order.
+    pub addr: u32,
+    /// The backend port, network byte order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+/// Value of `LB_SOCK_REVNAT`: the frontend the socket asked for, reported back as its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNatValue {
+    /// Frontend address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+
 /// Nanoseconds per second, for `ServiceValue::affinity_timeout_s`.
 pub const NS_PER_SECOND: u64 = 1_000_000_000;
 
@@ -189,5 +218,7 @@ mod user {
     unsafe impl aya::Pod for super::ServiceInfo {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl aya::Pod for super::SockRevNatValue {}
     unsafe impl aya::Pod for super::AffinityValue {}
 }

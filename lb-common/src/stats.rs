@@ -152,6 +152,13 @@ counters! {
     /// Recording a first fragment's translation failed: its later fragments will pass
     /// untranslated.
     FragmentInsertFailed = 38, "fragment_insert_failed", Event;
+    /// A node socket's `connect()` or `sendmsg()` to a frontend went to a backend instead
+    /// (socket hooks; no packet verdict).
+    SockTranslated = 39, "sock_translated", Event;
+    /// A node socket's `connect()` or `sendmsg()` to a frontend without endpoints was refused.
+    SockRefused = 40, "sock_refused", Event;
+    /// Recording a node socket's translation failed: it sees the backend as its peer.
+    SockRevNatInsertFailed = 41, "sock_revnat_insert_failed", Event;
 }
 
 /// Number of entries in `LB_STATS`.

@@ -18,6 +18,7 @@ mod nat;
 mod parse;
 mod reject;
 mod select;
+mod sock;
 mod stats;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};

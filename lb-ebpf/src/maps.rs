@@ -14,11 +14,11 @@ use lb_common::{
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
     limits::{
         MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_INTERFACES, MAX_SERVICES,
-        MAX_SLOTS, MAX_SOURCE_RANGES,
+        MAX_SLOTS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
     },
     service::{
         AffinityKey, AffinityValue, Backend, SOURCE_RANGE_KEY_BITS, ServiceInfo, ServiceKey,
-        ServiceValue, SlotKey, SourceRangeKey,
+        ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SourceRangeKey,
     },
     stats::COUNTER_COUNT,
 };
@@ -74,6 +74,15 @@ pub static LB_SRC_RANGES: LpmTrie<SourceRangeKey, u32, { MAX_SOURCE_RANGES as us
 #[btf_map]
 pub static LB_FRAGMENTS: LruHashMap<FragmentKey, FragmentValue, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
+
+/// Node sockets translated by the socket hooks: `SockRevNatKey` (socket cookie, backend) ->
+/// the frontend to report as the peer. The socket programs write and read; userspace only reads.
+#[btf_map]
+pub static LB_SOCK_REVNAT: LruHashMap<
+    SockRevNatKey,
+    SockRevNatValue,
+    { MAX_SOCK_REVNAT as usize },
+> = LruHashMap::new();
 
 /// Counters: `Counter` index -> packets, per CPU. The program writes; userspace sums the CPUs.
 #[btf_map]

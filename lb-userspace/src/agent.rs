@@ -53,6 +53,8 @@ pub struct AgentOptions {
     pub node_name: String,
     /// Settings handed to the datapath as they are: service CIDRs and the reject rate.
     pub dataplane: DataplaneConfig,
+    /// The cgroup (v2) whose processes' sockets the socket hooks translate; `None`: no hooks.
+    pub socket_cgroup: Option<PathBuf>,
 }
 
 /// The file in the state directory holding the last good objects.
@@ -229,6 +231,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         dataplane.attach(interface, options.veth_redirect)?;
     }
     dataplane.detach_others(&options.interfaces)?;
+    match &options.socket_cgroup {
+        Some(cgroup) => dataplane.attach_sockets(cgroup)?,
+        None => crate::dataplane::detach_sockets(&options.pin_dir)?,
+    }
     for interface in &options.interfaces {
         if system::accept_local(interface)? {
             info!(

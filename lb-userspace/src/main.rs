@@ -91,6 +91,16 @@ enum Command {
         /// they are dropped (`drop_reject_rate_limited`). 0: no limit.
         #[arg(long, default_value_t = lb_common::config::DEFAULT_REJECTS_PER_SECOND)]
         reject_rate: u32,
+        /// The cgroup (v2) directory whose processes' sockets reach Services through the socket
+        /// hooks: a process on the node connecting to a ClusterIP or to a NodePort of the node
+        /// gets a backend at connect() time. Default: the root of the cgroup v2 hierarchy (every
+        /// process of the node).
+        #[arg(long)]
+        socket_cgroup: Option<PathBuf>,
+        /// Leave the node's own sockets alone (no socket hooks; hooks of an earlier agent are
+        /// removed).
+        #[arg(long)]
+        no_socket_hooks: bool,
     },
     /// List the Service frontends and endpoints the dataplane holds (from the pinned maps).
     ///
@@ -146,8 +156,22 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             node_name,
             service_cidr,
             reject_rate,
+            socket_cgroup,
+            no_socket_hooks,
         } => {
             let dataplane = dataplane_config(&service_cidr, reject_rate)?;
+            let socket_cgroup = if no_socket_hooks {
+                None
+            } else {
+                match socket_cgroup.or_else(dataplane::system::cgroup2_root) {
+                    Some(cgroup) => Some(cgroup),
+                    None => anyhow::bail!(
+                        "no cgroup v2 hierarchy is mounted (looked at /sys/fs/cgroup and \
+                         /sys/fs/cgroup/unified): give --socket-cgroup, or --no-socket-hooks to \
+                         leave the node's own sockets untranslated"
+                    ),
+                }
+            };
             let node_name = match node_name {
                 Some(name) => name,
                 None => host_name()?,
@@ -172,6 +196,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 node_port_range: service_node_port_range,
                 node_name,
                 dataplane,
+                socket_cgroup,
             }))
         }
         Command::Services { output } => {

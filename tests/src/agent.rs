@@ -121,6 +121,10 @@ pub struct AgentOptions<'a> {
 /// The flag that lets the program redirect into veths: the harness's topologies enable GRO on
 /// every veth peer, which is what such redirects need.
 pub const REDIRECT_VETH: &str = "--xdp-redirect-veth";
+/// `lb agent` flag: no socket hooks.
+pub const NO_SOCKET_HOOKS: &str = "--no-socket-hooks";
+/// `lb agent` flag: the cgroup the socket hooks apply to.
+pub const SOCKET_CGROUP: &str = "--socket-cgroup";
 
 /// A running `lb agent`; stopped (SIGTERM, then SIGKILL) on drop. The dataplane it attached
 /// stays until `lb reset`.
@@ -153,6 +157,11 @@ impl Agent {
             .arg("--state-dir")
             .arg(options.state_dir)
             .args(options.extra_args)
+            .args(
+                // Socket hooks only where a test gives them a cgroup of its own: by default they
+                // would apply to every process of the host.
+                (!options.extra_args.contains(&SOCKET_CGROUP)).then_some(NO_SOCKET_HOOKS),
+            )
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file);

@@ -88,7 +88,9 @@ impl Scratch {
             .args(["agent", "--interfaces", interface, "--manifests"])
             .arg(manifests)
             .arg("--state-dir")
-            .arg(self.workdir.join("state"));
+            .arg(self.workdir.join("state"))
+            // The socket hooks would apply to the whole host's cgroup.
+            .arg(lb_tests::agent::NO_SOCKET_HOOKS);
         command
     }
 

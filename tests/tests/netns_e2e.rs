@@ -1492,3 +1492,135 @@ fn a_fragmented_datagram_reaches_one_backend_whole() {
     // Three fragments of 1480 bytes at most: the first chose, the other two followed.
     assert_eq!(moved.get("fragment_translated"), Some(&2), "{moved:?}");
 }
+
+/// A cgroup (v2) of the test's own, removed on drop (once its processes are gone).
+struct CgroupGuard(PathBuf);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Runs `script` with bash in the node's namespace, inside `cgroup`; returns its output.
+fn node_shell(cluster: &Cluster, cgroup: &std::path::Path, script: &str) -> std::process::Output {
+    use std::{io::Write as _, os::unix::process::CommandExt as _};
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .expect("cgroup.procs");
+    let mut command = cluster.topology.node.command("bash").expect("command");
+    command.arg("-c").arg(script);
+    // SAFETY: write(2) is async-signal-safe; `procs` stays open until exec. Writing 0 moves the
+    // writing process into the cgroup.
+    unsafe {
+        command.pre_exec(move || {
+            let mut file = &procs;
+            file.write_all(b"0\n")
+        });
+    }
+    command.output().expect("bash")
+}
+
+#[test]
+fn the_node_s_own_sockets_reach_cluster_ips_and_node_ports() {
+    if !require_root("the_node_s_own_sockets_reach_cluster_ips_and_node_ports") {
+        return;
+    }
+    let Some(root) = lb::dataplane::system::cgroup2_root() else {
+        println!("SKIP the_node_s_own_sockets_reach_cluster_ips_and_node_ports: no cgroup v2");
+        return;
+    };
+    let cgroup = CgroupGuard(root.join(unique_prefix(leftovers::TESTS)));
+    std::fs::create_dir(&cgroup.0).expect("creating a cgroup");
+    let cgroup_arg: &'static str = Box::leak(cgroup.0.display().to_string().into_boxed_str());
+    let args: &'static [&'static str] = Box::leak(Box::new([
+        REDIRECT_VETH,
+        lb_tests::agent::SOCKET_CGROUP,
+        cgroup_arg,
+    ]));
+    let cluster = Cluster::start(Setup {
+        agent_args: args,
+        ..Setup::default()
+    })
+    .expect("cluster");
+    std::fs::write(
+        cluster.manifests().join("echo.yaml"),
+        node_port_echo_manifest(),
+    )
+    .expect("edit");
+    let node_port = SocketAddr::from((NODE_CLIENT_SIDE, TCP_NODE_PORT));
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster
+            .frontends()
+            .contains(&node_port.to_string())),
+        "{:?}",
+        cluster.frontends()
+    );
+    let before = cluster.counters();
+    let script = format!(
+        "for i in $(seq {FLOWS}); do
+           exec 3<>/dev/tcp/{CLUSTER_IP}/{TCP_PORT} && echo ping >&3 && read -r line <&3 && echo \"TCP $line\"
+           exec 3<&-
+         done
+         exec 3<>/dev/tcp/{NODE_CLIENT_SIDE}/{TCP_NODE_PORT} && echo ping >&3 && read -r line <&3 && echo \"NODEPORT $line\"
+         exec 3<&-
+         exec 4<>/dev/udp/{CLUSTER_IP}/{UDP_PORT} && printf ping >&4
+         read -r -t 3 line <&4; echo \"UDP $line\""
+    );
+    let output = node_shell(&cluster, &cgroup.0, &script);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let moved = moved(&before, &cluster.counters());
+    let backends = |kind: &str| -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::new();
+        for line in stdout.lines().filter_map(|line| line.strip_prefix(kind)) {
+            let name = line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        seen
+    };
+    let tcp = backends("TCP ");
+    assert_eq!(
+        tcp.values().sum::<usize>(),
+        FLOWS,
+        "stdout {stdout}\nstderr {}\ncounters {moved:?}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        tcp.len(),
+        BACKENDS,
+        "the node's connections reached only {tcp:?}"
+    );
+    assert_eq!(backends("NODEPORT ").values().sum::<usize>(), 1, "{stdout}");
+    assert_eq!(backends("UDP ").values().sum::<usize>(), 1, "{stdout}");
+    // Every socket was translated before a packet left: none reached the XDP program.
+    assert_eq!(
+        moved.get("sock_translated"),
+        Some(&(FLOWS as u64 + 2)),
+        "{moved:?}"
+    );
+    assert_eq!(moved.get("flow_created"), None, "{moved:?}");
+
+    // A Service without endpoints refuses the node's sockets.
+    std::fs::write(cluster.manifests().join("echo.yaml"), echo_manifest(&[])).expect("edit");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints().is_empty()),
+        "{:?}",
+        cluster.tcp_endpoints()
+    );
+    let output = node_shell(
+        &cluster,
+        &cgroup.0,
+        &format!("exec 3<>/dev/tcp/{CLUSTER_IP}/{TCP_PORT}"),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "connected to a Service without endpoints"
+    );
+    assert!(stderr.contains("Operation not permitted"), "{stderr}");
+}

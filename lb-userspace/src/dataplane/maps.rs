@@ -15,13 +15,15 @@ use lb_common::{
     limits::{
         CONNTRACK_ENTRIES_PER_FLOW, MAP_AFFINITY, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG,
         MAP_CONNTRACK, MAP_FRAGMENTS, MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES,
-        MAP_SLOTS, MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS, MAX_AFFINITY, MAX_BACKENDS,
-        MAX_CONNTRACK, MAX_FRAGMENTS, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
+        MAP_SLOTS, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS, MAX_AFFINITY,
+        MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS,
+        MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
     },
     net::{addr_from_wire, addr_to_wire},
     service::{
         AffinityKey, AffinityValue, Backend, CLUSTER_IP_ALLOCATED, SOURCE_RANGE_ALLOWED,
-        SOURCE_RANGE_ID_BITS, ServiceInfo, ServiceKey, ServiceValue, SlotKey, SourceRangeKey,
+        SOURCE_RANGE_ID_BITS, ServiceInfo, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
+        SockRevNatValue, SourceRangeKey,
     },
     stats::{COUNTER_COUNT, Counter},
 };
@@ -101,7 +103,7 @@ impl Capacities {
 }
 
 /// Number of maps in the object.
-pub const MAP_COUNT: usize = 14;
+pub const MAP_COUNT: usize = 15;
 
 /// Every map of the object as this build defines it, with the default [`Capacities`].
 pub const LAYOUTS: [Layout; MAP_COUNT] = [
@@ -195,6 +197,13 @@ pub const LAYOUTS: [Layout; MAP_COUNT] = [
         size_of::<FragmentKey>(),
         size_of::<FragmentValue>(),
         MAX_FRAGMENTS,
+    ),
+    layout(
+        MAP_SOCK_REVNAT,
+        MapType::LruHash,
+        size_of::<SockRevNatKey>(),
+        size_of::<SockRevNatValue>(),
+        MAX_SOCK_REVNAT,
     ),
     layout(
         MAP_AFFINITY,

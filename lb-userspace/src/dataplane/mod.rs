@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        TestRun as _, TestRunOptions, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         xdp::XdpLink,
     },
@@ -32,7 +32,7 @@ use lb_common::{
     limits::{
         LINKS_SUBDIR, MAP_AFFINITY, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG, MAP_CONNTRACK,
         MAP_FRAGMENTS, MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
-        MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS,
+        MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS,
     },
 };
 use tracing::{info, warn};
@@ -53,6 +53,17 @@ pub const FLOOR_PROGRAM_NAME: &str = "lb_floor";
 /// Name of the XDP program inside the object.
 pub const PROGRAM_NAME: &str = "lb_xdp";
 
+/// The socket-hook programs (cgroup `sock_addr`) inside the object; see `lb-ebpf/src/sock.rs`.
+pub const SOCKET_PROGRAMS: [&str; 4] = [
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+    "lb_getpeername4",
+];
+
+/// Subdirectory of the pin directory holding one pinned link per socket-hook program.
+pub const SOCKET_LINKS_SUBDIR: &str = "socket-links";
+
 /// Every map of the object; each is pinned at `<pin dir>/<name>`.
 pub const ALL_MAPS: [&str; maps::MAP_COUNT] = [
     MAP_SERVICES,
@@ -69,6 +80,7 @@ pub const ALL_MAPS: [&str; maps::MAP_COUNT] = [
     MAP_SOURCE_RANGES,
     MAP_AFFINITY,
     MAP_FRAGMENTS,
+    MAP_SOCK_REVNAT,
 ];
 
 /// `struct xdp_md`, the context `BPF_PROG_TEST_RUN` takes for XDP programs.
@@ -163,6 +175,17 @@ impl Dataplane {
             .load()
             .map_err(system::explain_bpf_error)
             .context("loading the XDP program into the kernel (verifier)")?;
+        for name in SOCKET_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the object has no program {name}"))?
+                .try_into()
+                .with_context(|| format!("{name} is not a cgroup socket program"))?;
+            program
+                .load()
+                .map_err(system::explain_bpf_error)
+                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+        }
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -258,6 +281,42 @@ impl Dataplane {
         maps::open_config(&self.pin_dir)?
             .set(0, config, 0)
             .context("writing the dataplane settings")
+    }
+
+    /// Attaches the socket hooks to the cgroup (v2) directory `cgroup`, so that every socket of
+    /// the processes below it reaches Services like packets do. Links pinned by an earlier agent
+    /// are replaced.
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        let links_dir = self.pin_dir.join(SOCKET_LINKS_SUBDIR);
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating {}", links_dir.display()))?;
+        let cgroup_dir = fs::File::open(cgroup)
+            .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+        for name in SOCKET_PROGRAMS {
+            let link_pin = links_dir.join(name);
+            if link_pin.exists() {
+                // The old program detaches with its pin; the new one attaches right after.
+                fs::remove_file(&link_pin)
+                    .with_context(|| format!("removing {}", link_pin.display()))?;
+            }
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} vanished"))?
+                .try_into()?;
+            // A BPF link (flags 0, what `Single` maps to) always sits beside other programs on
+            // the cgroup; the kernel refuses the multi-attach flag on links.
+            let link_id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(system::explain_bpf_error)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link = FdLink::try_from(program.take_link(link_id)?)
+                .context("the kernel attached a socket hook without a BPF link (needs 5.7+)")?;
+            link.pin(&link_pin)
+                .with_context(|| format!("pinning {}", link_pin.display()))?;
+        }
+        info!(cgroup = %cgroup.display(), "socket hooks attached");
+        Ok(())
     }
 
     /// Runs the loaded program once on `packet` with `BPF_PROG_TEST_RUN`, as if it had arrived on
@@ -377,6 +436,24 @@ pub fn detach(pin_dir: &Path, interface: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Detaches the socket hooks by unpinning their links.
+pub fn detach_sockets(pin_dir: &Path) -> anyhow::Result<()> {
+    let links_dir = pin_dir.join(SOCKET_LINKS_SUBDIR);
+    if !links_dir.exists() {
+        return Ok(());
+    }
+    for name in SOCKET_PROGRAMS {
+        let link_pin = links_dir.join(name);
+        if link_pin.exists() {
+            fs::remove_file(&link_pin)
+                .with_context(|| format!("removing {}", link_pin.display()))?;
+        }
+    }
+    fs::remove_dir(&links_dir).with_context(|| format!("removing {}", links_dir.display()))?;
+    info!("socket hooks detached");
+    Ok(())
+}
+
 /// Removes everything `lb` pinned under `pin_dir`: the links (which detaches the program from
 /// every interface) and the maps (which forgets every Service and tracked flow).
 pub fn reset(pin_dir: &Path) -> anyhow::Result<()> {
@@ -398,6 +475,7 @@ pub fn reset(pin_dir: &Path) -> anyhow::Result<()> {
     if links_dir.exists() {
         fs::remove_dir(&links_dir).with_context(|| format!("removing {}", links_dir.display()))?;
     }
+    detach_sockets(pin_dir)?;
     for name in ALL_MAPS {
         let path = pin_dir.join(name);
         if path.exists() {

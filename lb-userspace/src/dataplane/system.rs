@@ -1,7 +1,12 @@
 //! The host facts the dataplane depends on, checked up front so that a missing privilege, an
 //! unmounted bpffs or a mistyped interface ends in one sentence saying what to do, not an errno.
 
-use std::{error::Error as StdError, ffi::CString, fs, io, path::Path};
+use std::{
+    error::Error as StdError,
+    ffi::CString,
+    fs, io,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, anyhow, bail};
 
@@ -255,3 +260,25 @@ pub fn interface_driver(interface: &str) -> anyhow::Result<String> {
 /// The driver name of virtual Ethernet pairs: their traffic comes from local sockets (pods), and
 /// redirecting into one needs its peer to run NAPI (GRO or an XDP program on the peer).
 pub const VETH_DRIVER: &str = "veth";
+
+/// `statfs` magic of a cgroup v2 file system.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Where the cgroup v2 hierarchy's root is mounted: `/sys/fs/cgroup` on unified hosts, its
+/// `unified` directory on hybrid ones; `None` without cgroup v2.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|path| is_cgroup2(path))
+}
+
+fn is_cgroup2(path: &Path) -> bool {
+    let Ok(text) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path and a zeroed statfs the call fills.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let result = unsafe { libc::statfs(text.as_ptr(), &mut stat) };
+    result == 0 && stat.f_type as i64 == CGROUP2_SUPER_MAGIC
+}
