@@ -41,6 +41,11 @@ pub struct DataplaneConfig {
     pub service_cidr_count: u32,
     /// ICMP errors (rejects) each CPU may send per second; 0: no limit.
     pub rejects_per_second: u32,
+    /// Cookie of the node's network namespace (`SO_NETNS_COOKIE`): the socket hooks translate
+    /// only sockets in it. A pod's sockets, in namespaces of their own, reach Services through
+    /// XDP like any packet, with source ranges, affinity and ICMP rejects. 0: no socket is
+    /// translated.
+    pub netns_cookie: u64,
 }
 
 impl DataplaneConfig {
@@ -70,7 +75,7 @@ pub const REJECT_WINDOW_NS: u64 = 1_000_000_000;
 
 const _: () = {
     assert!(size_of::<Cidr>() == 8);
-    assert!(size_of::<DataplaneConfig>() == 8 * MAX_SERVICE_CIDRS + 8);
+    assert!(size_of::<DataplaneConfig>() == 8 * MAX_SERVICE_CIDRS + 16);
     assert!(size_of::<RejectWindow>() == 16);
 };
 

@@ -19,7 +19,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup, xdp_action,
     },
-    helpers::bpf_fib_lookup as fib_lookup,
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup},
     programs::XdpContext,
 };
 use lb_common::{checksum::replace_u16, net::IPPROTO_ICMP, stats::Counter};
@@ -138,10 +138,18 @@ fn route(
             0,
         )
     } as u32;
+    // Answered here only when the kernel would answer it too: DF set, TTL not expiring (Linux
+    // checks the TTL first), and a packet as it came off the wire. One larger than its own
+    // ingress link is an aggregate that generic XDP sees after GRO, whose segments fit: the
+    // stack segments it.
     let too_big = || {
         let dont_fragment = u16::from_be(unsafe { (*ip).frag_off }) & IP_DONT_FRAGMENT != 0;
+        let ttl_ok = unsafe { (*ip).ttl } >= MIN_FORWARD_TTL;
+        let mut ingress_mtu: u32 = 0;
+        // SAFETY: ifindex 0 is the context's own device; the helper writes its MTU.
+        let off_the_wire = unsafe { bpf_check_mtu(ctx.as_ptr(), 0, &mut ingress_mtu, 0, 0) } == 0;
         // SAFETY: on FRAG_NEEDED the lookup wrote the MTU over the length it read.
-        (dont_fragment && packet.proto != IPPROTO_ICMP)
+        (dont_fragment && packet.proto != IPPROTO_ICMP && ttl_ok && off_the_wire)
             .then_some(unsafe { params.__bindgen_anon_1.mtu_result })
     };
     if partial {

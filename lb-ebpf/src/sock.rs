@@ -9,13 +9,18 @@
 //! socket in `LB_SOCK_REVNAT` (socket cookie and backend -> frontend): `recvmsg()` reports a UDP
 //! reply's source as the frontend, `getpeername()` the frontend too.
 //!
+//! Only sockets of the node's own network namespace are translated (`DataplaneConfig::
+//! netns_cookie`): the hooks sit on a cgroup that also holds the pods, whose sockets live in
+//! namespaces of their own and must reach Services through XDP, with everything that applies
+//! there (source ranges, affinity, ICMP rejects).
+//!
 //! A frontend with no endpoint refuses the socket (`connect()` or `sendmsg()` fails with EPERM,
 //! the only error a socket hook can give). Source ranges and session affinity do not apply to
 //! the node's own sockets (the client address is not chosen yet at `connect()`).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_sock_addr},
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -26,7 +31,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{LB_SLOTS, LB_SOCK_REVNAT, lookup_backend, lookup_service},
+    maps::{LB_SLOTS, LB_SOCK_REVNAT, config, lookup_backend, lookup_service},
     stats::count,
 };
 
@@ -63,11 +68,18 @@ fn protocol(addr: *const bpf_sock_addr) -> Option<u8> {
     (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP).then_some(protocol)
 }
 
+/// Whether the socket behind `ctx` lives in the node's network namespace.
+#[inline(always)]
+fn on_the_node(ctx: &SockAddrContext) -> bool {
+    let node = config().netns_cookie;
+    node != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == node
+}
+
 /// Rewrites the destination of a `connect()` or `sendmsg()` to a Service frontend.
 #[inline(always)]
 fn translate(ctx: &SockAddrContext) -> i32 {
     let addr = ctx.sock_addr;
-    if unsafe { (*addr).user_family } != AF_INET {
+    if unsafe { (*addr).user_family } != AF_INET || !on_the_node(ctx) {
         return ALLOW;
     }
     let Some(proto) = protocol(addr) else {

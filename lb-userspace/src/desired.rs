@@ -379,39 +379,24 @@ fn load_balancer_ips(service: &Service, note: &mut impl FnMut(String)) -> Vec<Ip
     addrs
 }
 
-/// The annotation that carried `loadBalancerSourceRanges` before the field existed; kube-proxy
-/// still reads it when the field is empty.
-pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
-
-/// A LoadBalancer Service's `loadBalancerSourceRanges` (or, when the field is empty, its legacy
-/// annotation), IPv4 prefixes with the host bits cleared, sorted and without duplicates; `None`
-/// when it sets none. IPv6 prefixes are noted and skipped: they admit no IPv4 client.
+/// A LoadBalancer Service's `loadBalancerSourceRanges`, trimmed as kube-proxy trims them, as
+/// IPv4 prefixes with the host bits cleared, sorted and without duplicates; `None` when it sets
+/// none. IPv6 prefixes are noted and skipped: they admit no IPv4 client. (The legacy
+/// `service.beta.kubernetes.io/load-balancer-source-ranges` annotation is for cloud load
+/// balancers; kube-proxy does not read it, and neither does lb.)
 fn load_balancer_source_ranges(
     service: &Service,
     note: &mut impl FnMut(String),
 ) -> Option<Vec<Ipv4Cidr>> {
-    let spec = service.spec.as_ref();
-    let from_field: Vec<String> = spec
-        .and_then(|spec| spec.load_balancer_source_ranges.clone())
-        .unwrap_or_default();
-    let texts = if from_field.is_empty() {
-        service
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|annotations| annotations.get(SOURCE_RANGES_ANNOTATION))
-            .map(|value| {
-                value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|text| !text.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
-    } else {
-        from_field
-    };
+    let texts: Vec<&str> = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.load_balancer_source_ranges.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|text| text.trim())
+        .filter(|text| !text.is_empty())
+        .collect();
     if texts.is_empty() {
         return None;
     }

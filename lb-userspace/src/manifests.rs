@@ -22,7 +22,7 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
 
-use crate::{desired::SOURCE_RANGES_ANNOTATION, node::Ipv4Cidr};
+use crate::node::Ipv4Cidr;
 
 /// The kinds the load balancer reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -717,20 +717,11 @@ fn validate_service(service: &Service) -> Result<(), FieldError> {
         .flatten()
         .enumerate()
     {
-        check_cidr(&format!("spec.loadBalancerSourceRanges[{index}]"), range)?;
-    }
-    if let Some(ranges) = service
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|annotations| annotations.get(SOURCE_RANGES_ANNOTATION))
-    {
-        for range in ranges.split(',').map(str::trim).filter(|r| !r.is_empty()) {
-            check_cidr(
-                &format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"),
-                range,
-            )?;
-        }
+        // The API server accepts (and kube-proxy trims) surrounding spaces.
+        check_cidr(
+            &format!("spec.loadBalancerSourceRanges[{index}]"),
+            range.trim(),
+        )?;
     }
     let affinity_timeout = spec
         .session_affinity_config

@@ -83,6 +83,7 @@ pub fn dataplane_config(
     let mut config = DataplaneConfig {
         rejects_per_second,
         service_cidr_count: service_cidrs.len() as u32,
+        netns_cookie: netns_cookie()?,
         ..DataplaneConfig::default()
     };
     for (slot, cidr) in config.service_cidrs.iter_mut().zip(service_cidrs) {
@@ -98,6 +99,30 @@ pub fn dataplane_config(
         };
     }
     Ok(config)
+}
+
+/// The cookie of the calling thread's network namespace (Linux 5.14+), which the socket hooks
+/// compare a socket's with.
+pub fn netns_cookie() -> anyhow::Result<u64> {
+    let socket = std::net::UdpSocket::bind(("127.0.0.1", 0))
+        .context("opening a socket to read the network namespace's cookie")?;
+    let mut cookie: u64 = 0;
+    let mut length = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and a u64 of the size given, which the kernel fills.
+    let result = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut length,
+        )
+    };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading SO_NETNS_COOKIE (needs Linux 5.14)");
+    }
+    Ok(cookie)
 }
 
 /// Parses `--service-node-port-range` (`30000-32767`).

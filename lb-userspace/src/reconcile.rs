@@ -725,6 +725,9 @@ impl Reconciler {
         // after it (as garbage, deleted at the end of the reconciliation).
         let ranges: BTreeSet<Ipv4Cidr> = frontend.source_ranges.iter().flatten().copied().collect();
         for range in ranges.difference(&live.source_ranges) {
+            // A deletion of the same range still pending (it failed earlier) must not undo this.
+            self.garbage
+                .remove(&Garbage::SourceRange(service_id, *range));
             store.run(|store| store.set_source_range(service_id, *range))?;
             if let Some(entry) = self.live.get_mut(&key) {
                 entry.source_ranges.insert(*range);
@@ -773,21 +776,23 @@ impl Reconciler {
                 .filter(|id| !ids.contains(id) && !draining.values().any(|kept| kept == *id))
                 .map(|id| Garbage::Backend(*id)),
         );
-        // An endpoint that left the set but stays for its flows: affinity no longer leads to it.
-        // Flagged after the switch took its slot; until then the flag is harmless.
-        for (backend, id) in &draining {
-            if !live.draining.contains_key(backend) {
-                let value = backend_entry(service_id, backend, true);
-                store.run(|store| store.set_backend(*id, &value))?;
-            }
-        }
         for range in live.source_ranges.difference(&ranges) {
             self.garbage
                 .insert(Garbage::SourceRange(service_id, *range));
         }
         let entry = self.live.get_mut(&key).context("frontend vanished")?;
-        entry.draining = draining;
+        entry.draining = draining.clone();
         entry.source_ranges.retain(|range| ranges.contains(range));
+        // An endpoint that left the set but stays for its flows: affinity no longer leads to it.
+        // Flagged after the switch took its slot (until then the flag is harmless), and recorded
+        // as draining first: a failed write leaves the frontend dirty, and a dirty frontend gets
+        // every draining flag written again.
+        for (backend, id) in &draining {
+            if live.dirty || !live.draining.contains_key(backend) {
+                let value = backend_entry(service_id, backend, true);
+                store.run(|store| store.set_backend(*id, &value))?;
+            }
+        }
         let info = service_info(frontend);
         if live.info != Some(info) {
             let result = store.run(|store| store.set_info(service_id, &info));

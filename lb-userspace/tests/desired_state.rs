@@ -1126,13 +1126,18 @@ fn load_balancer_source_ranges_guard_only_the_load_balancer_ips() {
         ]
     );
 
-    // The legacy annotation counts when the field is empty.
+    // Spaces around an entry are trimmed, as kube-proxy does; the legacy annotation is for cloud
+    // load balancers and is not read, as kube-proxy does not read it.
     let (by_addr, _) = ranges_at(with(
-        "",
-        ", annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: \
-         '192.0.2.0/24, 10.1.2.3/8'}",
+        "  loadBalancerSourceRanges: [' 192.0.2.0/24 ', 10.1.2.3/8]\n",
+        ", annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: 198.51.100.0/24}",
     ));
     assert_eq!(by_addr[3], (Ipv4Addr::new(203, 0, 113, 9), guarded));
+    let (by_addr, _) = ranges_at(with(
+        "",
+        ", annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: 198.51.100.0/24}",
+    ));
+    assert_eq!(by_addr[3], (Ipv4Addr::new(203, 0, 113, 9), None));
 
     // Only IPv6 ranges: no IPv4 client is admitted (closed, not open), and it is said.
     let (by_addr, notes) = ranges_at(with("  loadBalancerSourceRanges: ['2001:db8::/32']\n", ""));

@@ -1289,3 +1289,54 @@ fn source_ranges_are_written_before_their_flag_and_withdrawn_after_it() {
     assert_eq!(swept, 1);
     assert!(orphaned.source_ranges.is_empty());
 }
+
+#[test]
+fn a_range_added_back_while_its_deletion_is_pending_stays() {
+    let cidr = |text: &str| text.parse::<Ipv4Cidr>().expect("a CIDR");
+    let guarded = |ranges: &[&str]| Frontend {
+        source_ranges: Some(ranges.iter().map(|r| cidr(r)).collect()),
+        ..web(backends(&["10.1.0.1"], 8080))
+    };
+    let (mut reconciler, store) = programmed(&state(&[guarded(&["10.0.0.0/8"])]));
+    let service_id = store.services[&guarded(&[]).key()].service_id;
+    // {A} -> {B} while deleting A fails: the deletion stays pending.
+    let mut store = Recording::failing(store, |call| matches!(call, Call::DeleteSourceRange(..)));
+    let summary = reconciler.reconcile(&state(&[guarded(&["192.0.2.0/24"])]), &mut store);
+    assert_eq!(summary.errors.len(), 1, "{:?}", summary.errors);
+    // {B} -> {A, B} with deletes working again: A must stay.
+    store.fail_when = Box::new(|_| false);
+    let both = state(&[guarded(&["10.0.0.0/8", "192.0.2.0/24"])]);
+    assert_clean(&reconciler.reconcile(&both, &mut store));
+    assert!(
+        store
+            .inner
+            .source_ranges
+            .contains(&(service_id, cidr("10.0.0.0/8"))),
+        "{:?}",
+        store.calls
+    );
+    assert_store_holds(&store.inner, &both);
+}
+
+#[test]
+fn a_failed_draining_flag_is_written_again() {
+    let (mut reconciler, store) =
+        programmed(&state(&[web_draining(&["10.1.0.1", "10.1.0.2"], &[])]));
+    let second = ids(&store, &web(Vec::new()).key())[&backend("10.1.0.2", 8080)];
+    let mut store = Recording::failing(
+        store,
+        move |call| matches!(call, Call::SetBackend(id, _) if *id == second),
+    );
+    let drained = state(&[web_draining(&["10.1.0.1"], &["10.1.0.2"])]);
+    let summary = reconciler.reconcile(&drained, &mut store);
+    assert_eq!(summary.errors.len(), 1, "{:?}", summary.errors);
+    store.fail_when = Box::new(|_| false);
+    assert_clean(&reconciler.reconcile(&drained, &mut store));
+    assert_eq!(
+        store.inner.backends[&second].flags,
+        BACKEND_ACTIVE | BACKEND_DRAINING
+    );
+    assert_store_holds(&store.inner, &drained);
+    // Once written, nothing more.
+    assert_eq!(reconciler.reconcile(&drained, &mut store).writes, 0);
+}

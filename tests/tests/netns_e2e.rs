@@ -1502,14 +1502,14 @@ impl Drop for CgroupGuard {
     }
 }
 
-/// Runs `script` with bash in the node's namespace, inside `cgroup`; returns its output.
-fn node_shell(cluster: &Cluster, cgroup: &std::path::Path, script: &str) -> std::process::Output {
+/// Runs `script` with bash in `netns`, inside `cgroup`; returns its output.
+fn shell_in(netns: &Netns, cgroup: &std::path::Path, script: &str) -> std::process::Output {
     use std::{io::Write as _, os::unix::process::CommandExt as _};
     let procs = std::fs::OpenOptions::new()
         .write(true)
         .open(cgroup.join("cgroup.procs"))
         .expect("cgroup.procs");
-    let mut command = cluster.topology.node.command("bash").expect("command");
+    let mut command = netns.command("bash").expect("command");
     command.arg("-c").arg(script);
     // SAFETY: write(2) is async-signal-safe; `procs` stays open until exec. Writing 0 moves the
     // writing process into the cgroup.
@@ -1568,7 +1568,7 @@ fn the_node_s_own_sockets_reach_cluster_ips_and_node_ports() {
          exec 4<>/dev/udp/{CLUSTER_IP}/{UDP_PORT} && printf ping >&4
          read -r -t 3 line <&4; echo \"UDP $line\""
     );
-    let output = node_shell(&cluster, &cgroup.0, &script);
+    let output = shell_in(&cluster.topology.node, &cgroup.0, &script);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let moved = moved(&before, &cluster.counters());
     let backends = |kind: &str| -> BTreeMap<String, usize> {
@@ -1605,6 +1605,25 @@ fn the_node_s_own_sockets_reach_cluster_ips_and_node_ports() {
     );
     assert_eq!(moved.get("flow_created"), None, "{moved:?}");
 
+    // A process in the same cgroup but another network namespace (a pod) is left to XDP, where
+    // everything that applies to packets applies to it.
+    let before = cluster.counters();
+    let output = shell_in(
+        cluster.client(),
+        &cgroup.0,
+        &format!(
+            "exec 3<>/dev/tcp/{CLUSTER_IP}/{TCP_PORT} && echo ping >&3 && read -r line <&3 && \
+             echo \"TCP $line\""
+        ),
+    );
+    let through_xdp = self::moved(&before, &cluster.counters());
+    assert!(
+        String::from_utf8_lossy(&output.stdout).starts_with("TCP backend-"),
+        "{output:?}"
+    );
+    assert_eq!(through_xdp.get("sock_translated"), None, "{through_xdp:?}");
+    assert_eq!(through_xdp.get("flow_created"), Some(&1), "{through_xdp:?}");
+
     // A Service without endpoints refuses the node's sockets.
     std::fs::write(cluster.manifests().join("echo.yaml"), echo_manifest(&[])).expect("edit");
     assert!(
@@ -1612,8 +1631,8 @@ fn the_node_s_own_sockets_reach_cluster_ips_and_node_ports() {
         "{:?}",
         cluster.tcp_endpoints()
     );
-    let output = node_shell(
-        &cluster,
+    let output = shell_in(
+        &cluster.topology.node,
         &cgroup.0,
         &format!("exec 3<>/dev/tcp/{CLUSTER_IP}/{TCP_PORT}"),
     );

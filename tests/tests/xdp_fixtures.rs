@@ -123,6 +123,8 @@ const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 3);
 const ROUTED_SUBNET: &str = "10.1.2.0/24";
 const ROUTED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 5);
 const ROUTED_MTU: usize = 600;
+/// Bytes past the route MTU that also exceed the lab links' 1,500-byte MTU.
+const AGGREGATE_EXTRA: usize = 1000;
 /// On side0, which is not a TX port.
 const SIDE_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 2, 2, 2);
 const SIDE_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x06];
@@ -2332,6 +2334,9 @@ fn forwarding_decisions() {
         let fits = at_route_mtu(41_007, 0);
         let too_big = at_route_mtu(41_008, 1);
         let too_big_no_df = at_route_mtu(41_013, 1).may_fragment();
+        let too_big_expiring = at_route_mtu(41_014, 1).ttl(1);
+        // Larger than the ingress link itself: what generic XDP sees of a GRO aggregate.
+        let aggregate = at_route_mtu(41_015, AGGREGATE_EXTRA);
         let side = syn(41_009, VIP_SIDE);
         let reply = Pkt::tcp((BACKEND_A, BACKEND_PORT), (CLIENT, 41_001), SYN | ACK)
             .eth(BACKEND_A_MAC, out0.mac);
@@ -2442,6 +2447,22 @@ fn forwarding_decisions() {
                     },
                 )),
                 counters: vec![(Counter::RejectFragNeeded, 1), (Counter::FlowCreated, 1)],
+            },
+            Case {
+                name: "too big with DF but TTL 1: the kernel answers time exceeded first",
+                input: too_big_expiring.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(too_big_expiring.clone().to(ROUTED_BACKEND, BACKEND_PORT)),
+                counters: stack(Counter::StackFragNeeded),
+            },
+            Case {
+                name: "an aggregate larger than its ingress link: the kernel segments it",
+                input: aggregate.bytes(),
+                ingress: in0.index,
+                action: XDP_PASS,
+                output: Expect::Frame(aggregate.clone().to(ROUTED_BACKEND, BACKEND_PORT)),
+                counters: stack(Counter::StackFragNeeded),
             },
             Case {
                 name: "one byte over the route MTU without DF: the kernel fragments",
