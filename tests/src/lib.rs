@@ -17,3 +17,4 @@ pub mod netns;
 pub mod privilege;
 pub mod servers;
 pub mod topology;
+pub mod two_nodes;

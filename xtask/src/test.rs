@@ -100,6 +100,7 @@ fn fixtures() -> anyhow::Result<()> {
 
 fn end_to_end() -> anyhow::Result<()> {
     privileged("netns_e2e")?;
+    privileged("two_nodes")?;
     privileged("agent_cli")
 }
 
