@@ -7,9 +7,9 @@
 //!
 //! Scope: TCP and UDP to ClusterIP-like and load-balancer-like frontends (source ranges, empty
 //! frontends that reject or drop), replies, service-CIDR and undefined-port handling, every
-//! parse failure, VLAN tags, TTL, unresolved neighbours, first and later fragments. Left to the
-//! table-driven fixtures: partial checksums, ICMP errors, session affinity, rate limits, frames
-//! over the MTU.
+//! parse failure, VLAN tags, TTL, unresolved neighbours, first and later fragments, ICMP errors
+//! about tracked flows. Left to the table-driven fixtures: partial checksums, session affinity,
+//! rate limits, frames over the MTU.
 //! The model needs the frontends' backend sets to be disjoint (then no flow's tuple can collide
 //! with another's) and the program's maps to start empty.
 
@@ -194,6 +194,62 @@ enum Parse {
         id: FragmentId,
     },
     Packet(Parsed),
+    /// An ICMP error (RFC 792 types that quote a datagram) about a TCP or UDP packet.
+    IcmpError(IcmpError),
+}
+
+/// What the model needs of an ICMP error.
+struct IcmpError {
+    l3: usize,
+    ihl: usize,
+    tagged: bool,
+    /// The ICMP message: from its header to the end of the datagram.
+    icmp: std::ops::Range<usize>,
+    inner_l3: usize,
+    inner_ihl: usize,
+    inner_l4: usize,
+    inner_proto: u8,
+    inner_src: (Ipv4Addr, u16),
+    inner_dst: (Ipv4Addr, u16),
+}
+
+/// An ICMP error quoting at least the ports of a TCP or UDP packet (the start of its datagram),
+/// or someone else's ICMP message.
+fn parse_icmp_error(frame: &[u8], l3: usize, ihl: usize, tagged: bool, end: usize) -> Parse {
+    let l4 = l3 + ihl;
+    if frame.len() < l4 + ICMP_HLEN || !is_icmp_error(frame[l4]) {
+        return Parse::NotTcpUdp;
+    }
+    let inner_l3 = l4 + ICMP_HLEN;
+    if frame.len() < inner_l3 + IPV4_MIN_HLEN {
+        return Parse::NotTcpUdp;
+    }
+    let inner_ihl = usize::from(frame[inner_l3] & 0x0f) * 4;
+    let inner_proto = frame[inner_l3 + IP_PROTO];
+    let offset = be16(frame, inner_l3 + IP_FRAG) & IP_OFFSET_MASK;
+    if frame[inner_l3] >> 4 != 4
+        || inner_ihl < IPV4_MIN_HLEN
+        || (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP)
+        || offset != 0
+    {
+        return Parse::NotTcpUdp;
+    }
+    let inner_l4 = inner_l3 + inner_ihl;
+    if inner_l4 + QUOTED_L4_BYTES > end || inner_l4 + QUOTED_L4_BYTES > frame.len() {
+        return Parse::NotTcpUdp;
+    }
+    Parse::IcmpError(IcmpError {
+        l3,
+        ihl,
+        tagged,
+        icmp: l4..end,
+        inner_l3,
+        inner_ihl,
+        inner_l4,
+        inner_proto,
+        inner_src: (addr_at(frame, inner_l3 + IP_SRC), be16(frame, inner_l4)),
+        inner_dst: (addr_at(frame, inner_l3 + IP_DST), be16(frame, inner_l4 + 2)),
+    })
 }
 
 fn be16(frame: &[u8], offset: usize) -> u16 {
@@ -252,9 +308,7 @@ fn parse(frame: &[u8]) -> Parse {
     let l4 = l3 + ihl;
     let l4_len = tot_len - ihl;
     if proto == IPPROTO_ICMP && !fragment {
-        // An ICMP error quoting TCP or UDP would be translated if tracked; the generator sends
-        // none, so every ICMP message here is someone else's.
-        return Parse::NotTcpUdp;
+        return parse_icmp_error(frame, l3, ihl, tagged, l3 + tot_len);
     }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Parse::NotTcpUdp;
@@ -371,6 +425,7 @@ impl Model {
             } => {
                 return self.later_fragment(frame, ingress, l3, ihl, tagged, id);
             }
+            Parse::IcmpError(error) => return self.icmp_error(frame, ingress, &error),
             Parse::Packet(packet) => packet,
         };
 
@@ -787,6 +842,104 @@ impl Model {
             effects: Vec::new(),
             fragment: None,
         }]
+    }
+
+    /// An ICMP error: about a packet of a tracked flow as it was translated, it is translated
+    /// back (the quote as its receiver sent or got it, the error to the other end of the flow);
+    /// about anything else, it is left alone. Conntrack does not change.
+    fn icmp_error(&self, frame: &[u8], ingress: u32, error: &IcmpError) -> Vec<Expected> {
+        let key = |reply| EntryKey {
+            src: error.inner_dst,
+            dst: error.inner_src,
+            proto: error.inner_proto,
+            reply,
+        };
+        // About a packet to a backend: its destination was the Service, and the error goes to
+        // the client from the Service. About a reply: its source was the backend, and the error
+        // goes to the backend.
+        let (to, quoted_source, direction) = if let Some(entry) = self.entries.get(&key(true)) {
+            (entry.nat, false, Direction::Reply)
+        } else if let Some(entry) = self.entries.get(&key(false)) {
+            (entry.nat, true, Direction::Service)
+        } else {
+            return vec![Expected {
+                action: XDP_PASS,
+                frame: frame.to_vec(),
+                checksums: Vec::new(),
+                counters: BTreeMap::from([("pass_not_tcp_udp", 1)]),
+                effects: Vec::new(),
+                fragment: None,
+            }];
+        };
+        let mut out = frame.to_vec();
+        let icmp_before = fold(sum(0, &frame[error.icmp.clone()]));
+        let inner = error.inner_l3..error.inner_l3 + error.inner_ihl;
+        let inner_before = fold(sum(0, &frame[inner.clone()]));
+        let (old, addr_offset, port_offset) = if quoted_source {
+            (error.inner_src, error.inner_l3 + IP_SRC, error.inner_l4)
+        } else {
+            (error.inner_dst, error.inner_l3 + IP_DST, error.inner_l4 + 2)
+        };
+        let udp = error.inner_proto == IPPROTO_UDP;
+        let check_at = error.inner_l4 + if udp { UDP_CHECK } else { TCP_CHECK };
+        let mut checksums = vec![
+            (error.l3 + IP_CHECK, false),
+            (error.inner_l3 + IP_CHECK, false),
+            (error.icmp.start + 2, false),
+        ];
+        // The quoted L4 checksum, where the quote holds it: only the address and the port it
+        // covers changed; the rest of its data, which the quote may not hold, did not.
+        let l4_check = (check_at + 2 <= error.icmp.end && check_at + 2 <= frame.len())
+            .then(|| be16(frame, check_at))
+            .filter(|check| !(udp && *check == 0));
+        out[addr_offset..addr_offset + 4].copy_from_slice(&to.0.octets());
+        out[port_offset..port_offset + 2].copy_from_slice(&to.1.to_be_bytes());
+        keep_sum(&mut out[inner], IP_CHECK, 0, inner_before);
+        if let Some(before) = l4_check {
+            // check = ~(rest + old words) before; ~(rest + new words) after.
+            let rest = fold(
+                u64::from(!before) + u64::from(!fold(sum(0, &old.0.octets()))) + u64::from(!old.1),
+            );
+            let after = !fold(u64::from(rest) + sum(0, &to.0.octets()) + u64::from(to.1));
+            out[check_at..check_at + 2].copy_from_slice(&after.to_be_bytes());
+            checksums.push((check_at, udp));
+        }
+        let icmp_check = error.icmp.start + 2;
+        out[icmp_check..icmp_check + 2].fill(0);
+        let rest = fold(sum(0, &out[error.icmp.clone()]));
+        let check = fold(u64::from(icmp_before) + u64::from(!rest));
+        out[icmp_check..icmp_check + 2].copy_from_slice(&check.to_be_bytes());
+        let outer_before = fold(sum(0, &frame[error.l3..error.l3 + error.ihl]));
+        let outer_at = error.l3 + if quoted_source { IP_DST } else { IP_SRC };
+        out[outer_at..outer_at + 4].copy_from_slice(&to.0.octets());
+        keep_sum(
+            &mut out[error.l3..error.l3 + error.ihl],
+            IP_CHECK,
+            0,
+            outer_before,
+        );
+        let translated = Expected {
+            action: XDP_PASS,
+            frame: out,
+            checksums,
+            counters: BTreeMap::from([("icmp_error_translated", 1)]),
+            effects: Vec::new(),
+            fragment: None,
+        };
+        let outer = Parsed {
+            first_fragment: false,
+            id: 0,
+            l3: error.l3,
+            l4: error.icmp.start,
+            ihl: error.ihl,
+            l4_len: 0,
+            tagged: error.tagged,
+            proto: IPPROTO_ICMP,
+            src: (addr_at(frame, error.l3 + IP_SRC), 0),
+            dst: (addr_at(frame, error.l3 + IP_DST), 0),
+            tcp_flags: 0,
+        };
+        self.forward(vec![translated], &outer, ingress, direction)
     }
 
     /// Applies the effects of the result the program chose.

@@ -39,7 +39,7 @@ use lb_tests::{
 const BPFFS: &str = "/sys/fs/bpf";
 const DEFAULT_CASES: usize = 10_000;
 /// Outcomes a run of `DEFAULT_CASES` or more must reach.
-const EVERY_RUN_REACHES: [&str; 18] = [
+const EVERY_RUN_REACHES: [&str; 19] = [
     "redirect_service",
     "redirect_reply",
     "stack_vlan",
@@ -58,6 +58,7 @@ const EVERY_RUN_REACHES: [&str; 18] = [
     "pass_not_tcp_udp",
     "pass_fragment",
     "fragment_translated",
+    "icmp_error_translated",
 ];
 /// Conntrack is compared whole this often (and at the end).
 const CONNTRACK_CHECK_EVERY: usize = 500;
@@ -439,6 +440,59 @@ fn build(spec: &Spec, eth: ([u8; 6], [u8; 6])) -> Vec<u8> {
     frame
 }
 
+/// An ICMP message frame: type and code `kind`, an unused word, then `payload`.
+fn icmp_frame(
+    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    (src, dst): (Ipv4Addr, Ipv4Addr),
+    tags: &[u16],
+    ttl: u8,
+    (kind, code): (u8, u8),
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(payload);
+    let mut acc: u32 = 0;
+    for pair in icmp.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    let check = !(acc as u16);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut ip = Ipv4Header {
+        total_len: (20 + icmp.len()) as u16,
+        identification: 0x4321,
+        time_to_live: ttl,
+        protocol: IpNumber(1),
+        source: src.octets(),
+        destination: dst.octets(),
+        ..Ipv4Header::default()
+    };
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut types: Vec<u16> = tags.to_vec();
+    types.push(0x0800);
+    let mut frame = Ethernet2Header {
+        source: src_mac,
+        destination: dst_mac,
+        ether_type: EtherType(types[0]),
+    }
+    .to_bytes()
+    .to_vec();
+    for (index, _) in tags.iter().enumerate() {
+        let tag = SingleVlanHeader {
+            pcp: VlanPcp::ZERO,
+            drop_eligible_indicator: false,
+            vlan_id: VlanId::try_new(100 + index as u16).expect("VLAN id"),
+            ether_type: EtherType(types[index + 1]),
+        };
+        frame.extend_from_slice(&tag.to_bytes());
+    }
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
 /// One random packet and the interface it arrives on.
 fn random_packet(rng: &mut Rng, model: &Model) -> (Vec<u8>, u32) {
     let world = &model.world;
@@ -558,6 +612,57 @@ fn random_packet(rng: &mut Rng, model: &Model) -> (Vec<u8>, u32) {
             spec.dst = (addr, 1 + rng.below(1024) as u16);
             spec.upper = upper_for(rng, proto);
             in0
+        }
+        // An ICMP error about a packet of a tracked flow (or of none), from either side.
+        92..=95 if !model.entries.is_empty() => {
+            let entries: Vec<(&EntryKey, &lb_tests::model::Entry)> = model.entries.iter().collect();
+            let (key, entry) = *rng.pick(&entries);
+            // The quoted packet as it was on the wire: towards the backend (for a reply entry)
+            // or towards the client (for an original one).
+            let (quoted_src, quoted_dst, outer_src, outer_dst, ingress) = if key.reply {
+                (key.dst, key.src, key.src.0, key.dst.0, out0)
+            } else {
+                (entry.nat, key.src, key.src.0, key.dst.0, in0)
+            };
+            let untracked = rng.chance(20);
+            let quoted = Spec {
+                src: if untracked {
+                    (ELSEWHERE, 9)
+                } else {
+                    quoted_src
+                },
+                dst: quoted_dst,
+                upper: upper_for(rng, key.proto),
+                ttl: DEFAULT_TTL - 1,
+                tos: 0,
+                tags: Vec::new(),
+                payload: spec.payload.clone(),
+                ip_options: rng.chance(10),
+                padding: 0,
+                ether_type: 0x0800,
+                fragment: None,
+            };
+            let inner = build(&quoted, ([0; 6], [0; 6]));
+            let ihl = usize::from(inner[ETH_HLEN] & 0x0f) * 4;
+            let quote_len = if rng.chance(50) {
+                ihl + 8
+            } else {
+                inner.len() - ETH_HLEN
+            };
+            let quote = &inner[ETH_HLEN..ETH_HLEN + quote_len];
+            let kind = *rng.pick(&[(3u8, 3u8), (3, 4), (11, 0), (12, 0)]);
+            let mut frame = icmp_frame(
+                (mac_of(outer_src), ingress.mac),
+                (outer_src, outer_dst),
+                &spec.tags,
+                spec.ttl,
+                kind,
+                quote,
+            );
+            if rng.chance(20) {
+                mutate(rng, &mut frame);
+            }
+            return (frame, ingress.ifindex);
         }
         // Other protocols and EtherTypes.
         _ => {
