@@ -108,6 +108,9 @@ pub struct FragmentKey {
 pub const FRAGMENT_DESTINATION: u8 = 0;
 /// `FragmentValue::side`: the fragments' source becomes `addr` (a reply from a backend).
 pub const FRAGMENT_SOURCE: u8 = 1;
+/// `FragmentValue::side`: the first fragment was rejected or dropped, and so are the later ones
+/// (`addr` unused): left to the stack, they would be routed on still addressed to the Service.
+pub const FRAGMENT_REFUSED: u8 = 2;
 
 /// Value of `LB_FRAGMENTS`: how the datagram's first fragment was translated, for the later
 /// fragments (which carry no ports) to follow. Written by the datapath; userspace only reads.
@@ -116,7 +119,7 @@ pub const FRAGMENT_SOURCE: u8 = 1;
 pub struct FragmentValue {
     /// The address the first fragment's `side` was rewritten to, network byte order.
     pub addr: u32,
-    /// `FRAGMENT_DESTINATION` or `FRAGMENT_SOURCE`.
+    /// `FRAGMENT_DESTINATION`, `FRAGMENT_SOURCE` or `FRAGMENT_REFUSED`.
     pub side: u8,
     /// Always zero.
     pub _pad: [u8; 3],

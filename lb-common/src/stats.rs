@@ -159,6 +159,8 @@ counters! {
     SockRefused = 40, "sock_refused", Event;
     /// Recording a node socket's translation failed: it sees the backend as its peer.
     SockRevNatInsertFailed = 41, "sock_revnat_insert_failed", Event;
+    /// A later fragment of a datagram whose first fragment was rejected or dropped.
+    DropFragmentRefused = 42, "drop_fragment_refused", Drop;
 }
 
 /// Number of entries in `LB_STATS`.

@@ -24,7 +24,7 @@ mod stats;
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
     service::{SERVICE_DROP_WHEN_EMPTY, SERVICE_SOURCE_RANGES, ServiceKey},
-    stats::Counter,
+    stats::{Counter, CounterKind},
 };
 
 use crate::{
@@ -47,9 +47,24 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
         Parsed::IcmpError(error) => return icmp::translate(ctx, &error),
         Parsed::NotIpv4 => return Ok(Verdict::pass(Counter::PassNotIpv4)),
         Parsed::NotTcpUdp => return Ok(Verdict::pass(Counter::PassNotTcpUdp)),
-        Parsed::LaterFragment(packet) => return Ok(fragments::follow(ctx, &packet)),
+        Parsed::LaterFragment(packet) => return fragments::follow(ctx, &packet),
     };
 
+    let result = to_service_or_reply(ctx, &packet);
+    // A refused first fragment takes its later fragments with it.
+    let refused = match &result {
+        Err(_) => true,
+        Ok(verdict) => verdict.counter.kind() == CounterKind::Reject,
+    };
+    if refused {
+        fragments::refuse(&packet);
+    }
+    result
+}
+
+/// A TCP or UDP packet: to a Service, a reply, or neither.
+#[inline(always)]
+fn to_service_or_reply(ctx: &XdpContext, packet: &Packet) -> Result<Verdict, Drop> {
     let frontend = ServiceKey {
         addr: packet.dst_addr,
         port: packet.dst_port,
@@ -63,29 +78,29 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
         {
             return Err(Drop::SourceRange);
         }
-        let Some(backend) = select::select_backend(&packet, &frontend, &service)? else {
+        let Some(backend) = select::select_backend(packet, &frontend, &service)? else {
             if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
                 return Err(Drop::NoLocalEndpoint);
             }
-            return reject::reject(ctx, &packet, Counter::RejectNoEndpoints);
+            return reject::reject(ctx, packet, Counter::RejectNoEndpoints);
         };
-        let partial = nat::rewrite(ctx, &packet, Side::Destination, backend.addr, backend.port);
-        fragments::remember(&packet, Side::Destination, backend.addr);
+        let partial = nat::rewrite(ctx, packet, Side::Destination, backend.addr, backend.port);
+        fragments::remember(packet, Side::Destination, backend.addr);
         return send(
             ctx,
-            &packet,
+            packet,
             partial,
             Direction::Service,
             (backend.addr, backend.port),
         );
     }
 
-    if let Some(service) = select::lookup_reply(&packet) {
-        let partial = nat::rewrite(ctx, &packet, Side::Source, service.addr, service.port);
-        fragments::remember(&packet, Side::Source, service.addr);
+    if let Some(service) = select::lookup_reply(packet) {
+        let partial = nat::rewrite(ctx, packet, Side::Source, service.addr, service.port);
+        fragments::remember(packet, Side::Source, service.addr);
         return send(
             ctx,
-            &packet,
+            packet,
             partial,
             Direction::Reply,
             (service.addr, service.port),
@@ -93,7 +108,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
     }
 
     if maps::is_cluster_ip(packet.dst_addr) {
-        return reject::reject(ctx, &packet, Counter::RejectUndefinedPort);
+        return reject::reject(ctx, packet, Counter::RejectUndefinedPort);
     }
     if maps::config().in_service_cidr(packet.dst_addr) {
         return Err(Drop::UnallocatedServiceIp);

@@ -17,6 +17,8 @@ pub enum Drop {
     UnallocatedServiceIp,
     /// From outside the frontend's `loadBalancerSourceRanges`.
     SourceRange,
+    /// A later fragment of a datagram whose first fragment was refused.
+    FragmentRefused,
     /// A reject was due; this CPU's ICMP budget for the second is spent.
     RejectRateLimited,
     /// A reject was due; the packet's source may not be answered with an ICMP error.
@@ -36,6 +38,7 @@ impl Drop {
             Drop::NoLocalEndpoint => Counter::DropNoLocalEndpoint,
             Drop::UnallocatedServiceIp => Counter::DropUnallocatedServiceIp,
             Drop::SourceRange => Counter::DropSourceRange,
+            Drop::FragmentRefused => Counter::DropFragmentRefused,
             Drop::RejectRateLimited => Counter::DropRejectRateLimited,
             Drop::RejectNotUnicast => Counter::DropRejectNotUnicast,
             Drop::RejectFailed => Counter::DropRejectFailed,

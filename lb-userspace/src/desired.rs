@@ -261,6 +261,13 @@ pub fn desired_state<'a>(
         let local_only = |policy: Option<&String>| policy.map(String::as_str) == Some(POLICY_LOCAL);
         let internal_local = local_only(spec.internal_traffic_policy.as_ref());
         let external_local = local_only(spec.external_traffic_policy.as_ref());
+        // kube-proxy's notion: the Service's endpoints on other nodes are used by some of its
+        // traffic. Only then does a `Local` frontend without a local endpoint drop; when nothing
+        // uses them (every kind of traffic is `Local`), the Service has no endpoint here at all
+        // and rejects.
+        let externally_reachable = addrs.len() > cluster_ip_count
+            || NODE_PORT_TYPES.contains(&spec.type_.as_deref().unwrap_or_default());
+        let uses_cluster_endpoints = !internal_local || (externally_reachable && !external_local);
         let slices = slices_by_service
             .get(&(namespace.clone(), name.clone()))
             .map(Vec::as_slice)
@@ -280,8 +287,8 @@ pub fn desired_state<'a>(
                 continue; // Rejected by validation; unreachable for checked objects.
             };
             let candidates = endpoints(slices, &port_name, proto, node);
-            let internal = choose(&candidates, internal_local);
-            let external = choose(&candidates, external_local);
+            let internal = choose(&candidates, internal_local, uses_cluster_endpoints);
+            let external = choose(&candidates, external_local, uses_cluster_endpoints);
             let no_ranges = &None;
             let mut listeners: Vec<(Ipv4Addr, u16, &EndpointSets, &Option<Vec<Ipv4Cidr>>)> = addrs
                 .iter()
@@ -454,8 +461,14 @@ struct Candidate {
 
 /// The endpoints for new flows and the draining ones among `candidates`, only this node's when
 /// `local_only`: the ready ones, or when none is ready the serving terminating ones; the rest
-/// drain. An address ready in one slice and not in another counts as ready.
-fn choose(candidates: &[Candidate], local_only: bool) -> EndpointSets {
+/// drain. An address ready in one slice and not in another counts as ready. An empty local-only
+/// set drops (rather than rejects) when the Service's endpoints elsewhere serve some of its
+/// traffic (`uses_cluster_endpoints`).
+fn choose(
+    candidates: &[Candidate],
+    local_only: bool,
+    uses_cluster_endpoints: bool,
+) -> EndpointSets {
     let mut ready = BTreeSet::new();
     let mut fallback = BTreeSet::new();
     let mut draining = BTreeSet::new();
@@ -473,7 +486,10 @@ fn choose(candidates: &[Candidate], local_only: bool) -> EndpointSets {
     let usable_elsewhere = candidates.iter().any(|c| c.ready || c.serving_terminating);
     EndpointSets {
         draining: draining.difference(&chosen).copied().collect(),
-        drop_when_empty: local_only && chosen.is_empty() && usable_elsewhere,
+        drop_when_empty: local_only
+            && chosen.is_empty()
+            && uses_cluster_endpoints
+            && usable_elsewhere,
         backends: chosen.into_iter().collect(),
     }
 }

@@ -1147,3 +1147,39 @@ fn load_balancer_source_ranges_guard_only_the_load_balancer_ips() {
     );
     assert_eq!(notes.len(), 1, "{notes:?}");
 }
+
+#[test]
+fn a_service_whose_every_traffic_is_local_rejects_without_a_local_endpoint() {
+    let node = NodeConfig {
+        nodeport_addresses: vec![Ipv4Addr::new(10, 0, 0, 1)],
+        node_name: Some("node-c".to_owned()),
+        ..NodeConfig::default()
+    };
+    let slices = [slice(
+        "metadata:\n  name: web-1\n  labels: {kubernetes.io/service-name: web}\n\
+         addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+         - {addresses: [10.1.1.2], nodeName: node-a}\n",
+    )];
+    let flags = |spec: &str| -> Vec<u32> {
+        let service = service(&format!(
+            "metadata: {{name: web}}\nspec:\n  clusterIP: 10.96.0.20\n{spec}  ports:\n  - \
+             {{port: 80, targetPort: 8080, nodePort: 30080}}\n"
+        ));
+        let (state, _) = desired_state(&[service], &slices, &node);
+        frontends(&state).iter().map(Frontend::flags).collect()
+    };
+    // A ClusterIP Service with internalTrafficPolicy: Local uses no endpoint elsewhere: with
+    // none here it has none at all and rejects, as kube-proxy does.
+    assert_eq!(flags("  internalTrafficPolicy: Local\n"), vec![0]);
+    // Both policies Local on a NodePort Service: the same.
+    assert_eq!(
+        flags("  type: NodePort\n  internalTrafficPolicy: Local\n  externalTrafficPolicy: Local\n"),
+        vec![0, 0]
+    );
+    // Only the external policy Local: the ClusterIP uses the endpoints elsewhere, so the
+    // nodePort drops; the ClusterIP has its endpoint.
+    assert_eq!(
+        flags("  type: NodePort\n  externalTrafficPolicy: Local\n"),
+        vec![SERVICE_DROP_WHEN_EMPTY, 0]
+    );
+}

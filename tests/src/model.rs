@@ -146,6 +146,8 @@ pub struct Expected {
     pub effects: Vec<(EntryKey, Option<Entry>)>,
     /// A first fragment's translation, for the later fragments.
     pub fragment: Option<(FragmentId, Ipv4Addr, bool)>,
+    /// A first fragment refused (rejected or dropped): its later fragments are dropped.
+    pub refuses_fragments: Option<FragmentId>,
 }
 
 /// The model: the world and the conntrack entries it expects the program to hold.
@@ -155,6 +157,8 @@ pub struct Model {
     /// Datagrams whose first fragment was translated: (source, destination, IPv4 id, protocol)
     /// as the fragments arrive -> the address given, whether it was the source, and when.
     pub fragments: BTreeMap<FragmentId, (Ipv4Addr, bool, Instant)>,
+    /// Datagrams whose first fragment was refused, and when.
+    pub refused: BTreeMap<FragmentId, Instant>,
 }
 
 /// A fragmented datagram's identity.
@@ -400,6 +404,7 @@ impl Model {
             world,
             entries: BTreeMap::new(),
             fragments: BTreeMap::new(),
+            refused: BTreeMap::new(),
         }
     }
 
@@ -412,6 +417,7 @@ impl Model {
             counters: BTreeMap::from([(counter, 1)]),
             effects: Vec::new(),
             fragment: None,
+            refuses_fragments: None,
         };
         let packet = match parse(frame) {
             Parse::Malformed => return vec![untouched("drop_malformed", XDP_DROP)],
@@ -428,7 +434,35 @@ impl Model {
             Parse::IcmpError(error) => return self.icmp_error(frame, ingress, &error),
             Parse::Packet(packet) => packet,
         };
+        let mut results = self.tcp_udp(frame, ingress, &packet);
+        if packet.first_fragment {
+            // A refused first fragment takes its later fragments with it.
+            let id = (packet.src.0, packet.dst.0, packet.id, packet.proto);
+            for result in &mut results {
+                let refused = result.action == XDP_DROP
+                    || result
+                        .counters
+                        .keys()
+                        .any(|name| name.starts_with("reject_"));
+                if refused {
+                    result.refuses_fragments = Some(id);
+                }
+            }
+        }
+        results
+    }
 
+    /// A TCP or UDP packet: to a frontend, a reply, or neither.
+    fn tcp_udp(&self, frame: &[u8], ingress: u32, packet: &Parsed) -> Vec<Expected> {
+        let untouched = |counter: &'static str, action: u32| Expected {
+            action,
+            frame: frame.to_vec(),
+            checksums: Vec::new(),
+            counters: BTreeMap::from([(counter, 1)]),
+            effects: Vec::new(),
+            fragment: None,
+            refuses_fragments: None,
+        };
         if let Some(frontend) = self
             .world
             .frontends
@@ -440,7 +474,7 @@ impl Model {
             {
                 return vec![untouched("drop_source_range", XDP_DROP)];
             }
-            return self.to_service(frame, ingress, &packet, frontend);
+            return self.to_service(frame, ingress, packet, frontend);
         }
 
         let reply_key = EntryKey {
@@ -463,15 +497,15 @@ impl Model {
                     reply: false,
                 };
                 effects.extend(self.touch(reply_key, *entry, original, packet.tcp_flags));
-                let mut out = self.translate(frame, &packet, Side::Source, entry.nat);
+                let mut out = self.translate(frame, packet, Side::Source, entry.nat);
                 for result in &mut out {
                     result.effects.extend(effects.clone());
                 }
-                return self.forward(out, &packet, ingress, Direction::Reply);
+                return self.forward(out, packet, ingress, Direction::Reply);
             }
         }
         let mut results = if self.world.cluster_ips.contains(&packet.dst.0) {
-            self.reject(frame, &packet, "reject_undefined_port")
+            self.reject(frame, packet, "reject_undefined_port")
         } else if self
             .world
             .service_cidrs
@@ -542,6 +576,7 @@ impl Model {
                     counters: BTreeMap::from([("drop_no_local_endpoint", 1)]),
                     effects: Vec::new(),
                     fragment: None,
+                    refuses_fragments: None,
                 }]
             } else {
                 self.reject(frame, packet, "reject_no_endpoints")
@@ -668,6 +703,7 @@ impl Model {
             counters: BTreeMap::new(),
             effects: Vec::new(),
             fragment,
+            refuses_fragments: None,
         }]
     }
 
@@ -689,7 +725,27 @@ impl Model {
             counters: BTreeMap::from([("pass_fragment", 1)]),
             effects: Vec::new(),
             fragment: None,
+            refuses_fragments: None,
         };
+        if let Some(at) = self.refused.get(&id) {
+            let age = at.elapsed();
+            if age <= FRAGMENT_LIFETIME + FRAGMENT_CLOCK_SLACK {
+                let mut results = vec![Expected {
+                    action: XDP_DROP,
+                    frame: frame.to_vec(),
+                    checksums: Vec::new(),
+                    counters: BTreeMap::from([("drop_fragment_refused", 1)]),
+                    effects: Vec::new(),
+                    fragment: None,
+                    refuses_fragments: None,
+                }];
+                if age > FRAGMENT_LIFETIME - FRAGMENT_CLOCK_SLACK {
+                    results.push(untouched);
+                }
+                return results;
+            }
+            return vec![untouched];
+        }
         let Some((addr, source, at)) = self.fragments.get(&id) else {
             return vec![untouched];
         };
@@ -709,6 +765,7 @@ impl Model {
             counters: BTreeMap::from([("fragment_translated", 1)]),
             effects: Vec::new(),
             fragment: None,
+            refuses_fragments: None,
         };
         let packet = Parsed {
             first_fragment: false,
@@ -806,6 +863,7 @@ impl Model {
                 counters: BTreeMap::from([("drop_reject_not_unicast", 1)]),
                 effects: Vec::new(),
                 fragment: None,
+                refuses_fragments: None,
             }];
         }
         let l3 = packet.l3;
@@ -841,6 +899,7 @@ impl Model {
             counters: BTreeMap::from([(counter, 1)]),
             effects: Vec::new(),
             fragment: None,
+            refuses_fragments: None,
         }]
     }
 
@@ -869,6 +928,7 @@ impl Model {
                 counters: BTreeMap::from([("pass_not_tcp_udp", 1)]),
                 effects: Vec::new(),
                 fragment: None,
+                refuses_fragments: None,
             }];
         };
         let mut out = frame.to_vec();
@@ -925,6 +985,7 @@ impl Model {
             counters: BTreeMap::from([("icmp_error_translated", 1)]),
             effects: Vec::new(),
             fragment: None,
+            refuses_fragments: None,
         };
         let outer = Parsed {
             first_fragment: false,
@@ -946,6 +1007,11 @@ impl Model {
     pub fn commit(&mut self, result: &Expected) {
         if let Some((id, addr, source)) = result.fragment {
             self.fragments.insert(id, (addr, source, Instant::now()));
+            self.refused.remove(&id);
+        }
+        if let Some(id) = result.refuses_fragments {
+            self.refused.insert(id, Instant::now());
+            self.fragments.remove(&id);
         }
         for (key, entry) in &result.effects {
             match entry {

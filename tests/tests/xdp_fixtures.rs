@@ -4212,13 +4212,16 @@ fn fragments_follow_their_first_fragment_both_ways() {
     with_lab("fragments_follow_their_first_fragment_both_ways", |lab| {
         /// Where the datagrams are cut: multiples of the fragment unit.
         const CUTS: [usize; 2] = [48, 96];
-        lab.program(&[frontend(
-            "dns",
-            VIP,
-            DNS_PORT,
-            IPPROTO_UDP,
-            &[(BACKEND_A, BACKEND_DNS_PORT)],
-        )]);
+        lab.program(&[
+            frontend(
+                "dns",
+                VIP,
+                DNS_PORT,
+                IPPROTO_UDP,
+                &[(BACKEND_A, BACKEND_DNS_PORT)],
+            ),
+            frontend("empty", OTHER_VIP, DNS_PORT, IPPROTO_UDP, &[]),
+        ]);
         let (in0, out0) = (lab.in0, lab.out0);
         let payload: Vec<u8> = (0..100u8).collect();
         let query =
@@ -4330,6 +4333,37 @@ fn fragments_follow_their_first_fragment_both_ways() {
             0xffff,
             "the reassembled datagram's UDP checksum"
         );
+
+        // A refused first fragment (here: no endpoint) takes its later fragments with it: left to
+        // the stack, they would be routed on still addressed to the Service.
+        let refused = fragments(
+            CLIENT,
+            OTHER_VIP,
+            IPPROTO_UDP,
+            &Pkt::udp((CLIENT, 48_200), (OTHER_VIP, DNS_PORT))
+                .payload(&payload)
+                .l4_bytes(),
+            &CUTS,
+        );
+        let first = from_client(&refused[0]);
+        lab.check_all(&[
+            Case {
+                name: "a first fragment to a Service without endpoints",
+                input: first.bytes(),
+                ingress: in0.index,
+                action: XDP_TX,
+                output: Expect::Icmp(port_unreachable(&first)),
+                counters: vec![(Counter::RejectNoEndpoints, 1)],
+            },
+            Case {
+                name: "its later fragment",
+                input: from_client(&refused[1]).bytes(),
+                ingress: in0.index,
+                action: XDP_DROP,
+                output: Expect::Unchanged,
+                counters: vec![(Counter::DropFragmentRefused, 1)],
+            },
+        ]);
 
         // Past the reassembly timeout, an identification is another datagram's.
         let mut entries = open_fragments(&lab.pin_dir).expect("opening LB_FRAGMENTS");
