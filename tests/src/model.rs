@@ -8,8 +8,8 @@
 //! Scope: TCP and UDP to ClusterIP-like and load-balancer-like frontends (source ranges, empty
 //! frontends that reject or drop), replies, service-CIDR and undefined-port handling, every
 //! parse failure, VLAN tags, TTL, unresolved neighbours, first and later fragments, ICMP errors
-//! about tracked flows. Left to the table-driven fixtures: partial checksums, session affinity,
-//! rate limits, frames over the MTU.
+//! about tracked flows, session affinity. Left to the table-driven fixtures: partial checksums,
+//! affinity timeouts and draining, rate limits, frames over the MTU.
 //! The model needs the frontends' backend sets to be disjoint (then no flow's tuple can collide
 //! with another's) and the program's maps to start empty.
 
@@ -88,6 +88,8 @@ pub struct Frontend {
     pub drop_when_empty: bool,
     /// `loadBalancerSourceRanges` (`None`: everyone).
     pub source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
+    pub affinity_timeout_s: u32,
 }
 
 /// A link of the node: where packets to its subnet leave, and the neighbours it knows.
@@ -148,7 +150,12 @@ pub struct Expected {
     pub fragment: Option<(FragmentId, Ipv4Addr, bool)>,
     /// A first fragment refused (rejected or dropped): its later fragments are dropped.
     pub refuses_fragments: Option<FragmentId>,
+    /// The backend a new flow of a frontend with session affinity went to, for its client.
+    pub affinity: Option<(AffinityId, (Ipv4Addr, u16))>,
 }
+
+/// A client of a frontend (address, port, protocol), as session affinity remembers it.
+pub type AffinityId = (Ipv4Addr, (Ipv4Addr, u16, u8));
 
 /// The model: the world and the conntrack entries it expects the program to hold.
 pub struct Model {
@@ -159,6 +166,9 @@ pub struct Model {
     pub fragments: BTreeMap<FragmentId, (Ipv4Addr, bool, Instant)>,
     /// Datagrams whose first fragment was refused, and when.
     pub refused: BTreeMap<FragmentId, Instant>,
+    /// Session affinity: each client's last new flow's backend, per frontend (the timeout, hours,
+    /// never passes during a run).
+    pub affinity: BTreeMap<AffinityId, (Ipv4Addr, u16)>,
 }
 
 /// A fragmented datagram's identity.
@@ -405,6 +415,7 @@ impl Model {
             entries: BTreeMap::new(),
             fragments: BTreeMap::new(),
             refused: BTreeMap::new(),
+            affinity: BTreeMap::new(),
         }
     }
 
@@ -418,6 +429,7 @@ impl Model {
             effects: Vec::new(),
             fragment: None,
             refuses_fragments: None,
+            affinity: None,
         };
         let packet = match parse(frame) {
             Parse::Malformed => return vec![untouched("drop_malformed", XDP_DROP)],
@@ -462,6 +474,7 @@ impl Model {
             effects: Vec::new(),
             fragment: None,
             refuses_fragments: None,
+            affinity: None,
         };
         if let Some(frontend) = self
             .world
@@ -577,6 +590,7 @@ impl Model {
                     effects: Vec::new(),
                     fragment: None,
                     refuses_fragments: None,
+                    affinity: None,
                 }]
             } else {
                 self.reject(frame, packet, "reject_no_endpoints")
@@ -587,10 +601,26 @@ impl Model {
             return results;
         }
         let closed = closing_bits(packet.tcp_flags);
+        // Session affinity: the client's last new flow's backend, if it is still in the set.
+        let affinity_id = (packet.src.0, (frontend.addr, frontend.port, frontend.proto));
+        let remembered = (frontend.affinity_timeout_s != 0)
+            .then(|| self.affinity.get(&affinity_id))
+            .flatten()
+            .filter(|backend| frontend.backends.contains(backend));
+        let candidates: Vec<(Ipv4Addr, u16)> = match remembered {
+            Some(backend) => vec![*backend],
+            None => frontend.backends.clone(),
+        };
         let mut all = Vec::new();
-        for backend in &frontend.backends {
+        for backend in &candidates {
             let mut out = self.translate(frame, packet, Side::Destination, *backend);
             for result in &mut out {
+                if frontend.affinity_timeout_s != 0 {
+                    result.affinity = Some((affinity_id, *backend));
+                }
+                if remembered.is_some() {
+                    *result.counters.entry("affinity_hit").or_default() += 1;
+                }
                 result.effects.extend(effects.clone());
                 result.effects.push((
                     key,
@@ -663,7 +693,15 @@ impl Model {
         let mut out = frame.to_vec();
         let (l3, l4) = (packet.l3, packet.l4);
         let ip_before = fold(sum(0, &frame[l3..l3 + packet.ihl]));
-        let segment = l4..l4 + packet.l4_len;
+        // The checksum's data, reaching at least past the header's ports and checksum: a first
+        // fragment's UDP header may lie beyond a datagram shorter than it (in the frame's
+        // padding), and its words are changed all the same.
+        let header = if packet.proto == IPPROTO_UDP {
+            UDP_HLEN
+        } else {
+            TCP_MIN_HLEN
+        };
+        let segment = l4..l4 + packet.l4_len.max(header);
         let check = if packet.proto == IPPROTO_UDP {
             UDP_CHECK
         } else {
@@ -704,6 +742,7 @@ impl Model {
             effects: Vec::new(),
             fragment,
             refuses_fragments: None,
+            affinity: None,
         }]
     }
 
@@ -726,6 +765,7 @@ impl Model {
             effects: Vec::new(),
             fragment: None,
             refuses_fragments: None,
+            affinity: None,
         };
         if let Some(at) = self.refused.get(&id) {
             let age = at.elapsed();
@@ -738,6 +778,7 @@ impl Model {
                     effects: Vec::new(),
                     fragment: None,
                     refuses_fragments: None,
+                    affinity: None,
                 }];
                 if age > FRAGMENT_LIFETIME - FRAGMENT_CLOCK_SLACK {
                     results.push(untouched);
@@ -766,6 +807,7 @@ impl Model {
             effects: Vec::new(),
             fragment: None,
             refuses_fragments: None,
+            affinity: None,
         };
         let packet = Parsed {
             first_fragment: false,
@@ -864,6 +906,7 @@ impl Model {
                 effects: Vec::new(),
                 fragment: None,
                 refuses_fragments: None,
+                affinity: None,
             }];
         }
         let l3 = packet.l3;
@@ -900,6 +943,7 @@ impl Model {
             effects: Vec::new(),
             fragment: None,
             refuses_fragments: None,
+            affinity: None,
         }]
     }
 
@@ -929,6 +973,7 @@ impl Model {
                 effects: Vec::new(),
                 fragment: None,
                 refuses_fragments: None,
+                affinity: None,
             }];
         };
         let mut out = frame.to_vec();
@@ -986,6 +1031,7 @@ impl Model {
             effects: Vec::new(),
             fragment: None,
             refuses_fragments: None,
+            affinity: None,
         };
         let outer = Parsed {
             first_fragment: false,
@@ -1008,6 +1054,9 @@ impl Model {
         if let Some((id, addr, source)) = result.fragment {
             self.fragments.insert(id, (addr, source, Instant::now()));
             self.refused.remove(&id);
+        }
+        if let Some((id, backend)) = result.affinity {
+            self.affinity.insert(id, backend);
         }
         if let Some(id) = result.refuses_fragments {
             self.refused.insert(id, Instant::now());

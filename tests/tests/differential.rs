@@ -39,7 +39,7 @@ use lb_tests::{
 const BPFFS: &str = "/sys/fs/bpf";
 const DEFAULT_CASES: usize = 10_000;
 /// Outcomes a run of `DEFAULT_CASES` or more must reach.
-const EVERY_RUN_REACHES: [&str; 20] = [
+const EVERY_RUN_REACHES: [&str; 21] = [
     "redirect_service",
     "redirect_reply",
     "stack_vlan",
@@ -60,6 +60,7 @@ const EVERY_RUN_REACHES: [&str; 20] = [
     "fragment_translated",
     "icmp_error_translated",
     "drop_fragment_refused",
+    "affinity_hit",
 ];
 /// Conntrack is compared whole this often (and at the end).
 const CONNTRACK_CHECK_EVERY: usize = 500;
@@ -91,6 +92,8 @@ const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 77);
 /// Outside every subnet and range the node knows.
 const ELSEWHERE: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5);
 const DEFAULT_TTL: u8 = 64;
+/// Session affinity's default timeout: it never passes during a run.
+const AFFINITY_TIMEOUT_S: u32 = 10_800;
 const ETH_HLEN: usize = 14;
 const MAX_PAYLOAD: usize = 32;
 
@@ -275,6 +278,11 @@ fn random_world(rng: &mut Rng, links: Vec<Link>) -> World {
             backends: backends.into_iter().collect(),
             drop_when_empty: rng.chance(30),
             source_ranges: ranges,
+            affinity_timeout_s: if rng.chance(25) {
+                AFFINITY_TIMEOUT_S
+            } else {
+                0
+            },
         });
     }
     // A few shapes every table has, so that every outcome is reached whatever the seed.
@@ -285,6 +293,7 @@ fn random_world(rng: &mut Rng, links: Vec<Link>) -> World {
         )
     };
     frontends[0].backends = vec![resolved(2, 0), resolved(3, 0)];
+    frontends[0].affinity_timeout_s = AFFINITY_TIMEOUT_S;
     frontends[1].backends.clear();
     frontends[1].drop_when_empty = false;
     frontends[2].backends.clear();
@@ -325,7 +334,7 @@ fn desired(world: &World) -> DesiredState {
                 .collect(),
             draining: Vec::new(),
             drop_when_empty: frontend.drop_when_empty,
-            affinity_timeout_s: 0,
+            affinity_timeout_s: frontend.affinity_timeout_s,
             source_ranges: frontend.source_ranges.as_ref().map(|ranges| {
                 ranges
                     .iter()
