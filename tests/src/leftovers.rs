@@ -48,9 +48,12 @@ fn dead_entries(kind: &str, dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Where a cgroup v2 hierarchy may be mounted (unified and hybrid hosts).
+const CGROUP_ROOTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
+
 /// Removes the leftovers of dead runs of `kind`: their namespaces, their pin directories (with
-/// `lb reset`, which needs the `lb` binary; without it they stay) and their temporary files.
-/// Returns the pin directories reset.
+/// `lb reset`, which needs the `lb` binary; without it they stay), their cgroups and their
+/// temporary files. Returns the pin directories reset.
 pub fn remove(kind: &str, lb_path: Option<&Path>) -> Vec<PathBuf> {
     for namespace in dead_entries(kind, Path::new(NETNS_DIR)) {
         if let Some(name) = namespace.file_name().and_then(|name| name.to_str()) {
@@ -72,6 +75,13 @@ pub fn remove(kind: &str, lb_path: Option<&Path>) -> Vec<PathBuf> {
                 "lb_tests: could not reset the leftover {}: {error:#}",
                 pin_dir.display()
             ),
+        }
+    }
+    // Cgroups a socket-hook test made (removable once the pins above are reset, which detaches
+    // the hooks, and their processes are gone).
+    for root in CGROUP_ROOTS {
+        for cgroup in dead_entries(kind, Path::new(root)) {
+            let _ = std::fs::remove_dir(&cgroup);
         }
     }
     for path in dead_entries(kind, &std::env::temp_dir()) {
