@@ -157,6 +157,22 @@ pub struct Expected {
 /// A client of a frontend (address, port, protocol), as session affinity remembers it.
 pub type AffinityId = (Ipv4Addr, (Ipv4Addr, u16, u8));
 
+impl Expected {
+    /// `frame` leaving with `action`, one `counter` bumped, and nothing else changed.
+    fn new(action: u32, frame: Vec<u8>, counter: &'static str) -> Self {
+        Self {
+            action,
+            frame,
+            checksums: Vec::new(),
+            counters: BTreeMap::from([(counter, 1)]),
+            effects: Vec::new(),
+            fragment: None,
+            refuses_fragments: None,
+            affinity: None,
+        }
+    }
+}
+
 /// The model: the world and the conntrack entries it expects the program to hold.
 pub struct Model {
     pub world: World,
@@ -421,16 +437,8 @@ impl Model {
 
     /// Every acceptable result of `frame` arriving on `ingress`.
     pub fn expect(&self, frame: &[u8], ingress: u32) -> Vec<Expected> {
-        let untouched = |counter: &'static str, action: u32| Expected {
-            action,
-            frame: frame.to_vec(),
-            checksums: Vec::new(),
-            counters: BTreeMap::from([(counter, 1)]),
-            effects: Vec::new(),
-            fragment: None,
-            refuses_fragments: None,
-            affinity: None,
-        };
+        let untouched =
+            |counter: &'static str, action: u32| Expected::new(action, frame.to_vec(), counter);
         let packet = match parse(frame) {
             Parse::Malformed => return vec![untouched("drop_malformed", XDP_DROP)],
             Parse::NotIpv4 => return vec![untouched("pass_not_ipv4", XDP_PASS)],
@@ -466,16 +474,8 @@ impl Model {
 
     /// A TCP or UDP packet: to a frontend, a reply, or neither.
     fn tcp_udp(&self, frame: &[u8], ingress: u32, packet: &Parsed) -> Vec<Expected> {
-        let untouched = |counter: &'static str, action: u32| Expected {
-            action,
-            frame: frame.to_vec(),
-            checksums: Vec::new(),
-            counters: BTreeMap::from([(counter, 1)]),
-            effects: Vec::new(),
-            fragment: None,
-            refuses_fragments: None,
-            affinity: None,
-        };
+        let untouched =
+            |counter: &'static str, action: u32| Expected::new(action, frame.to_vec(), counter);
         if let Some(frontend) = self
             .world
             .frontends
@@ -582,16 +582,11 @@ impl Model {
         }
         if frontend.backends.is_empty() {
             let mut results = if frontend.drop_when_empty {
-                vec![Expected {
-                    action: XDP_DROP,
-                    frame: frame.to_vec(),
-                    checksums: Vec::new(),
-                    counters: BTreeMap::from([("drop_no_local_endpoint", 1)]),
-                    effects: Vec::new(),
-                    fragment: None,
-                    refuses_fragments: None,
-                    affinity: None,
-                }]
+                vec![Expected::new(
+                    XDP_DROP,
+                    frame.to_vec(),
+                    "drop_no_local_endpoint",
+                )]
             } else {
                 self.reject(frame, packet, "reject_no_endpoints")
             };
@@ -757,29 +752,15 @@ impl Model {
         tagged: bool,
         id: FragmentId,
     ) -> Vec<Expected> {
-        let untouched = Expected {
-            action: XDP_PASS,
-            frame: frame.to_vec(),
-            checksums: Vec::new(),
-            counters: BTreeMap::from([("pass_fragment", 1)]),
-            effects: Vec::new(),
-            fragment: None,
-            refuses_fragments: None,
-            affinity: None,
-        };
+        let untouched = Expected::new(XDP_PASS, frame.to_vec(), "pass_fragment");
         if let Some(at) = self.refused.get(&id) {
             let age = at.elapsed();
             if age <= FRAGMENT_LIFETIME + FRAGMENT_CLOCK_SLACK {
-                let mut results = vec![Expected {
-                    action: XDP_DROP,
-                    frame: frame.to_vec(),
-                    checksums: Vec::new(),
-                    counters: BTreeMap::from([("drop_fragment_refused", 1)]),
-                    effects: Vec::new(),
-                    fragment: None,
-                    refuses_fragments: None,
-                    affinity: None,
-                }];
+                let mut results = vec![Expected::new(
+                    XDP_DROP,
+                    frame.to_vec(),
+                    "drop_fragment_refused",
+                )];
                 if age > FRAGMENT_LIFETIME - FRAGMENT_CLOCK_SLACK {
                     results.push(untouched);
                 }
@@ -800,14 +781,8 @@ impl Model {
         out[at_offset..at_offset + 4].copy_from_slice(&addr.octets());
         keep_sum(&mut out[l3..l3 + ihl], IP_CHECK, 0, before);
         let translated = Expected {
-            action: XDP_PASS,
-            frame: out,
             checksums: vec![(l3 + IP_CHECK, false)],
-            counters: BTreeMap::from([("fragment_translated", 1)]),
-            effects: Vec::new(),
-            fragment: None,
-            refuses_fragments: None,
-            affinity: None,
+            ..Expected::new(XDP_PASS, out, "fragment_translated")
         };
         let packet = Parsed {
             first_fragment: false,
@@ -898,16 +873,11 @@ impl Model {
         let first_octet = packet.src.0.octets()[0];
         let group_mac = frame[0] & 1 != 0;
         if first_octet == 0 || first_octet >= 224 || group_mac {
-            return vec![Expected {
-                action: XDP_DROP,
-                frame: frame.to_vec(),
-                checksums: Vec::new(),
-                counters: BTreeMap::from([("drop_reject_not_unicast", 1)]),
-                effects: Vec::new(),
-                fragment: None,
-                refuses_fragments: None,
-                affinity: None,
-            }];
+            return vec![Expected::new(
+                XDP_DROP,
+                frame.to_vec(),
+                "drop_reject_not_unicast",
+            )];
         }
         let l3 = packet.l3;
         let quote = &frame[l3..l3 + packet.ihl + QUOTED_L4_BYTES];
@@ -936,14 +906,8 @@ impl Model {
         let checksums = vec![(l3 + IP_CHECK, false), (l3 + IPV4_MIN_HLEN + 2, false)];
         // Every lab link is NIC-like: the answer leaves where the packet came in.
         vec![Expected {
-            action: XDP_TX,
-            frame: answer,
             checksums,
-            counters: BTreeMap::from([(counter, 1)]),
-            effects: Vec::new(),
-            fragment: None,
-            refuses_fragments: None,
-            affinity: None,
+            ..Expected::new(XDP_TX, answer, counter)
         }]
     }
 
@@ -965,16 +929,7 @@ impl Model {
         } else if let Some(entry) = self.entries.get(&key(false)) {
             (entry.nat, true, Direction::Service)
         } else {
-            return vec![Expected {
-                action: XDP_PASS,
-                frame: frame.to_vec(),
-                checksums: Vec::new(),
-                counters: BTreeMap::from([("pass_not_tcp_udp", 1)]),
-                effects: Vec::new(),
-                fragment: None,
-                refuses_fragments: None,
-                affinity: None,
-            }];
+            return vec![Expected::new(XDP_PASS, frame.to_vec(), "pass_not_tcp_udp")];
         };
         let mut out = frame.to_vec();
         let icmp_before = fold(sum(0, &frame[error.icmp.clone()]));
@@ -1024,14 +979,8 @@ impl Model {
             outer_before,
         );
         let translated = Expected {
-            action: XDP_PASS,
-            frame: out,
             checksums,
-            counters: BTreeMap::from([("icmp_error_translated", 1)]),
-            effects: Vec::new(),
-            fragment: None,
-            refuses_fragments: None,
-            affinity: None,
+            ..Expected::new(XDP_PASS, out, "icmp_error_translated")
         };
         let outer = Parsed {
             first_fragment: false,

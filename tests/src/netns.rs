@@ -146,6 +146,27 @@ impl Netns {
         })
     }
 
+    /// The ifindex and MAC address of the interface `name` inside this namespace.
+    pub fn link(&self, name: &str) -> anyhow::Result<(u32, [u8; 6])> {
+        let output = self.exec("ip", &["-j", "link", "show", "dev", name])?;
+        let links: serde_json::Value =
+            serde_json::from_slice(&output.stdout).context("reading `ip -j link`")?;
+        let index = links[0]["ifindex"].as_u64().context("no ifindex")?;
+        let octets = links[0]["address"]
+            .as_str()
+            .context("no MAC address")?
+            .split(':')
+            .map(|octet| u8::from_str_radix(octet, 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .context("a MAC address octet")?;
+        Ok((
+            u32::try_from(index)?,
+            octets
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("a MAC address of six octets"))?,
+        ))
+    }
+
     /// Sets `net.<key>` (e.g. `ipv4.ip_forward`) inside this namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         let path = format!("/proc/sys/net/{}", key.replace('.', "/"));
@@ -159,6 +180,14 @@ impl Drop for Netns {
         // Best effort: a failure here must not mask the test's own result.
         let _ = run("ip", &["netns", "del", &self.name]);
     }
+}
+
+/// A MAC address as `ip` writes it (`02:00:0a:00:00:02`).
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Creates a veth pair with one end in each namespace, both up.

@@ -32,7 +32,7 @@ use lb_tests::{
         EntryKey, Expected, Frontend, IPPROTO_TCP, IPPROTO_UDP, Link, Model, TCP_ACK, TCP_FIN,
         TCP_RST, TCP_SYN, World,
     },
-    netns::{Netns, unique_prefix, veth},
+    netns::{Netns, mac_text, unique_prefix, veth},
     privilege::require_root,
 };
 
@@ -123,13 +123,6 @@ fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
     [0x02, 0, a, b, c, d]
 }
 
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
@@ -140,24 +133,6 @@ impl Drop for PinGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn link_info(netns: &Netns, name: &str) -> (u32, [u8; 6]) {
-    let output = netns
-        .exec("ip", &["-j", "link", "show", "dev", name])
-        .expect("ip link show");
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip -j output");
-    let index = links[0]["ifindex"].as_u64().expect("ifindex");
-    let octets: Vec<u8> = links[0]["address"]
-        .as_str()
-        .expect("MAC")
-        .split(':')
-        .map(|octet| u8::from_str_radix(octet, 16).expect("MAC octet"))
-        .collect();
-    (
-        u32::try_from(index).expect("ifindex"),
-        octets.try_into().expect("six octets"),
-    )
 }
 
 /// The lab's links, neighbours included.
@@ -202,7 +177,7 @@ fn build_lab(netns: &Netns) -> Vec<Link> {
                 .expect("neighbour");
             neighbours.insert(addr, mac);
         }
-        let (ifindex, mac) = link_info(netns, name);
+        let (ifindex, mac) = netns.link(name).expect("the lab's link");
         let node: Ipv4Addr = cidr
             .split_once('/')
             .and_then(|(addr, _)| addr.parse().ok())

@@ -294,6 +294,23 @@ fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &s
         .unwrap_or_else(|| panic!("{name} went down: the stats map was replaced"))
 }
 
+/// The error a connected UDP socket of the client gets for a datagram to the echo Service's UDP
+/// frontend, waiting at most `timeout` for it; `answered` says what an answer would mean.
+fn udp_refusal(cluster: &Cluster, timeout: Duration, answered: &str) -> std::io::Error {
+    cluster
+        .client()
+        .run(|| -> std::io::Result<std::io::Error> {
+            let socket = std::net::UdpSocket::bind((CLIENT_ADDR, 0))?;
+            socket.set_read_timeout(Some(timeout))?;
+            socket.connect(UDP_FRONTEND)?;
+            socket.send(b"query")?;
+            let mut buffer = [0u8; 64];
+            Ok(socket.recv(&mut buffer).expect_err(answered))
+        })
+        .expect("client thread")
+        .expect("UDP socket")
+}
+
 /// The counters that moved between two readings, by how much.
 fn moved(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     after
@@ -1166,20 +1183,11 @@ fn a_service_without_endpoints_or_port_refuses_and_unallocated_addresses_drop() 
     let before = cluster.counters();
     let error = connect(TCP_FRONTEND).expect_err("a Service without endpoints answered");
     assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
-    let udp = cluster
-        .client()
-        .run(|| -> std::io::Result<std::io::Error> {
-            let socket = std::net::UdpSocket::bind((CLIENT_ADDR, 0))?;
-            socket.set_read_timeout(Some(UNSERVED_CONNECT_TIMEOUT))?;
-            socket.connect(UDP_FRONTEND)?;
-            socket.send(b"query")?;
-            let mut buffer = [0u8; 64];
-            Ok(socket
-                .recv(&mut buffer)
-                .expect_err("a Service without endpoints answered"))
-        })
-        .expect("client thread")
-        .expect("UDP socket");
+    let udp = udp_refusal(
+        &cluster,
+        UNSERVED_CONNECT_TIMEOUT,
+        "a Service without endpoints answered",
+    );
     assert_eq!(udp.kind(), ErrorKind::ConnectionRefused, "{udp}");
     assert_eq!(
         delta(&before, &cluster.counters(), "reject_no_endpoints"),
@@ -1339,20 +1347,7 @@ fn a_closed_endpoint_port_refuses_through_the_service() {
         cluster.endpoints(UDP_FRONTEND, "UDP")
     );
     let before = cluster.counters();
-    let error = cluster
-        .client()
-        .run(|| -> std::io::Result<std::io::Error> {
-            let socket = std::net::UdpSocket::bind((CLIENT_ADDR, 0))?;
-            socket.set_read_timeout(Some(IO_TIMEOUT))?;
-            socket.connect(UDP_FRONTEND)?;
-            socket.send(b"query")?;
-            let mut buffer = [0u8; 64];
-            Ok(socket
-                .recv(&mut buffer)
-                .expect_err("a closed port answered"))
-        })
-        .expect("client thread")
-        .expect("UDP socket");
+    let error = udp_refusal(&cluster, IO_TIMEOUT, "a closed port answered");
     let moved = moved(&before, &cluster.counters());
     assert_eq!(
         error.kind(),

@@ -49,7 +49,7 @@ use lb_common::{
     stats::Counter,
 };
 use lb_tests::{
-    netns::{Netns, unique_prefix, veth},
+    netns::{Netns, mac_text, unique_prefix, veth},
     privilege::require_root,
 };
 
@@ -607,13 +607,6 @@ fn unreachable(offending: &Pkt, message: DestUnreachableHeader) -> Vec<u8> {
     frame
 }
 
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes
         .chunks(16)
@@ -738,21 +731,8 @@ struct Iface {
 }
 
 fn interface(netns: &Netns, name: &str) -> Iface {
-    let output = netns
-        .exec("ip", &["-j", "link", "show", "dev", name])
-        .expect("ip link show");
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip -j output");
-    let link = &links[0];
-    let index = link["ifindex"].as_u64().expect("ifindex");
-    let text = link["address"].as_str().expect("MAC address");
-    let octets: Vec<u8> = text
-        .split(':')
-        .map(|octet| u8::from_str_radix(octet, 16).expect("MAC octet"))
-        .collect();
-    Iface {
-        index: u32::try_from(index).expect("ifindex fits u32"),
-        mac: octets.try_into().expect("six MAC octets"),
-    }
+    let (index, mac) = netns.link(name).expect("the lab's interface");
+    Iface { index, mac }
 }
 
 fn build_topology(netns: &Netns) {
