@@ -5,6 +5,11 @@
 //! entry keyed by the backend's tuple towards the client (backend -> client), giving the VIP and
 //! port to restore as the reply's source. Each direction refreshes its own entry, so the LRU keeps
 //! exactly the flows that carry traffic.
+//!
+//! A flow with source NAT (a remote endpoint of external traffic, or a hairpin) also rewrites the
+//! client's side: the original entry gives the node address and port the packet leaves from, and
+//! the reply entry, keyed by the backend's tuple towards that address and port, gives the client
+//! to restore as the reply's destination.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -85,7 +90,22 @@ pub struct FlowState {
     /// `bpf_ktime_get_ns()` of the flow's last packet in either direction, refreshed at most
     /// every `REFRESH_INTERVAL_NS`.
     pub last_seen_ns: u64,
+    /// Source NAT. Original entry: the node address to rewrite the source to. Reply entry: the
+    /// client address to restore as the destination. 0: the flow keeps the client's address.
+    /// Network byte order.
+    pub snat_addr: u32,
+    /// The port counterpart of `snat_addr` (a port in `SNAT_PORTS` on the original entry),
+    /// network byte order.
+    pub snat_port: u16,
+    /// Always zero.
+    pub _pad2: u16,
 }
+
+/// Source ports a flow with source NAT may leave the node from (host order): above Linux's
+/// default ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999) and the NodePort range,
+/// so that a translated flow's replies never take the port of a node socket's connection. The
+/// port is unique per backend tuple, so each backend takes this many flows per protocol.
+pub const SNAT_PORTS: core::ops::RangeInclusive<u16> = 61_000..=65_535;
 
 /// Key of `LB_FRAGMENTS`: one IPv4 datagram in fragments, as reassembly identifies it (RFC 791),
 /// with the addresses its fragments carry on arrival. Written by the datapath.
@@ -104,12 +124,12 @@ pub struct FragmentKey {
     pub _pad: u8,
 }
 
-/// `FragmentValue::side`: the fragments' destination becomes `addr` (towards a backend).
-pub const FRAGMENT_DESTINATION: u8 = 0;
-/// `FragmentValue::side`: the fragments' source becomes `addr` (a reply from a backend).
-pub const FRAGMENT_SOURCE: u8 = 1;
-/// `FragmentValue::side`: the first fragment was rejected or dropped, and so are the later ones
-/// (`addr` unused): left to the stack, they would be routed on still addressed to the Service.
+/// `FragmentValue::kind`: the datagram goes to a Service (towards a backend).
+pub const FRAGMENT_SERVICE: u8 = 0;
+/// `FragmentValue::kind`: the datagram is a backend's reply.
+pub const FRAGMENT_REPLY: u8 = 1;
+/// `FragmentValue::kind`: the first fragment was rejected or dropped, and so are the later ones
+/// (addresses unused): left to the stack, they would be routed on still addressed to the Service.
 pub const FRAGMENT_REFUSED: u8 = 2;
 
 /// Value of `LB_FRAGMENTS`: how the datagram's first fragment was translated, for the later
@@ -117,12 +137,15 @@ pub const FRAGMENT_REFUSED: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FragmentValue {
-    /// The address the first fragment's `side` was rewritten to, network byte order.
-    pub addr: u32,
-    /// `FRAGMENT_DESTINATION`, `FRAGMENT_SOURCE` or `FRAGMENT_REFUSED`.
-    pub side: u8,
+    /// The address the first fragment's source was rewritten to; 0: kept. Network byte order.
+    pub src_addr: u32,
+    /// The address the first fragment's destination was rewritten to; 0: kept. Network byte
+    /// order.
+    pub dst_addr: u32,
+    /// `FRAGMENT_SERVICE`, `FRAGMENT_REPLY` or `FRAGMENT_REFUSED`.
+    pub kind: u8,
     /// Always zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
     /// `bpf_ktime_get_ns()` when the first fragment passed.
     pub created_ns: u64,
 }
@@ -134,9 +157,9 @@ pub const FRAGMENT_LIFETIME_NS: u64 = 30 * NS_PER_SEC;
 
 const _: () = {
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<FlowState>() == 32);
+    assert!(size_of::<FlowState>() == 40);
     assert!(size_of::<FragmentKey>() == 12);
-    assert!(size_of::<FragmentValue>() == 16);
+    assert!(size_of::<FragmentValue>() == 24);
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;

@@ -55,6 +55,13 @@ pub const SERVICE_DROP_WHEN_EMPTY: u32 = 1;
 /// other sources are dropped. Set on load balancer ingress IPs only, as kube-proxy does.
 pub const SERVICE_SOURCE_RANGES: u32 = 2;
 
+/// `ServiceValue::flags`: external traffic (NodePort, load balancer IP, externalIP) with
+/// `externalTrafficPolicy: Cluster`: a flow sent to an endpoint on another node leaves with the
+/// node's address as its source (`BACKEND_REMOTE`), so that the endpoint's replies come back
+/// through this node to be translated, as kube-proxy masquerades them. The client's address is
+/// lost to that endpoint; `Local` keeps it.
+pub const SERVICE_SNAT_REMOTE: u32 = 4;
+
 /// The data of an `LB_SOURCE_RANGES` key (after the LPM prefix length): the frontend, matched
 /// in full, then the client address, matched over the range's prefix. The key's prefix length is
 /// therefore `SOURCE_RANGE_ID_BITS` plus the range's.
@@ -96,6 +103,10 @@ pub const BACKEND_ACTIVE: u8 = 1;
 /// while others are ready): it has no slot, its established flows continue, and session
 /// affinity no longer leads to it.
 pub const BACKEND_DRAINING: u8 = 2;
+/// `Backend::flags`: the endpoint runs on another node (its EndpointSlice `nodeName` is not this
+/// node's): external traffic to it gets source NAT where the frontend says so
+/// (`SERVICE_SNAT_REMOTE`).
+pub const BACKEND_REMOTE: u8 = 4;
 
 /// Value of `LB_BACKENDS` (an array indexed by backend id). Written by userspace, read by the
 /// datapath. A backend belongs to exactly one Service frontend, so removing an endpoint from one

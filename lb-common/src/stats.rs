@@ -161,6 +161,16 @@ counters! {
     SockRevNatInsertFailed = 41, "sock_revnat_insert_failed", Event;
     /// A later fragment of a datagram whose first fragment was rejected or dropped.
     DropFragmentRefused = 42, "drop_fragment_refused", Drop;
+    /// A new flow got source NAT: external traffic to an endpoint on another node
+    /// (`externalTrafficPolicy: Cluster`), or a hairpin (an endpoint reaching itself through its
+    /// Service).
+    FlowSnat = 43, "flow_snat", Event;
+    /// A new flow needing source NAT found no free port towards its endpoint among the tries
+    /// (`SNAT_PORTS`, shared by the endpoint's flows from this node).
+    DropSnatNoPort = 44, "drop_snat_no_port", Drop;
+    /// A new flow needing source NAT found no route to its endpoint to take a source address
+    /// from.
+    DropSnatNoSource = 45, "drop_snat_no_source", Drop;
 }
 
 /// Number of entries in `LB_STATS`.

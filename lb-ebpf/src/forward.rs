@@ -17,7 +17,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        bpf_fib_lookup, xdp_action,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup, xdp_action,
     },
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup},
     programs::XdpContext,
@@ -74,6 +74,31 @@ pub enum Forwarded {
     /// DF is set and the packet is larger than the next hop's MTU: the caller answers
     /// fragmentation needed, since only it can quote the packet as its sender sent it.
     TooBig { mtu: u16 },
+}
+
+/// The address the kernel would give a packet it routes from this packet's interface to `dst`
+/// as its source (the route's preferred source, else the egress interface's address): the
+/// address source NAT uses, as netfilter's masquerade does. `None` without a route.
+#[inline(always)]
+pub fn source_towards(ctx: &XdpContext, dst: u32, proto: u8) -> Option<u32> {
+    // SAFETY: all-zero is a valid `bpf_fib_lookup`; a zero length never fails the MTU check.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: `params` is a valid, exclusively borrowed `bpf_fib_lookup` of the size passed.
+    let result = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    } as u32;
+    // SAFETY: on success the lookup wrote the source address.
+    let source = unsafe { params.__bindgen_anon_3.ipv4_src };
+    (result == BPF_FIB_LKUP_RET_SUCCESS && source != 0).then_some(source)
 }
 
 /// The IPv4 "don't fragment" flag, host order.

@@ -2,7 +2,7 @@
 //! is chosen by; it is translated like any packet (its UDP or TCP checksum covers the whole
 //! datagram, so the incremental update holds), and how is recorded in `LB_FRAGMENTS` under the
 //! datagram's identity (source, destination, IPv4 id, protocol). The later fragments look that
-//! up and get the same address, so the receiver reassembles one datagram from one endpoint.
+//! up and get the same addresses, so the receiver reassembles one datagram from one endpoint.
 //!
 //! A first fragment that is rejected or dropped is recorded too, and its later fragments are
 //! dropped: left to the stack, they would be routed on still addressed to the Service. A later
@@ -13,7 +13,7 @@ use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContex
 use lb_common::{
     checksum::replace_u32,
     conntrack::{
-        FRAGMENT_DESTINATION, FRAGMENT_LIFETIME_NS, FRAGMENT_REFUSED, FRAGMENT_SOURCE, FragmentKey,
+        FRAGMENT_LIFETIME_NS, FRAGMENT_REFUSED, FRAGMENT_REPLY, FRAGMENT_SERVICE, FragmentKey,
         FragmentValue,
     },
     stats::Counter,
@@ -22,8 +22,9 @@ use lb_common::{
 use crate::{
     forward::{Direction, Forwarded, forward},
     maps::LB_FRAGMENTS,
-    nat::Side,
+    nat::Rewrite,
     parse::{Packet, Piece},
+    select::Endpoint,
     stats::{Drop, Verdict, count},
 };
 
@@ -38,36 +39,35 @@ fn key(packet: &Packet) -> FragmentKey {
     }
 }
 
-/// Records that the first fragment `packet` had its `side` translated to `addr`. Does nothing for
-/// an unfragmented packet.
+/// Records that the first fragment `packet`, travelling in `direction`, was translated by
+/// `rewrite`. Does nothing for an unfragmented packet.
 #[inline(always)]
-pub fn remember(packet: &Packet, side: Side, addr: u32) {
-    record(
-        packet,
-        match side {
-            Side::Destination => FRAGMENT_DESTINATION,
-            Side::Source => FRAGMENT_SOURCE,
-        },
-        addr,
-    );
+pub fn remember(packet: &Packet, direction: Direction, rewrite: &Rewrite) {
+    let kind = match direction {
+        Direction::Service => FRAGMENT_SERVICE,
+        Direction::Reply => FRAGMENT_REPLY,
+    };
+    let addr = |end: Option<Endpoint>| end.map_or(0, |end| end.addr);
+    record(packet, kind, addr(rewrite.src), addr(rewrite.dst));
 }
 
 /// Records that the first fragment `packet` was rejected or dropped. Does nothing for an
 /// unfragmented packet.
 #[inline(always)]
 pub fn refuse(packet: &Packet) {
-    record(packet, FRAGMENT_REFUSED, 0);
+    record(packet, FRAGMENT_REFUSED, 0, 0);
 }
 
 #[inline(always)]
-fn record(packet: &Packet, side: u8, addr: u32) {
+fn record(packet: &Packet, kind: u8, src_addr: u32, dst_addr: u32) {
     if packet.piece != Piece::First {
         return;
     }
     let value = FragmentValue {
-        addr,
-        side,
-        _pad: [0; 3],
+        src_addr,
+        dst_addr,
+        kind,
+        _pad: [0; 7],
         created_ns: unsafe { bpf_ktime_get_ns() },
     };
     if LB_FRAGMENTS
@@ -90,23 +90,27 @@ pub fn follow(ctx: &XdpContext, packet: &Packet) -> Result<Verdict, Drop> {
     if now.saturating_sub(entry.created_ns) > FRAGMENT_LIFETIME_NS {
         return Ok(Verdict::pass(Counter::PassFragment));
     }
-    if entry.side == FRAGMENT_REFUSED {
+    if entry.kind == FRAGMENT_REFUSED {
         return Err(Drop::FragmentRefused);
     }
     let ip = packet.ip;
     // SAFETY: `parse` bounds-checked the IPv4 header.
-    let direction = unsafe {
-        let (old, direction) = if entry.side == FRAGMENT_SOURCE {
+    unsafe {
+        if entry.src_addr != 0 {
             let old = (*ip).src;
-            (*ip).src = entry.addr;
-            (old, Direction::Reply)
-        } else {
+            (*ip).src = entry.src_addr;
+            (*ip).check = replace_u32((*ip).check, old, entry.src_addr);
+        }
+        if entry.dst_addr != 0 {
             let old = (*ip).dst;
-            (*ip).dst = entry.addr;
-            (old, Direction::Service)
-        };
-        (*ip).check = replace_u32((*ip).check, old, entry.addr);
-        direction
+            (*ip).dst = entry.dst_addr;
+            (*ip).check = replace_u32((*ip).check, old, entry.dst_addr);
+        }
+    }
+    let direction = if entry.kind == FRAGMENT_REPLY {
+        Direction::Reply
+    } else {
+        Direction::Service
     };
     count(Counter::FragmentTranslated);
     Ok(match forward(ctx, packet, false, direction) {

@@ -12,6 +12,11 @@
 //!   *original* entry finds it. The quoted source becomes the backend again, the error's
 //!   destination the backend, and it travels like a packet to the Service.
 //!
+//! After source NAT both ends of the quote and of the error are translated: towards the client,
+//! the quote's source (the node's address and port) becomes the client again and so does the
+//! error's destination; towards the backend, the quote's destination becomes the node's address
+//! and port and the error's source the node's address.
+//!
 //! Every checksum the changes touch is updated incrementally: the outer IPv4 header's, the
 //! quoted IPv4 header's, the quoted UDP or TCP checksum when the quote holds it, and the ICMP
 //! checksum over all of them. An error changes no conntrack state: it neither refreshes nor
@@ -69,6 +74,14 @@ pub fn translate(ctx: &XdpContext, error: &IcmpError) -> Result<Verdict, Drop> {
     };
     rewrite_quote(ctx, error, quoted_side, state.nat_addr, state.nat_port)?;
     rewrite_outer(error, outer_side, state.nat_addr);
+    // After source NAT the other end was translated too: the quote's source was the node's
+    // address and port towards the backend (the reply entry holds the client's), or the quote's
+    // destination was the client (the original entry holds the node's). The error's other end
+    // follows, as netfilter applies both of a connection's translations to a related error.
+    if state.snat_addr != 0 {
+        rewrite_quote(ctx, error, outer_side, state.snat_addr, state.snat_port)?;
+        rewrite_outer(error, quoted_side, state.snat_addr);
+    }
     count(Counter::IcmpErrorTranslated);
     Ok(match forward(ctx, &error.outer, false, direction) {
         Forwarded::Verdict(verdict) => verdict,

@@ -2,8 +2,8 @@
 //!
 //! Per packet: [`parse`] the headers; if the destination is a Service frontend, [`select`] a
 //! backend (the tracked one, or a new random one recorded in conntrack) and [`nat`] the
-//! destination; else, if the packet is a backend's reply to a tracked flow, restore the Service
-//! address as its source; then [`forward`] it (FIB lookup and redirect, or the kernel stack).
+//! destination (and the source, for source NAT); else, if the packet is a backend's reply to a
+//! tracked flow, restore the Service address as its source (and the client as its destination); then [`forward`] it (FIB lookup and redirect, or the kernel stack).
 //! A packet a Service cannot take (no endpoint, or a ClusterIP port the Service does not define)
 //! is answered with ICMP port unreachable by [`reject`]; one to an unallocated address of a
 //! service CIDR is dropped. Every exit path bumps exactly one verdict counter in [`stats`].
@@ -29,7 +29,7 @@ use lb_common::{
 
 use crate::{
     forward::{Direction, Forwarded},
-    nat::Side,
+    nat::Rewrite,
     parse::{Packet, Parsed},
     reject::Unreachable,
     stats::{Drop, Verdict},
@@ -78,33 +78,25 @@ fn to_service_or_reply(ctx: &XdpContext, packet: &Packet) -> Result<Verdict, Dro
         {
             return Err(Drop::SourceRange);
         }
-        let Some(backend) = select::select_backend(packet, &frontend, &service)? else {
+        let Some(flow) = select::select_backend(ctx, packet, &frontend, &service)? else {
             if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
                 return Err(Drop::NoLocalEndpoint);
             }
             return reject::reject(ctx, packet, Counter::RejectNoEndpoints);
         };
-        let partial = nat::rewrite(ctx, packet, Side::Destination, backend.addr, backend.port);
-        fragments::remember(packet, Side::Destination, backend.addr);
-        return send(
-            ctx,
-            packet,
-            partial,
-            Direction::Service,
-            (backend.addr, backend.port),
-        );
+        let rewrite = Rewrite {
+            src: flow.snat,
+            dst: Some(flow.backend),
+        };
+        return send(ctx, packet, Direction::Service, &rewrite);
     }
 
-    if let Some(service) = select::lookup_reply(packet) {
-        let partial = nat::rewrite(ctx, packet, Side::Source, service.addr, service.port);
-        fragments::remember(packet, Side::Source, service.addr);
-        return send(
-            ctx,
-            packet,
-            partial,
-            Direction::Reply,
-            (service.addr, service.port),
-        );
+    if let Some(reply) = select::lookup_reply(packet) {
+        let rewrite = Rewrite {
+            src: Some(reply.service),
+            dst: reply.client,
+        };
+        return send(ctx, packet, Direction::Reply, &rewrite);
     }
 
     if maps::is_cluster_ip(packet.dst_addr) {
@@ -116,25 +108,22 @@ fn to_service_or_reply(ctx: &XdpContext, packet: &Packet) -> Result<Verdict, Dro
     Ok(Verdict::pass(Counter::PassNoService))
 }
 
-/// Forwards a packet translated to `translated`; one too big for its next hop (DF set) gets its
-/// translation undone and is answered with fragmentation needed, quoting it as its sender sent
-/// it.
+/// Translates `packet` by `rewrite` and forwards it; one too big for its next hop (DF set) gets
+/// its translation undone and is answered with fragmentation needed, quoting it as its sender
+/// sent it.
 #[inline(always)]
 fn send(
     ctx: &XdpContext,
     packet: &Packet,
-    partial: bool,
     direction: Direction,
-    translated: (u32, u16),
+    rewrite: &Rewrite,
 ) -> Result<Verdict, Drop> {
+    let partial = nat::rewrite(ctx, packet, rewrite);
+    fragments::remember(packet, direction, rewrite);
     match forward::forward(ctx, packet, partial, direction) {
         Forwarded::Verdict(verdict) => Ok(verdict),
         Forwarded::TooBig { mtu } => {
-            let side = match direction {
-                Direction::Service => Side::Destination,
-                Direction::Reply => Side::Source,
-            };
-            nat::restore(packet, side, translated, partial);
+            nat::restore(packet, rewrite, partial);
             reject::answer(
                 ctx,
                 packet,

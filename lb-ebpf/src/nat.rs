@@ -22,24 +22,32 @@ use aya_ebpf::programs::XdpContext;
 use crate::{
     maps::has_local_senders,
     parse::{Packet, Piece, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET},
+    select::Endpoint,
 };
 
 /// Which end of the packet a rewrite replaces.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Side {
-    /// DNAT: towards the backend.
+    /// DNAT: towards the backend; after source NAT, the reply back to the client.
     Destination,
-    /// Reverse NAT: the reply's source becomes the Service again.
+    /// Reverse NAT: the reply's source becomes the Service again; or source NAT.
     Source,
+}
+
+/// A translation of a packet: each end given an address and port is replaced, the other kept.
+#[derive(Clone, Copy)]
+pub struct Rewrite {
+    pub src: Option<Endpoint>,
+    pub dst: Option<Endpoint>,
 }
 
 /// UDP's "checksum computed as zero" is transmitted as all ones.
 const UDP_ZERO_CHECKSUM_SENT_AS: u16 = 0xffff;
 
-/// Rewrites one side of `packet` to `addr:port`. Returns whether the L4 checksum is partial, in
-/// which case the packet must be finished by the kernel rather than redirected.
+/// Applies `rewrite` to `packet`. Returns whether the L4 checksum is partial, in which case the
+/// packet must be finished by the kernel rather than redirected.
 #[inline(always)]
-pub fn rewrite(ctx: &XdpContext, packet: &Packet, side: Side, addr: u32, port: u16) -> bool {
+pub fn rewrite(ctx: &XdpContext, packet: &Packet, rewrite: &Rewrite) -> bool {
     let check_field = l4_check(packet);
     // SAFETY: `parse` bounds-checked the whole fixed L4 header, which holds the checksum.
     let old_check = unsafe { *check_field };
@@ -56,23 +64,53 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, side: Side, addr: u32, port: u
             ),
         )
         && has_local_senders(ctx.ingress_ifindex() as u32);
-    let original = match side {
-        Side::Destination => (packet.dst_addr, packet.dst_port),
-        Side::Source => (packet.src_addr, packet.src_port),
-    };
-    apply(packet, side, original, (addr, port), partial);
+    if let Some(dst) = rewrite.dst {
+        let original = (packet.dst_addr, packet.dst_port);
+        apply(
+            packet,
+            Side::Destination,
+            original,
+            (dst.addr, dst.port),
+            partial,
+        );
+    }
+    if let Some(src) = rewrite.src {
+        let original = (packet.src_addr, packet.src_port);
+        apply(
+            packet,
+            Side::Source,
+            original,
+            (src.addr, src.port),
+            partial,
+        );
+    }
     partial
 }
 
-/// Puts `side` of `packet` back as its sender sent it, after `rewrite` made it `current` and
-/// found its checksum `partial` or not.
+/// Puts `packet` back as its sender sent it, after `rewrite` applied `done` and found its
+/// checksum `partial` or not.
 #[inline(always)]
-pub fn restore(packet: &Packet, side: Side, current: (u32, u16), partial: bool) {
-    let original = match side {
-        Side::Destination => (packet.dst_addr, packet.dst_port),
-        Side::Source => (packet.src_addr, packet.src_port),
-    };
-    apply(packet, side, current, original, partial);
+pub fn restore(packet: &Packet, done: &Rewrite, partial: bool) {
+    if let Some(dst) = done.dst {
+        let original = (packet.dst_addr, packet.dst_port);
+        apply(
+            packet,
+            Side::Destination,
+            (dst.addr, dst.port),
+            original,
+            partial,
+        );
+    }
+    if let Some(src) = done.src {
+        let original = (packet.src_addr, packet.src_port);
+        apply(
+            packet,
+            Side::Source,
+            (src.addr, src.port),
+            original,
+            partial,
+        );
+    }
 }
 
 #[inline(always)]

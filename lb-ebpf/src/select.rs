@@ -10,6 +10,12 @@
 //! frontend went (`LB_AFFINITY`), while that is within the timeout and the backend still takes
 //! new flows.
 //!
+//! Source NAT (external traffic to an endpoint on another node under `externalTrafficPolicy:
+//! Cluster`, and hairpins) gives a new flow the node's address towards the backend, as the kernel
+//! would pick it, and a random free port of `SNAT_PORTS`: the reply entry is keyed by the backend's
+//! tuple towards that address and port, so claiming the port and recording the reply entry are one
+//! `BPF_NOEXIST` insert.
+//!
 //! The two entries of a flow share one liveness and one close state: whenever a packet refreshes
 //! its own entry (at most once per `REFRESH_INTERVAL_NS`) or brings a new FIN/RST, the peer entry
 //! is updated too. So a flow is alive while either direction carries traffic, a reset sent by the
@@ -19,37 +25,59 @@
 //! through raw pointers, field by field, never through references.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    programs::XdpContext,
 };
 use lb_common::{
     conntrack::{
         DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowKey, FlowState, REFRESH_INTERVAL_NS, SEEN_FIN,
-        SEEN_RST, is_expired,
+        SEEN_RST, SNAT_PORTS, is_expired,
     },
     service::{
-        AffinityKey, AffinityValue, BACKEND_DRAINING, Backend, NS_PER_SECOND, ServiceKey,
-        ServiceValue, SlotKey,
+        AffinityKey, AffinityValue, BACKEND_DRAINING, BACKEND_REMOTE, Backend, NS_PER_SECOND,
+        SERVICE_SNAT_REMOTE, ServiceKey, ServiceValue, SlotKey,
     },
     stats::Counter,
 };
 
 use crate::{
+    forward::source_towards,
     maps::{LB_AFFINITY, LB_CONNTRACK, LB_SLOTS, lookup_backend, lookup_service},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::{Drop, count},
 };
 
 /// An address and port to rewrite one side of a packet to (network byte order).
+#[derive(Clone, Copy)]
 pub struct Endpoint {
     pub addr: u32,
     pub port: u16,
+}
+
+/// How a packet to a Service is translated: its destination becomes the backend, and with source
+/// NAT its source becomes the node address and port the flow leaves from.
+pub struct Translation {
+    pub backend: Endpoint,
+    pub snat: Option<Endpoint>,
+}
+
+/// How a backend's reply is translated: its source becomes the Service again, and after source NAT
+/// its destination becomes the client again.
+pub struct Reply {
+    pub service: Endpoint,
+    pub client: Option<Endpoint>,
 }
 
 /// `-EEXIST`: another CPU recorded the same new flow first.
 const EEXIST: i32 = -17;
 /// Backends tried for a new flow before giving up on a tuple collision.
 const COLLISION_ATTEMPTS: u32 = 3;
+/// Random ports of `SNAT_PORTS` tried for a new flow with source NAT before it is dropped.
+const SNAT_PORT_ATTEMPTS: u32 = 8;
+/// The first port of `SNAT_PORTS`, and how many there are.
+const SNAT_FIRST_PORT: u16 = *SNAT_PORTS.start();
+const SNAT_PORT_COUNT: u32 = (*SNAT_PORTS.end() - *SNAT_PORTS.start()) as u32 + 1;
 
 #[inline(always)]
 fn original_key(packet: &Packet) -> FlowKey {
@@ -61,15 +89,22 @@ fn original_key(packet: &Packet) -> FlowKey {
     )
 }
 
-/// The reply entry of a flow from `packet`'s client to `backend`.
+/// The reply entry of a flow whose packets reach `backend` from `from`: the client, or the
+/// address and port source NAT gave it.
 #[inline(always)]
-fn reply_key(packet: &Packet, backend_addr: u32, backend_port: u16) -> FlowKey {
-    FlowKey::new(
-        (backend_addr, backend_port),
-        (packet.src_addr, packet.src_port),
-        packet.proto,
-        DIRECTION_REPLY,
-    )
+fn reply_key(proto: u8, backend: (u32, u16), from: (u32, u16)) -> FlowKey {
+    FlowKey::new(backend, from, proto, DIRECTION_REPLY)
+}
+
+/// Where a tracked flow's packets reach its backend from: `state.snat_*` with source NAT, else the
+/// client itself.
+#[inline(always)]
+fn sent_from(packet: &Packet, state: &FlowState) -> (u32, u16) {
+    if state.snat_addr != 0 {
+        (state.snat_addr, state.snat_port)
+    } else {
+        (packet.src_addr, packet.src_port)
+    }
 }
 
 /// The `SEEN_*` bits `tcp_flags` contributes.
@@ -150,7 +185,12 @@ unsafe fn still_pinned(state: *const FlowState, packet: &Packet, now: u64) -> bo
 /// connection, and the other flow's replies would get the wrong source).
 #[inline(always)]
 fn collides(packet: &Packet, backend: &Backend, now: u64) -> bool {
-    let Some(existing) = LB_CONNTRACK.get_ptr(reply_key(packet, backend.addr, backend.port)) else {
+    let key = reply_key(
+        packet.proto,
+        (backend.addr, backend.port),
+        (packet.src_addr, packet.src_port),
+    );
+    let Some(existing) = LB_CONNTRACK.get_ptr(key) else {
         return false;
     };
     let existing = unsafe { *existing };
@@ -241,36 +281,109 @@ fn remember(packet: &Packet, service: &ServiceValue, backend_id: u32, now: u64) 
     }
 }
 
+/// Whether a new flow of `packet` to `backend` leaves with the node's address as its source:
+/// external traffic under `externalTrafficPolicy: Cluster` sent to another node, whose endpoint
+/// would otherwise answer the client directly with its own address; or a hairpin, an endpoint
+/// reaching itself through its Service, which would otherwise answer itself without coming back
+/// through the program (kube-proxy masquerades both).
+#[inline(always)]
+fn needs_snat(packet: &Packet, service: &ServiceValue, backend: &Backend) -> bool {
+    let remote = service.flags & SERVICE_SNAT_REMOTE != 0 && backend.flags & BACKEND_REMOTE != 0;
+    remote || packet.src_addr == backend.addr
+}
+
+/// Claims a port of `SNAT_PORTS` for a flow leaving from `addr` towards `backend`, by recording
+/// the flow's reply entry `reply` under it: the entry's key is what makes the port taken. A port
+/// whose entry expired (it waits for the LRU to need its room) is taken over.
+#[inline(always)]
+fn claim_snat_port(
+    packet: &Packet,
+    backend: &Backend,
+    addr: u32,
+    reply: &FlowState,
+    now: u64,
+) -> Result<u16, Drop> {
+    for _ in 0..SNAT_PORT_ATTEMPTS {
+        let offset = unsafe { bpf_get_prandom_u32() } % SNAT_PORT_COUNT;
+        let port = (SNAT_FIRST_PORT + offset as u16).to_be();
+        let key = reply_key(packet.proto, (backend.addr, backend.port), (addr, port));
+        match LB_CONNTRACK.insert(key, reply, BPF_NOEXIST as u64) {
+            Ok(()) => return Ok(port),
+            Err(EEXIST) => {
+                let Some(existing) = LB_CONNTRACK.get_ptr(key) else {
+                    continue;
+                };
+                if is_expired(&unsafe { *existing }, packet.proto, now)
+                    && LB_CONNTRACK.insert(key, reply, BPF_EXIST as u64).is_ok()
+                {
+                    return Ok(port);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    Err(Drop::SnatNoPort)
+}
+
+/// Removes the reply entry `key` of the flow `packet` belongs to, unless the entry has since been
+/// given to another flow (a source NAT port taken over after expiry).
+#[inline(always)]
+fn remove_reply(packet: &Packet, key: &FlowKey, snat: bool) {
+    let Some(entry) = LB_CONNTRACK.get_ptr(key) else {
+        return;
+    };
+    let entry = unsafe { *entry };
+    let ours = entry.nat_addr == packet.dst_addr
+        && entry.nat_port == packet.dst_port
+        && (!snat || (entry.snat_addr == packet.src_addr && entry.snat_port == packet.src_port));
+    if ours {
+        let _ = LB_CONNTRACK.remove(key);
+    }
+}
+
+/// The translation of a tracked flow's packet.
+#[inline(always)]
+fn translation(state: &FlowState) -> Translation {
+    Translation {
+        backend: Endpoint {
+            addr: state.nat_addr,
+            port: state.nat_port,
+        },
+        snat: (state.snat_addr != 0).then_some(Endpoint {
+            addr: state.snat_addr,
+            port: state.snat_port,
+        }),
+    }
+}
+
 /// Chooses the backend for a packet to the frontend `key`, whose value is `service`: see the
 /// module documentation. `None`: the packet starts a flow (or its flow lost its backend) and the
 /// frontend has no backend to give it.
 #[inline(always)]
 pub fn select_backend(
+    ctx: &XdpContext,
     packet: &Packet,
     key: &ServiceKey,
     service: &ServiceValue,
-) -> Result<Option<Endpoint>, Drop> {
+) -> Result<Option<Translation>, Drop> {
     let now = unsafe { bpf_ktime_get_ns() };
     let flow = original_key(packet);
     let mut replacing = false;
     if let Some(state) = LB_CONNTRACK.get_ptr_mut(flow) {
         // SAFETY: a live map value.
         unsafe {
-            let (nat_addr, nat_port) = ((*state).nat_addr, (*state).nat_port);
+            let current = *state;
+            let peer = reply_key(
+                packet.proto,
+                (current.nat_addr, current.nat_port),
+                sent_from(packet, &current),
+            );
             if still_pinned(state, packet, now) {
-                touch(
-                    state,
-                    &reply_key(packet, nat_addr, nat_port),
-                    packet.tcp_flags,
-                    now,
-                );
-                return Ok(Some(Endpoint {
-                    addr: nat_addr,
-                    port: nat_port,
-                }));
+                touch(state, &peer, packet.tcp_flags, now);
+                return Ok(Some(translation(&current)));
             }
             // The old backend's reply entry would otherwise translate stray packets from it.
-            let _ = LB_CONNTRACK.remove(reply_key(packet, nat_addr, nat_port));
+            remove_reply(packet, &peer, current.snat_addr != 0);
         }
         replacing = true;
     }
@@ -296,7 +409,7 @@ pub fn select_backend(
         return Ok(None);
     };
 
-    let state = FlowState {
+    let mut state = FlowState {
         nat_addr: backend.addr,
         nat_port: backend.port,
         tcp_flags: closing_bits(packet.tcp_flags),
@@ -305,34 +418,47 @@ pub fn select_backend(
         service_id: backend.service_id,
         created_ns: now,
         last_seen_ns: now,
+        snat_addr: 0,
+        snat_port: 0,
+        _pad2: 0,
     };
+    let mut reply = FlowState {
+        nat_addr: packet.dst_addr,
+        nat_port: packet.dst_port,
+        ..state
+    };
+    let snat = needs_snat(packet, service, &backend);
+    if snat {
+        let addr = source_towards(ctx, backend.addr, packet.proto).ok_or(Drop::SnatNoSource)?;
+        reply.snat_addr = packet.src_addr;
+        reply.snat_port = packet.src_port;
+        state.snat_addr = addr;
+        state.snat_port = claim_snat_port(packet, &backend, addr, &reply, now)?;
+    }
+    let reply_key = reply_key(
+        packet.proto,
+        (backend.addr, backend.port),
+        sent_from(packet, &state),
+    );
     let flags = if replacing { BPF_ANY } else { BPF_NOEXIST } as u64;
     match LB_CONNTRACK.insert(flow, state, flags) {
         Ok(()) => {}
         Err(EEXIST) => {
             // Another CPU recorded this flow between our lookup and insert: follow its choice.
+            if snat {
+                let _ = LB_CONNTRACK.remove(reply_key);
+            }
             if let Some(winner) = LB_CONNTRACK.get_ptr(flow) {
-                let winner = unsafe { *winner };
-                return Ok(Some(Endpoint {
-                    addr: winner.nat_addr,
-                    port: winner.nat_port,
-                }));
+                return Ok(Some(translation(&unsafe { *winner })));
             }
         }
         Err(_) => count(Counter::FlowInsertFailed),
     }
-    let reply = FlowState {
-        nat_addr: packet.dst_addr,
-        nat_port: packet.dst_port,
-        ..state
-    };
-    if LB_CONNTRACK
-        .insert(
-            reply_key(packet, backend.addr, backend.port),
-            reply,
-            BPF_ANY as u64,
-        )
-        .is_err()
+    // With source NAT, claiming the port recorded the reply entry already.
+    if !snat
+        && LB_CONNTRACK
+            .insert(reply_key, reply, BPF_ANY as u64)
+            .is_err()
     {
         count(Counter::FlowInsertFailed);
     }
@@ -340,20 +466,20 @@ pub fn select_backend(
     if replacing {
         count(Counter::FlowReselected);
     }
+    if snat {
+        count(Counter::FlowSnat);
+    }
     count(Counter::FlowCreated);
-    Ok(Some(Endpoint {
-        addr: backend.addr,
-        port: backend.port,
-    }))
+    Ok(Some(translation(&state)))
 }
 
 /// If `packet` is a backend's reply on a live tracked flow, the Service address and port to
-/// restore as its source. The entry of an expired flow, or of a closed one when the backend
-/// opens a new connection on the same tuple (a SYN), is deleted instead: the tuple now carries
-/// traffic that has nothing to do with the Service, such as the client talking to the pod
-/// directly from a reused port.
+/// restore as its source (and after source NAT, the client to restore as its destination). The
+/// entry of an expired flow, or of a closed one when the backend opens a new connection on the
+/// same tuple (a SYN), is deleted instead: the tuple now carries traffic that has nothing to do
+/// with the Service, such as the client talking to the pod directly from a reused port.
 #[inline(always)]
-pub fn lookup_reply(packet: &Packet) -> Option<Endpoint> {
+pub fn lookup_reply(packet: &Packet) -> Option<Reply> {
     let key = FlowKey {
         direction: DIRECTION_REPLY,
         ..original_key(packet)
@@ -368,16 +494,26 @@ pub fn lookup_reply(packet: &Packet) -> Option<Endpoint> {
             let _ = LB_CONNTRACK.remove(key);
             return None;
         }
+        let client = (current.snat_addr != 0).then_some(Endpoint {
+            addr: current.snat_addr,
+            port: current.snat_port,
+        });
         let original = FlowKey::new(
-            (packet.dst_addr, packet.dst_port),
+            match client {
+                Some(client) => (client.addr, client.port),
+                None => (packet.dst_addr, packet.dst_port),
+            },
             (current.nat_addr, current.nat_port),
             packet.proto,
             DIRECTION_ORIGINAL,
         );
         touch(state, &original, packet.tcp_flags, now);
-        Some(Endpoint {
-            addr: current.nat_addr,
-            port: current.nat_port,
+        Some(Reply {
+            service: Endpoint {
+                addr: current.nat_addr,
+                port: current.nat_port,
+            },
+            client,
         })
     }
 }

@@ -29,6 +29,10 @@ pub enum Drop {
     BackendMissing,
     /// Every backend tried would collide with another live flow's tuple.
     TupleCollision,
+    /// Source NAT found no free port towards the endpoint.
+    SnatNoPort,
+    /// Source NAT found no route, hence no source address, towards the endpoint.
+    SnatNoSource,
 }
 
 impl Drop {
@@ -44,6 +48,8 @@ impl Drop {
             Drop::RejectFailed => Counter::DropRejectFailed,
             Drop::BackendMissing => Counter::DropBackendMissing,
             Drop::TupleCollision => Counter::DropTupleCollision,
+            Drop::SnatNoPort => Counter::DropSnatNoPort,
+            Drop::SnatNoSource => Counter::DropSnatNoSource,
         }
     }
 }

@@ -32,7 +32,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{
     net::{IPPROTO_TCP, IPPROTO_UDP, addr_to_wire, port_to_wire},
-    service::{SERVICE_DROP_WHEN_EMPTY, SERVICE_SOURCE_RANGES, ServiceKey},
+    service::{SERVICE_DROP_WHEN_EMPTY, SERVICE_SNAT_REMOTE, SERVICE_SOURCE_RANGES, ServiceKey},
 };
 
 use crate::{
@@ -51,6 +51,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub struct BackendAddr {
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// On another node (`BACKEND_REMOTE`): external traffic reaches it with source NAT when its
+    /// frontend says so (`Frontend::snat_remote`).
+    pub remote: bool,
 }
 
 /// One Service frontend as the maps should hold it.
@@ -79,6 +82,9 @@ pub struct Frontend {
     /// cleared, sorted, without duplicates; `None` admits every client. A Service whose ranges
     /// are all IPv6 admits no IPv4 client (`Some` of nothing).
     pub source_ranges: Option<Vec<Ipv4Cidr>>,
+    /// External traffic under `externalTrafficPolicy: Cluster`: flows to `remote` backends get
+    /// source NAT to the node's address (`SERVICE_SNAT_REMOTE`).
+    pub snat_remote: bool,
 }
 
 impl Frontend {
@@ -100,6 +106,9 @@ impl Frontend {
         }
         if self.source_ranges.is_some() {
             flags |= SERVICE_SOURCE_RANGES;
+        }
+        if self.snat_remote {
+            flags |= SERVICE_SNAT_REMOTE;
         }
         flags
     }
@@ -290,16 +299,19 @@ pub fn desired_state<'a>(
             let internal = choose(&candidates, internal_local, uses_cluster_endpoints);
             let external = choose(&candidates, external_local, uses_cluster_endpoints);
             let no_ranges = &None;
-            let mut listeners: Vec<(Ipv4Addr, u16, &EndpointSets, &Option<Vec<Ipv4Cidr>>)> = addrs
+            // External traffic reaching another node's endpoint is masqueraded (only `Cluster`
+            // sends it there); ClusterIP traffic comes from pods, whose addresses route.
+            let snat_remote = !external_local;
+            let mut listeners: Vec<Listener> = addrs
                 .iter()
                 .enumerate()
                 .map(|(index, addr)| {
                     if index < cluster_ip_count {
-                        (*addr, service_port, &internal, no_ranges)
+                        (*addr, service_port, &internal, no_ranges, false)
                     } else if lb_ips.contains(addr) {
-                        (*addr, service_port, &external, &source_ranges)
+                        (*addr, service_port, &external, &source_ranges, snat_remote)
                     } else {
-                        (*addr, service_port, &external, no_ranges)
+                        (*addr, service_port, &external, no_ranges, snat_remote)
                     }
                 })
                 .collect();
@@ -313,7 +325,7 @@ pub fn desired_state<'a>(
                         .extend(
                             node.nodeport_addresses
                                 .iter()
-                                .map(|addr| (*addr, node_port, &external, no_ranges)),
+                                .map(|addr| (*addr, node_port, &external, no_ranges, snat_remote)),
                         ),
                     Some(node_port) => note(format!(
                         "port {} ({port_name}): nodePort {node_port} is outside the node port \
@@ -331,7 +343,7 @@ pub fn desired_state<'a>(
                     None => {}
                 }
             }
-            for (addr, listen_port, sets, ranges) in listeners {
+            for (addr, listen_port, sets, ranges, snat_remote) in listeners {
                 let frontend = Frontend {
                     namespace: namespace.clone(),
                     name: name.clone(),
@@ -344,6 +356,7 @@ pub fn desired_state<'a>(
                     drop_when_empty: sets.drop_when_empty,
                     affinity_timeout_s,
                     source_ranges: ranges.clone(),
+                    snat_remote,
                 };
                 let key = frontend.key();
                 if let Some(owner) = desired.frontends.get(&key) {
@@ -444,6 +457,16 @@ fn ipv4(what: &str, ip: &str, note: &mut impl FnMut(String)) -> Option<Ipv4Addr>
 const AFFINITY_CLIENT_IP: &str = "ClientIP";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset: three hours, as the API defaults.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+/// A frontend being built: address, port, endpoints, source ranges, source NAT to remote
+/// endpoints.
+type Listener<'a> = (
+    Ipv4Addr,
+    u16,
+    &'a EndpointSets,
+    &'a Option<Vec<Ipv4Cidr>>,
+    bool,
+);
 
 /// `internalTrafficPolicy` / `externalTrafficPolicy` value keeping traffic on this node.
 const POLICY_LOCAL: &str = "Local";
@@ -547,7 +570,11 @@ fn endpoints(
                 None => true,
             };
             candidates.push(Candidate {
-                backend: BackendAddr { addr, port: target },
+                backend: BackendAddr {
+                    addr,
+                    port: target,
+                    remote: !local,
+                },
                 ready: is_ready,
                 serving_terminating: is_serving && is_terminating,
                 local,

@@ -26,8 +26,8 @@ use lb_common::{
     limits::{MAX_BACKENDS, MAX_SERVICES},
     net::{addr_from_wire, addr_to_wire, port_from_wire, port_to_wire},
     service::{
-        BACKEND_ACTIVE, BACKEND_DRAINING, Backend, NAME_LEN, PORT_NAME_LEN, ServiceInfo,
-        ServiceKey, ServiceValue, SlotKey,
+        BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REMOTE, Backend, NAME_LEN, PORT_NAME_LEN,
+        ServiceInfo, ServiceKey, ServiceValue, SlotKey,
     },
 };
 
@@ -84,14 +84,17 @@ pub fn service_info(frontend: &Frontend) -> ServiceInfo {
 
 /// The `LB_BACKENDS` value of `backend`, an endpoint of the frontend `service_id`.
 fn backend_entry(service_id: u32, backend: &BackendAddr, draining: bool) -> Backend {
+    let mut flags = BACKEND_ACTIVE;
+    if draining {
+        flags |= BACKEND_DRAINING;
+    }
+    if backend.remote {
+        flags |= BACKEND_REMOTE;
+    }
     Backend {
         addr: addr_to_wire(backend.addr),
         port: port_to_wire(backend.port),
-        flags: if draining {
-            BACKEND_ACTIVE | BACKEND_DRAINING
-        } else {
-            BACKEND_ACTIVE
-        },
+        flags,
         _pad: 0,
         service_id,
     }
@@ -106,6 +109,7 @@ fn backend_addr(backend: &Backend) -> BackendAddr {
     BackendAddr {
         addr: addr_from_wire(backend.addr),
         port: port_from_wire(backend.port),
+        remote: backend.flags & BACKEND_REMOTE != 0,
     }
 }
 

@@ -12,7 +12,7 @@ use lb::{
     manifests::{Snapshot, load_dir},
     node::NodeConfig,
 };
-use lb_common::service::{SERVICE_DROP_WHEN_EMPTY, ServiceKey};
+use lb_common::service::{SERVICE_DROP_WHEN_EMPTY, SERVICE_SNAT_REMOTE, ServiceKey};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -102,6 +102,7 @@ fn backends(addresses: &[&str], port: u16) -> Vec<BackendAddr> {
         .map(|address| BackendAddr {
             addr: address.parse().expect("an IPv4 address"),
             port,
+            remote: false,
         })
         .collect()
 }
@@ -125,6 +126,7 @@ fn frontend(
         drop_when_empty: false,
         affinity_timeout_s: 0,
         source_ranges: None,
+        snat_remote: false,
     }
 }
 
@@ -791,7 +793,11 @@ fn external_ips_and_load_balancer_ingress_ips_are_frontends_like_the_cluster_ip(
         [192, 0, 2, 12],
     ]
     .into_iter()
-    .map(|addr| frontend(("shop", "web", "http"), addr, 80, TCP, ready.clone()))
+    .map(|addr| Frontend {
+        // External traffic under the default Cluster policy.
+        snat_remote: addr != [10, 96, 0, 20],
+        ..frontend(("shop", "web", "http"), addr, 80, TCP, ready.clone())
+    })
     .collect();
     expected.sort_by_key(|frontend| frontend.addr);
     assert_eq!(frontends(&state), expected);
@@ -940,11 +946,22 @@ fn local_traffic_policies_keep_each_kind_of_traffic_on_this_node_s_endpoints() {
             .map(|f| (f.backends.clone(), f.draining.clone()))
             .expect("the frontend")
     };
-    let everywhere = backends(&["10.1.1.2", "10.1.2.2"], 8080);
+    // node-b's endpoint is remote from node-a.
+    let mut everywhere = backends(&["10.1.1.2", "10.1.2.2"], 8080);
+    everywhere[1].remote = true;
     let here = backends(&["10.1.1.2"], 8080);
     let draining = backends(&["10.1.3.2"], 8080);
+    let snat_remote = |state: &DesiredState, addr: [u8; 4]| {
+        state
+            .frontends
+            .values()
+            .find(|f| f.addr == Ipv4Addr::from(addr))
+            .map(|f| (f.snat_remote, f.flags() & SERVICE_SNAT_REMOTE != 0))
+            .expect("the frontend")
+    };
 
-    // Cluster (the default) for both: every endpoint everywhere.
+    // Cluster (the default) for both: every endpoint everywhere; external traffic to the remote
+    // endpoint gets source NAT, ClusterIP traffic (from pods, routable) does not.
     let (state, notes) = desired_state(&[service_with("")], &slices, &node);
     assert!(notes.is_empty(), "{notes:?}");
     for addr in [[10, 96, 0, 20], [198, 51, 100, 7], [10, 0, 0, 1]] {
@@ -953,6 +970,9 @@ fn local_traffic_policies_keep_each_kind_of_traffic_on_this_node_s_endpoints() {
             (everywhere.clone(), draining.clone())
         );
     }
+    assert_eq!(snat_remote(&state, [10, 96, 0, 20]), (false, false));
+    assert_eq!(snat_remote(&state, [198, 51, 100, 7]), (true, true));
+    assert_eq!(snat_remote(&state, [10, 0, 0, 1]), (true, true));
 
     // externalTrafficPolicy: Local: external addresses and nodePorts use this node's endpoints;
     // the ClusterIP keeps them all.
@@ -964,6 +984,8 @@ fn local_traffic_policies_keep_each_kind_of_traffic_on_this_node_s_endpoints() {
     assert_eq!(backends_at(&state, [10, 96, 0, 20]).0, everywhere);
     for addr in [[198, 51, 100, 7], [10, 0, 0, 1]] {
         assert_eq!(backends_at(&state, addr), (here.clone(), draining.clone()));
+        // The client's address is kept.
+        assert_eq!(snat_remote(&state, addr), (false, false));
     }
 
     // internalTrafficPolicy: Local: the reverse.
@@ -987,7 +1009,9 @@ fn local_traffic_policies_keep_each_kind_of_traffic_on_this_node_s_endpoints() {
         &elsewhere,
     );
     assert_eq!(backends_at(&state, [10, 0, 0, 1]), (Vec::new(), Vec::new()));
-    assert_eq!(backends_at(&state, [10, 96, 0, 20]).0, everywhere);
+    let mut all_remote = everywhere.clone();
+    all_remote[0].remote = true;
+    assert_eq!(backends_at(&state, [10, 96, 0, 20]).0, all_remote);
     // Dropped rather than rejected, as kube-proxy does: the Service does have endpoints.
     let drops = |state: &DesiredState, addr: [u8; 4]| {
         let frontend = state

@@ -15,7 +15,8 @@ use lb::{
 use lb_common::{
     net::addr_from_wire,
     service::{
-        BACKEND_ACTIVE, BACKEND_DRAINING, Backend, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+        BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REMOTE, Backend, ServiceInfo, ServiceKey,
+        ServiceValue, SlotKey,
     },
 };
 
@@ -26,6 +27,7 @@ fn backend(addr: &str, port: u16) -> BackendAddr {
     BackendAddr {
         addr: addr.parse().expect("an IPv4 address"),
         port,
+        remote: false,
     }
 }
 
@@ -55,6 +57,7 @@ fn frontend(
         drop_when_empty: false,
         affinity_timeout_s: 0,
         source_ranges: None,
+        snat_remote: false,
     }
 }
 
@@ -76,6 +79,7 @@ fn backend_from_wire(backend: &Backend) -> BackendAddr {
     BackendAddr {
         addr: Ipv4Addr::from(backend.addr.to_ne_bytes()),
         port: u16::from_be(backend.port),
+        remote: backend.flags & BACKEND_REMOTE != 0,
     }
 }
 

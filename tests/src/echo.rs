@@ -91,12 +91,18 @@ impl Connection {
     /// Sends one request line and reads the reply. Fails unless the backend saw the client's own
     /// address and port (the translation must not touch the source).
     pub fn request(&mut self) -> anyhow::Result<Reply> {
+        seen_as(self.exchange()?, self.local_addr()?)
+    }
+
+    /// Sends one request line and reads the reply, whatever the backend saw as the client (the
+    /// node's address, after source NAT).
+    pub fn exchange(&mut self) -> anyhow::Result<Reply> {
         self.stream.write_all(b"hello\n")?;
         let mut line = String::new();
         self.reader
             .read_line(&mut line)
             .context("no TCP reply through the connection")?;
-        seen_as(Reply::parse(&line)?, self.local_addr()?)
+        Reply::parse(&line)
     }
 }
 
@@ -140,6 +146,12 @@ pub fn udp_request(socket: &UdpSocket) -> anyhow::Result<Reply> {
 /// Reads the reply to a datagram already sent on `socket` (from [`udp_socket`]). Fails unless
 /// the backend saw the client's own address and port.
 pub fn udp_receive(socket: &UdpSocket) -> anyhow::Result<Reply> {
+    seen_as(udp_receive_any(socket)?, socket.local_addr()?)
+}
+
+/// Reads the reply to a datagram already sent on `socket`, whatever the backend saw as the
+/// client (the node's address, after source NAT).
+pub fn udp_receive_any(socket: &UdpSocket) -> anyhow::Result<Reply> {
     // Identity replies are a name and an address: far below this.
     const REPLY_BUFFER: usize = 256;
     let mut buffer = [0u8; REPLY_BUFFER];
@@ -147,10 +159,7 @@ pub fn udp_receive(socket: &UdpSocket) -> anyhow::Result<Reply> {
     let length = socket
         .recv(&mut buffer)
         .with_context(|| format!("no UDP reply from {target}"))?;
-    seen_as(
-        Reply::parse(std::str::from_utf8(&buffer[..length])?)?,
-        socket.local_addr()?,
-    )
+    Reply::parse(std::str::from_utf8(&buffer[..length])?)
 }
 
 #[cfg(test)]

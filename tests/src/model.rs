@@ -8,7 +8,8 @@
 //! Scope: TCP and UDP to ClusterIP-like and load-balancer-like frontends (source ranges, empty
 //! frontends that reject or drop), replies, service-CIDR and undefined-port handling, every
 //! parse failure, VLAN tags, TTL, unresolved neighbours, first and later fragments, ICMP errors
-//! about tracked flows, session affinity. Left to the table-driven fixtures: partial checksums,
+//! about tracked flows, session affinity, source NAT (remote endpoints of external traffic, and
+//! hairpins). Left to the table-driven fixtures: partial checksums,
 //! affinity timeouts and draining, rate limits, frames over the MTU.
 //! The model needs the frontends' backend sets to be disjoint (then no flow's tuple can collide
 //! with another's) and the program's maps to start empty.
@@ -90,7 +91,15 @@ pub struct Frontend {
     pub source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
     pub affinity_timeout_s: u32,
+    /// External traffic under `externalTrafficPolicy: Cluster`: flows to `remote` backends get
+    /// source NAT.
+    pub snat_remote: bool,
+    /// The backends on other nodes.
+    pub remote: Vec<(Ipv4Addr, u16)>,
 }
+
+/// The source ports of flows with source NAT (README, "Service semantics").
+pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
 
 /// A link of the node: where packets to its subnet leave, and the neighbours it knows.
 #[derive(Clone, Debug)]
@@ -129,6 +138,9 @@ pub struct Entry {
     pub nat: (Ipv4Addr, u16),
     /// 1: a FIN was seen, 2: a RST (either direction).
     pub closed: u8,
+    /// Source NAT: on an original entry, the node address and port the flow leaves from; on a
+    /// reply entry, the client to restore.
+    pub snat: Option<(Ipv4Addr, u16)>,
 }
 
 const SEEN_FIN: u8 = 1;
@@ -147,7 +159,7 @@ pub struct Expected {
     /// The conntrack entries this result writes or deletes (`None`).
     pub effects: Vec<(EntryKey, Option<Entry>)>,
     /// A first fragment's translation, for the later fragments.
-    pub fragment: Option<(FragmentId, Ipv4Addr, bool)>,
+    pub fragment: Option<(FragmentId, Fragment)>,
     /// A first fragment refused (rejected or dropped): its later fragments are dropped.
     pub refuses_fragments: Option<FragmentId>,
     /// The backend a new flow of a frontend with session affinity went to, for its client.
@@ -178,8 +190,8 @@ pub struct Model {
     pub world: World,
     pub entries: BTreeMap<EntryKey, Entry>,
     /// Datagrams whose first fragment was translated: (source, destination, IPv4 id, protocol)
-    /// as the fragments arrive -> the address given, whether it was the source, and when.
-    pub fragments: BTreeMap<FragmentId, (Ipv4Addr, bool, Instant)>,
+    /// as the fragments arrive -> how, and when.
+    pub fragments: BTreeMap<FragmentId, (Fragment, Instant)>,
     /// Datagrams whose first fragment was refused, and when.
     pub refused: BTreeMap<FragmentId, Instant>,
     /// Session affinity: each client's last new flow's backend, per frontend (the timeout, hours,
@@ -187,8 +199,27 @@ pub struct Model {
     pub affinity: BTreeMap<AffinityId, (Ipv4Addr, u16)>,
 }
 
+/// One end of a quoted packet that an ICMP error's translation changes: the old address and
+/// port, the new ones, and the offsets of the address and the port in the frame.
+type QuoteChange = ((Ipv4Addr, u16), (Ipv4Addr, u16), usize, usize);
+
 /// A fragmented datagram's identity.
 pub type FragmentId = (Ipv4Addr, Ipv4Addr, u16, u8);
+
+/// How a datagram's first fragment was translated.
+#[derive(Clone, Copy, Debug)]
+pub struct Fragment {
+    /// The new source address, if it changed.
+    pub src: Option<Ipv4Addr>,
+    /// The new destination address, if it changed.
+    pub dst: Option<Ipv4Addr>,
+    /// A backend's reply (else a packet to a Service).
+    pub reply: bool,
+}
+
+/// The source NAT port the program chose for the new flow with this original key, read from
+/// its conntrack: any free port of `SNAT_PORTS` is right, so the model checks the one chosen.
+pub type SnatPorts<'a> = &'a dyn Fn(&EntryKey) -> Option<u16>;
 
 /// Linux's reassembly timeout, after which a datagram's later fragments are no longer followed;
 /// within `FRAGMENT_CLOCK_SLACK` of it the model accepts either outcome (the program stamps the
@@ -436,7 +467,7 @@ impl Model {
     }
 
     /// Every acceptable result of `frame` arriving on `ingress`.
-    pub fn expect(&self, frame: &[u8], ingress: u32) -> Vec<Expected> {
+    pub fn expect(&self, frame: &[u8], ingress: u32, ports: SnatPorts) -> Vec<Expected> {
         let untouched =
             |counter: &'static str, action: u32| Expected::new(action, frame.to_vec(), counter);
         let packet = match parse(frame) {
@@ -454,7 +485,7 @@ impl Model {
             Parse::IcmpError(error) => return self.icmp_error(frame, ingress, &error),
             Parse::Packet(packet) => packet,
         };
-        let mut results = self.tcp_udp(frame, ingress, &packet);
+        let mut results = self.tcp_udp(frame, ingress, &packet, ports);
         if packet.first_fragment {
             // A refused first fragment takes its later fragments with it.
             let id = (packet.src.0, packet.dst.0, packet.id, packet.proto);
@@ -473,7 +504,13 @@ impl Model {
     }
 
     /// A TCP or UDP packet: to a frontend, a reply, or neither.
-    fn tcp_udp(&self, frame: &[u8], ingress: u32, packet: &Parsed) -> Vec<Expected> {
+    fn tcp_udp(
+        &self,
+        frame: &[u8],
+        ingress: u32,
+        packet: &Parsed,
+        ports: SnatPorts,
+    ) -> Vec<Expected> {
         let untouched =
             |counter: &'static str, action: u32| Expected::new(action, frame.to_vec(), counter);
         if let Some(frontend) = self
@@ -487,7 +524,7 @@ impl Model {
             {
                 return vec![untouched("drop_source_range", XDP_DROP)];
             }
-            return self.to_service(frame, ingress, packet, frontend);
+            return self.to_service(frame, ingress, packet, frontend, ports);
         }
 
         let reply_key = EntryKey {
@@ -503,14 +540,16 @@ impl Model {
                 // The tuple now carries something else: forgotten, and the packet is not ours.
                 effects.push((reply_key, None));
             } else {
+                // After source NAT the flow's client is the entry's, not this packet's
+                // destination.
                 let original = EntryKey {
-                    src: packet.dst,
+                    src: entry.snat.unwrap_or(packet.dst),
                     dst: entry.nat,
                     proto: packet.proto,
                     reply: false,
                 };
                 effects.extend(self.touch(reply_key, *entry, original, packet.tcp_flags));
-                let mut out = self.translate(frame, packet, Side::Source, entry.nat);
+                let mut out = self.translate(frame, packet, Some(entry.nat), entry.snat, true);
                 for result in &mut out {
                     result.effects.extend(effects.clone());
                 }
@@ -542,6 +581,7 @@ impl Model {
         ingress: u32,
         packet: &Parsed,
         frontend: &Frontend,
+        ports: SnatPorts,
     ) -> Vec<Expected> {
         let key = EntryKey {
             src: packet.src,
@@ -554,30 +594,29 @@ impl Model {
         if let Some(entry) = self.entries.get(&key) {
             let new_connection = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             let valid = frontend.backends.contains(&entry.nat);
+            // The backend sees the flow from the client, or after source NAT from the node.
+            let peer = EntryKey {
+                src: entry.nat,
+                dst: entry.snat.unwrap_or(packet.src),
+                proto: packet.proto,
+                reply: true,
+            };
             if !(new_connection && entry.closed != 0) && valid {
-                let peer = EntryKey {
-                    src: entry.nat,
-                    dst: packet.src,
-                    proto: packet.proto,
-                    reply: true,
-                };
                 effects.extend(self.touch(key, *entry, peer, packet.tcp_flags));
-                let mut out = self.translate(frame, packet, Side::Destination, entry.nat);
+                let mut out = self.translate(frame, packet, entry.snat, Some(entry.nat), false);
                 for result in &mut out {
                     result.effects.extend(effects.clone());
                 }
                 return self.forward(out, packet, ingress, Direction::Service);
             }
-            // The old backend's reply entry goes; the flow gets a new one below.
-            effects.push((
-                EntryKey {
-                    src: entry.nat,
-                    dst: packet.src,
-                    proto: packet.proto,
-                    reply: true,
-                },
-                None,
-            ));
+            // The old backend's reply entry goes (unless it is another flow's by now); the flow
+            // gets a new one below.
+            let ours = self.entries.get(&peer).is_some_and(|reply| {
+                reply.nat == packet.dst && (entry.snat.is_none() || reply.snat == Some(packet.src))
+            });
+            if ours {
+                effects.push((peer, None));
+            }
             replacing = true;
         }
         if frontend.backends.is_empty() {
@@ -608,7 +647,36 @@ impl Model {
         };
         let mut all = Vec::new();
         for backend in &candidates {
-            let mut out = self.translate(frame, packet, Side::Destination, *backend);
+            let remote = frontend.snat_remote && frontend.remote.contains(backend);
+            let hairpin = packet.src.0 == backend.0;
+            let snat = if remote || hairpin {
+                let Some(source) = self.snat_source(backend.0) else {
+                    let mut result = Expected::new(XDP_DROP, frame.to_vec(), "drop_snat_no_source");
+                    if remembered.is_some() {
+                        *result.counters.entry("affinity_hit").or_default() += 1;
+                    }
+                    result.effects.extend(effects.clone());
+                    all.push(result);
+                    continue;
+                };
+                // The program's choice, if it is free and in the range; else port 0, which no
+                // result of the program can match.
+                let port = ports(&key)
+                    .filter(|port| SNAT_PORTS.contains(port))
+                    .filter(|port| {
+                        !self.entries.contains_key(&EntryKey {
+                            src: *backend,
+                            dst: (source, *port),
+                            proto: packet.proto,
+                            reply: true,
+                        })
+                    })
+                    .unwrap_or(0);
+                Some((source, port))
+            } else {
+                None
+            };
+            let mut out = self.translate(frame, packet, snat, Some(*backend), false);
             for result in &mut out {
                 if frontend.affinity_timeout_s != 0 {
                     result.affinity = Some((affinity_id, *backend));
@@ -622,21 +690,26 @@ impl Model {
                     Some(Entry {
                         nat: *backend,
                         closed,
+                        snat,
                     }),
                 ));
                 result.effects.push((
                     EntryKey {
                         src: *backend,
-                        dst: packet.src,
+                        dst: snat.unwrap_or(packet.src),
                         proto: packet.proto,
                         reply: true,
                     },
                     Some(Entry {
                         nat: packet.dst,
                         closed,
+                        snat: snat.map(|_| packet.src),
                     }),
                 ));
                 *result.counters.entry("flow_created").or_default() += 1;
+                if snat.is_some() {
+                    *result.counters.entry("flow_snat").or_default() += 1;
+                }
                 if replacing {
                     *result.counters.entry("flow_reselected").or_default() += 1;
                 }
@@ -644,6 +717,16 @@ impl Model {
             all.extend(self.forward(out, packet, ingress, Direction::Service));
         }
         all
+    }
+
+    /// The address the node sends from towards `backend`: its own on the link whose subnet holds
+    /// the backend (the lab has no other routes).
+    fn snat_source(&self, backend: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.world
+            .links
+            .iter()
+            .find(|link| in_prefix(backend, link.subnet))
+            .and_then(|link| link.local.first().copied())
     }
 
     /// The FIN/RST a packet brings to a tracked flow, written to its entry and its peer's.
@@ -677,13 +760,15 @@ impl Model {
         effects
     }
 
-    /// `packet` with `side` rewritten to `to`, checksums kept as they were.
+    /// `packet` with its source and destination rewritten to `src` and `dst` where given,
+    /// checksums kept as they were.
     fn translate(
         &self,
         frame: &[u8],
         packet: &Parsed,
-        side: Side,
-        to: (Ipv4Addr, u16),
+        src: Option<(Ipv4Addr, u16)>,
+        dst: Option<(Ipv4Addr, u16)>,
+        reply: bool,
     ) -> Vec<Expected> {
         let mut out = frame.to_vec();
         let (l3, l4) = (packet.l3, packet.l4);
@@ -706,28 +791,29 @@ impl Model {
             pseudo(packet.src.0, packet.dst.0, packet.proto, packet.l4_len),
             &frame[segment.clone()],
         ));
-        let (addr_at, port_at) = match side {
-            Side::Destination => (l3 + IP_DST, l4 + 2),
-            Side::Source => (l3 + IP_SRC, l4),
-        };
-        out[addr_at..addr_at + 4].copy_from_slice(&to.0.octets());
-        out[port_at..port_at + 2].copy_from_slice(&to.1.to_be_bytes());
+        for (to, addr_at, port_at) in [(src, l3 + IP_SRC, l4), (dst, l3 + IP_DST, l4 + 2)] {
+            if let Some(to) = to {
+                out[addr_at..addr_at + 4].copy_from_slice(&to.0.octets());
+                out[port_at..port_at + 2].copy_from_slice(&to.1.to_be_bytes());
+            }
+        }
         keep_sum(&mut out[l3..l3 + packet.ihl], IP_CHECK, 0, ip_before);
         let mut checksums = vec![(l3 + IP_CHECK, false)];
         let udp = packet.proto == IPPROTO_UDP;
         if !(udp && be16(frame, l4 + check) == 0) {
-            let (src, dst) = match side {
-                Side::Destination => (packet.src.0, to.0),
-                Side::Source => (to.0, packet.dst.0),
-            };
-            let extra = pseudo(src, dst, packet.proto, packet.l4_len);
+            let new_src = src.map_or(packet.src.0, |to| to.0);
+            let new_dst = dst.map_or(packet.dst.0, |to| to.0);
+            let extra = pseudo(new_src, new_dst, packet.proto, packet.l4_len);
             keep_sum(&mut out[segment], check, extra, l4_before);
             checksums.push((l4 + check, udp));
         }
         let fragment = packet.first_fragment.then_some((
             (packet.src.0, packet.dst.0, packet.id, packet.proto),
-            to.0,
-            matches!(side, Side::Source),
+            Fragment {
+                src: src.map(|to| to.0),
+                dst: dst.map(|to| to.0),
+                reply,
+            },
         ));
         vec![Expected {
             action: XDP_PASS,
@@ -768,7 +854,7 @@ impl Model {
             }
             return vec![untouched];
         }
-        let Some((addr, source, at)) = self.fragments.get(&id) else {
+        let Some((fragment, at)) = self.fragments.get(&id) else {
             return vec![untouched];
         };
         let age = at.elapsed();
@@ -777,8 +863,11 @@ impl Model {
         }
         let mut out = frame.to_vec();
         let before = fold(sum(0, &frame[l3..l3 + ihl]));
-        let at_offset = l3 + if *source { IP_SRC } else { IP_DST };
-        out[at_offset..at_offset + 4].copy_from_slice(&addr.octets());
+        for (addr, at_offset) in [(fragment.src, l3 + IP_SRC), (fragment.dst, l3 + IP_DST)] {
+            if let Some(addr) = addr {
+                out[at_offset..at_offset + 4].copy_from_slice(&addr.octets());
+            }
+        }
         keep_sum(&mut out[l3..l3 + ihl], IP_CHECK, 0, before);
         let translated = Expected {
             checksums: vec![(l3 + IP_CHECK, false)],
@@ -797,7 +886,7 @@ impl Model {
             dst: (id.1, 0),
             tcp_flags: 0,
         };
-        let direction = if *source {
+        let direction = if fragment.reply {
             Direction::Reply
         } else {
             Direction::Service
@@ -923,23 +1012,49 @@ impl Model {
         };
         // About a packet to a backend: its destination was the Service, and the error goes to
         // the client from the Service. About a reply: its source was the backend, and the error
-        // goes to the backend.
-        let (to, quoted_source, direction) = if let Some(entry) = self.entries.get(&key(true)) {
-            (entry.nat, false, Direction::Reply)
-        } else if let Some(entry) = self.entries.get(&key(false)) {
-            (entry.nat, true, Direction::Service)
-        } else {
-            return vec![Expected::new(XDP_PASS, frame.to_vec(), "pass_not_tcp_udp")];
-        };
+        // goes to the backend. After source NAT the other end of the quote, and of the error,
+        // changes too: the node's address and port become the client again, or the reverse.
+        let (quote_src, quote_dst, outer_src, outer_dst, direction) =
+            if let Some(entry) = self.entries.get(&key(true)) {
+                (
+                    entry.snat,
+                    Some(entry.nat),
+                    Some(entry.nat.0),
+                    entry.snat.map(|client| client.0),
+                    Direction::Reply,
+                )
+            } else if let Some(entry) = self.entries.get(&key(false)) {
+                (
+                    Some(entry.nat),
+                    entry.snat,
+                    entry.snat.map(|node| node.0),
+                    Some(entry.nat.0),
+                    Direction::Service,
+                )
+            } else {
+                return vec![Expected::new(XDP_PASS, frame.to_vec(), "pass_not_tcp_udp")];
+            };
         let mut out = frame.to_vec();
         let icmp_before = fold(sum(0, &frame[error.icmp.clone()]));
         let inner = error.inner_l3..error.inner_l3 + error.inner_ihl;
         let inner_before = fold(sum(0, &frame[inner.clone()]));
-        let (old, addr_offset, port_offset) = if quoted_source {
-            (error.inner_src, error.inner_l3 + IP_SRC, error.inner_l4)
-        } else {
-            (error.inner_dst, error.inner_l3 + IP_DST, error.inner_l4 + 2)
-        };
+        let changes: Vec<QuoteChange> = [
+            (
+                error.inner_src,
+                quote_src,
+                error.inner_l3 + IP_SRC,
+                error.inner_l4,
+            ),
+            (
+                error.inner_dst,
+                quote_dst,
+                error.inner_l3 + IP_DST,
+                error.inner_l4 + 2,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(old, new, addr_at, port_at)| new.map(|new| (old, new, addr_at, port_at)))
+        .collect();
         let udp = error.inner_proto == IPPROTO_UDP;
         let check_at = error.inner_l4 + if udp { UDP_CHECK } else { TCP_CHECK };
         let mut checksums = vec![
@@ -947,20 +1062,25 @@ impl Model {
             (error.inner_l3 + IP_CHECK, false),
             (error.icmp.start + 2, false),
         ];
-        // The quoted L4 checksum, where the quote holds it: only the address and the port it
+        // The quoted L4 checksum, where the quote holds it: only the addresses and ports it
         // covers changed; the rest of its data, which the quote may not hold, did not.
         let l4_check = (check_at + 2 <= error.icmp.end && check_at + 2 <= frame.len())
             .then(|| be16(frame, check_at))
             .filter(|check| !(udp && *check == 0));
-        out[addr_offset..addr_offset + 4].copy_from_slice(&to.0.octets());
-        out[port_offset..port_offset + 2].copy_from_slice(&to.1.to_be_bytes());
+        for (_, to, addr_at, port_at) in &changes {
+            out[*addr_at..*addr_at + 4].copy_from_slice(&to.0.octets());
+            out[*port_at..*port_at + 2].copy_from_slice(&to.1.to_be_bytes());
+        }
         keep_sum(&mut out[inner], IP_CHECK, 0, inner_before);
         if let Some(before) = l4_check {
             // check = ~(rest + old words) before; ~(rest + new words) after.
-            let rest = fold(
-                u64::from(!before) + u64::from(!fold(sum(0, &old.0.octets()))) + u64::from(!old.1),
-            );
-            let after = !fold(u64::from(rest) + sum(0, &to.0.octets()) + u64::from(to.1));
+            let mut rest = u64::from(!before);
+            let mut added = 0;
+            for (old, to, _, _) in &changes {
+                rest += u64::from(!fold(sum(0, &old.0.octets()))) + u64::from(!old.1);
+                added += sum(0, &to.0.octets()) + u64::from(to.1);
+            }
+            let after = !fold(u64::from(fold(rest)) + added);
             out[check_at..check_at + 2].copy_from_slice(&after.to_be_bytes());
             checksums.push((check_at, udp));
         }
@@ -970,8 +1090,11 @@ impl Model {
         let check = fold(u64::from(icmp_before) + u64::from(!rest));
         out[icmp_check..icmp_check + 2].copy_from_slice(&check.to_be_bytes());
         let outer_before = fold(sum(0, &frame[error.l3..error.l3 + error.ihl]));
-        let outer_at = error.l3 + if quoted_source { IP_DST } else { IP_SRC };
-        out[outer_at..outer_at + 4].copy_from_slice(&to.0.octets());
+        for (to, at) in [(outer_src, IP_SRC), (outer_dst, IP_DST)] {
+            if let Some(to) = to {
+                out[error.l3 + at..error.l3 + at + 4].copy_from_slice(&to.octets());
+            }
+        }
         keep_sum(
             &mut out[error.l3..error.l3 + error.ihl],
             IP_CHECK,
@@ -1000,8 +1123,8 @@ impl Model {
 
     /// Applies the effects of the result the program chose.
     pub fn commit(&mut self, result: &Expected) {
-        if let Some((id, addr, source)) = result.fragment {
-            self.fragments.insert(id, (addr, source, Instant::now()));
+        if let Some((id, fragment)) = result.fragment {
+            self.fragments.insert(id, (fragment, Instant::now()));
             self.refused.remove(&id);
         }
         if let Some((id, backend)) = result.affinity {
@@ -1048,12 +1171,6 @@ impl Model {
         }
         true
     }
-}
-
-#[derive(Clone, Copy)]
-enum Side {
-    Destination,
-    Source,
 }
 
 #[derive(Clone, Copy)]

@@ -39,7 +39,7 @@ use lb_tests::{
 const BPFFS: &str = "/sys/fs/bpf";
 const DEFAULT_CASES: usize = 10_000;
 /// Outcomes a run of `DEFAULT_CASES` or more must reach.
-const EVERY_RUN_REACHES: [&str; 21] = [
+const EVERY_RUN_REACHES: [&str; 22] = [
     "redirect_service",
     "redirect_reply",
     "stack_vlan",
@@ -61,6 +61,7 @@ const EVERY_RUN_REACHES: [&str; 21] = [
     "icmp_error_translated",
     "drop_fragment_refused",
     "affinity_hit",
+    "flow_snat",
 ];
 /// Conntrack is compared whole this often (and at the end).
 const CONNTRACK_CHECK_EVERY: usize = 500;
@@ -246,7 +247,16 @@ fn random_world(rng: &mut Rng, links: Vec<Link>) -> World {
             ranges.sort();
             ranges
         });
+        // Load-balancer-like frontends take external traffic: under a Cluster policy, their
+        // endpoints on other nodes get source NAT.
+        let remote = backends
+            .iter()
+            .filter(|_| rng.chance(50))
+            .copied()
+            .collect();
         frontends.push(Frontend {
+            snat_remote: load_balancer && rng.chance(70),
+            remote,
             addr,
             port,
             proto,
@@ -276,6 +286,9 @@ fn random_world(rng: &mut Rng, links: Vec<Link>) -> World {
     frontends[3].addr = Ipv4Addr::new(203, 0, 113, 13);
     frontends[3].source_ranges = Some(vec![(Ipv4Addr::new(10, 0, 0, 0), 29)]);
     frontends[3].backends = vec![resolved(4, 3)];
+    // Source NAT to a remote endpoint: on the address every table has.
+    frontends[3].snat_remote = true;
+    frontends[3].remote = frontends[3].backends.clone();
     cluster_ips.remove(&Ipv4Addr::new(10, 96, 0, 13));
     World {
         frontends,
@@ -305,6 +318,7 @@ fn desired(world: &World) -> DesiredState {
                 .map(|(addr, port)| BackendAddr {
                     addr: *addr,
                     port: *port,
+                    remote: frontend.remote.contains(&(*addr, *port)),
                 })
                 .collect(),
             draining: Vec::new(),
@@ -319,6 +333,7 @@ fn desired(world: &World) -> DesiredState {
                     })
                     .collect()
             }),
+            snat_remote: frontend.snat_remote,
         };
         state.frontends.insert(desired.key(), desired);
     }
@@ -534,7 +549,14 @@ fn random_packet(rng: &mut Rng, model: &Model) -> (Vec<u8>, u32) {
             let frontend = rng.pick(&world.frontends);
             spec.dst = (frontend.addr, frontend.port);
             spec.upper = upper_for(rng, frontend.proto);
-            in0
+            // Now and then one of its endpoints calling the Service (a hairpin when it is
+            // chosen).
+            if !frontend.backends.is_empty() && rng.chance(8) {
+                spec.src.0 = rng.pick(&frontend.backends).0;
+                out0
+            } else {
+                in0
+            }
         }
         // A backend's reply to a tracked flow, now and then the first fragment of a datagram.
         50..=74 if !replies.is_empty() => {
@@ -600,14 +622,14 @@ fn random_packet(rng: &mut Rng, model: &Model) -> (Vec<u8>, u32) {
         }
         // An ICMP error about a packet of a tracked flow (or of none), from either side.
         92..=95 if !model.entries.is_empty() => {
-            let entries: Vec<(&EntryKey, &lb_tests::model::Entry)> = model.entries.iter().collect();
-            let (key, entry) = *rng.pick(&entries);
+            let keys: Vec<&EntryKey> = model.entries.keys().collect();
+            let key = *rng.pick(&keys);
             // The quoted packet as it was on the wire: towards the backend (for a reply entry)
             // or towards the client (for an original one).
             let (quoted_src, quoted_dst, outer_src, outer_dst, ingress) = if key.reply {
                 (key.dst, key.src, key.src.0, key.dst.0, out0)
             } else {
-                (entry.nat, key.src, key.src.0, key.dst.0, in0)
+                (key.dst, key.src, key.src.0, key.dst.0, in0)
             };
             let untracked = rng.chance(20);
             let quoted = Spec {
@@ -691,7 +713,7 @@ fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
 }
 
 /// The kernel's conntrack, in the model's terms (timestamps and ids aside).
-fn kernel_entries(pin_dir: &Path) -> BTreeMap<EntryKey, (Ipv4Addr, u16, u8)> {
+fn kernel_entries(pin_dir: &Path) -> BTreeMap<EntryKey, Compared> {
     let map = open_conntrack(pin_dir).expect("opening LB_CONNTRACK");
     let mut entries = BTreeMap::new();
     for item in map.iter() {
@@ -716,19 +738,29 @@ fn kernel_entries(pin_dir: &Path) -> BTreeMap<EntryKey, (Ipv4Addr, u16, u8)> {
                 lb_common::net::addr_from_wire(state.nat_addr),
                 u16::from_be(state.nat_port),
                 state.tcp_flags,
+                (state.snat_addr != 0).then(|| {
+                    (
+                        lb_common::net::addr_from_wire(state.snat_addr),
+                        u16::from_be(state.snat_port),
+                    )
+                }),
             ),
         );
     }
     entries
 }
 
-fn model_entries(model: &Model) -> BTreeMap<EntryKey, (Ipv4Addr, u16, u8)> {
+fn model_entries(model: &Model) -> BTreeMap<EntryKey, Compared> {
     model
         .entries
         .iter()
-        .map(|(key, entry)| (*key, (entry.nat.0, entry.nat.1, entry.closed)))
+        .map(|(key, entry)| (*key, (entry.nat.0, entry.nat.1, entry.closed, entry.snat)))
         .collect()
 }
+
+/// What the conntrack comparison looks at: the translation, the close state and the source
+/// NAT of each entry.
+type Compared = (Ipv4Addr, u16, u8, Option<(Ipv4Addr, u16)>);
 
 /// The packets of the run that share an address and port with `frame`'s: the failing flow's
 /// history, which replays the failure on a fresh lab with the same table.
@@ -801,12 +833,26 @@ fn the_program_agrees_with_the_reference_model_on_random_traffic() {
             let mut model = Model::new(world);
             let mut history = Vec::new();
             let mut counters = read_counters(&pin_dir).expect("counters");
+            let conntrack = open_conntrack(&pin_dir).expect("opening LB_CONNTRACK");
             let mut tally: BTreeMap<&'static str, u64> = BTreeMap::new();
             for case in 0..cases {
                 let (frame, ingress) = random_packet(&mut rng, &model);
                 history.push((case, frame.clone(), ingress));
-                let expected = model.expect(&frame, ingress);
                 let run = dataplane.test_run(&frame, ingress).expect("test run");
+                let snat_port = |key: &EntryKey| {
+                    let key = FlowKey::new(
+                        (lb_common::net::addr_to_wire(key.src.0), key.src.1.to_be()),
+                        (lb_common::net::addr_to_wire(key.dst.0), key.dst.1.to_be()),
+                        key.proto,
+                        DIRECTION_ORIGINAL,
+                    );
+                    conntrack
+                        .get(&key, 0)
+                        .ok()
+                        .filter(|state| state.snat_addr != 0)
+                        .map(|state| u16::from_be(state.snat_port))
+                };
+                let expected = model.expect(&frame, ingress, &snat_port);
                 let after = read_counters(&pin_dir).expect("counters");
                 let deltas: BTreeMap<&'static str, u64> = after
                     .iter()

@@ -40,12 +40,21 @@ const SECOND_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 /// ICMP unreachable at once, so this only bounds a silent drop.
 const UNSERVED_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The node the agent runs as (`--node-name`): the manifests' endpoints are on it, so external
+/// traffic reaches them without source NAT.
+const NODE_NAME: &str = "node-a";
+
 /// The manifests of a Service `name` on `cluster_ip` with TCP 80 -> 8080 and UDP 53 -> 5353 on
-/// `backends`.
+/// `backends`, all on this node.
 fn service_manifest(name: &str, cluster_ip: Ipv4Addr, backends: &[usize]) -> String {
     let endpoints: String = backends
         .iter()
-        .map(|index| format!("- addresses: [\"{}\"]\n", backend_addr(*index)))
+        .map(|index| {
+            format!(
+                "- addresses: [\"{}\"]\n  nodeName: {NODE_NAME}\n",
+                backend_addr(*index)
+            )
+        })
         .collect();
     format!(
         "apiVersion: v1
@@ -155,6 +164,11 @@ impl Cluster {
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_nanos()
         ));
+        // The endpoints are this node's unless a test says otherwise.
+        let mut args = self.agent_args.to_vec();
+        if !args.contains(&"--node-name") {
+            args.extend(["--node-name", NODE_NAME]);
+        }
         self.agent = Some(Agent::start(
             &self.topology.node,
             &AgentOptions {
@@ -164,7 +178,7 @@ impl Cluster {
                 interfaces: &self.topology.node_interfaces(),
                 state_dir: &self.workdir.join("state"),
                 log: &log,
-                extra_args: self.agent_args,
+                extra_args: &args,
             },
         )?);
         Ok(())
@@ -1044,9 +1058,6 @@ fn terminating_endpoints_take_new_flows_while_none_is_ready() {
     assert!(udp[0] > 0 && udp[1] > 0, "UDP spread {udp:?}");
 }
 
-/// The node name the traffic-policy test's agent runs as.
-const NODE_NAME: &str = "node-a";
-
 /// The NodePort echo manifest with `externalTrafficPolicy: Local`, its endpoints on the nodes
 /// `nodes` names (one per backend).
 fn local_policy_manifest(nodes: [&str; BACKENDS]) -> String {
@@ -1054,7 +1065,11 @@ fn local_policy_manifest(nodes: [&str; BACKENDS]) -> String {
         node_port_echo_manifest().replacen("spec:\n", "spec:\n  externalTrafficPolicy: Local\n", 1);
     for (index, node) in nodes.iter().enumerate() {
         let line = format!("- addresses: [\"{}\"]\n", backend_addr(index));
-        manifest = manifest.replacen(&line, &format!("{line}  nodeName: {node}\n"), 1);
+        manifest = manifest.replacen(
+            &format!("{line}  nodeName: {NODE_NAME}\n"),
+            &format!("{line}  nodeName: {node}\n"),
+            1,
+        );
     }
     manifest
 }
@@ -1637,4 +1652,57 @@ fn the_node_s_own_sockets_reach_cluster_ips_and_node_ports() {
         "connected to a Service without endpoints"
     );
     assert!(stderr.contains("Operation not permitted"), "{stderr}");
+}
+
+#[test]
+fn a_backend_reaching_its_own_service_is_answered_by_itself_with_the_node_as_source() {
+    if !require_root(
+        "a_backend_reaching_its_own_service_is_answered_by_itself_with_the_node_as_source",
+    ) {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    // Backend 1 is the Service's only endpoint, so it is chosen when it calls the Service.
+    std::fs::write(cluster.manifests().join("echo.yaml"), echo_manifest(&[0])).expect("edit");
+    let only = vec![format!("{}:{BACKEND_TCP_PORT}", backend_addr(0))];
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints() == only),
+        "the agent did not apply the edit: {:?}",
+        cluster.tcp_endpoints()
+    );
+    let pod = &cluster.topology.backends[0];
+    pod.ip(&[
+        "route",
+        "add",
+        lb_tests::topology::SERVICE_CIDR,
+        "via",
+        &node_backend_side(0).to_string(),
+    ])
+    .expect("the pod's route to the Services");
+    let before = cluster.counters();
+    // Without source NAT the endpoint would answer itself directly, from its own address, and
+    // the handshake to the ClusterIP would never complete; with it, the node's address on the
+    // pod's link is the peer, on a port of the source NAT range.
+    let snat_ports = lb_common::conntrack::SNAT_PORTS;
+    let mut connection = Connection::open(pod, TCP_FRONTEND).expect("hairpin TCP connection");
+    let reply = connection.exchange().expect("hairpin TCP reply");
+    assert_eq!(reply.backend, backend_name(0));
+    assert_eq!(
+        reply.client.ip(),
+        std::net::IpAddr::V4(node_backend_side(0))
+    );
+    assert!(snat_ports.contains(&reply.client.port()), "{reply:?}");
+    // A second request on the same flow keeps its translation.
+    assert_eq!(
+        connection.exchange().expect("second request").client,
+        reply.client
+    );
+    let socket = udp_socket(pod, UDP_FRONTEND, UdpChecksum::Computed).expect("UDP socket");
+    socket.send(b"ping").expect("send");
+    let udp = echo::udp_receive_any(&socket).expect("hairpin UDP reply");
+    assert_eq!(udp.backend, backend_name(0));
+    assert_eq!(udp.client.ip(), std::net::IpAddr::V4(node_backend_side(0)));
+    assert!(snat_ports.contains(&udp.client.port()), "{udp:?}");
+    let moved = moved(&before, &cluster.counters());
+    assert_eq!(moved.get("flow_snat"), Some(&2), "{moved:?}");
 }

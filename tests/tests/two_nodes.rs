@@ -28,7 +28,14 @@ const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 80);
 const CONNECTIONS: usize = 20;
 const APPLY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A LoadBalancer Service with `externalTrafficPolicy: Local` and two endpoints on each node.
+/// The nodePort of the `Cluster`-policy Service.
+const CLUSTER_NODE_PORT: u16 = 30_081;
+/// Connections to the `Cluster`-policy nodePort: all four endpoints appear with probability
+/// 1 - 4(3/4)^60 > 0.9999998.
+const CLUSTER_CONNECTIONS: usize = 60;
+
+/// A LoadBalancer Service `web` with `externalTrafficPolicy: Local` and a NodePort Service `wide`
+/// with the default `Cluster` policy, each with two endpoints on each node.
 fn manifest() -> String {
     let mut endpoints = String::new();
     for (node, name) in NODE_NAMES.iter().enumerate() {
@@ -66,6 +73,33 @@ metadata:
   namespace: two
   labels:
     kubernetes.io/service-name: web
+addressType: IPv4
+ports:
+- name: http
+  port: {BACKEND_PORT}
+endpoints:
+{endpoints}---
+apiVersion: v1
+kind: Service
+metadata:
+  name: wide
+  namespace: two
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.81
+  ports:
+  - name: http
+    port: 80
+    targetPort: {BACKEND_PORT}
+    nodePort: {CLUSTER_NODE_PORT}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: wide-1
+  namespace: two
+  labels:
+    kubernetes.io/service-name: wide
 addressType: IPv4
 ports:
 - name: http
@@ -139,6 +173,25 @@ impl Cluster {
 
     /// How many of `CONNECTIONS` connections from the client to `target` each backend answered,
     /// checking that every backend saw the client's own address.
+    fn counters(&self, node: usize) -> BTreeMap<String, u64> {
+        serde_json::from_str(
+            &lb(&self.lb, &self.pins[node], &["stats", "-o", "json"]).expect("lb stats"),
+        )
+        .expect("stats JSON")
+    }
+
+    /// Waits until every node has programmed `port` on its own address.
+    fn wait_for_node_port(&self, port: u16) {
+        for (node, pins) in self.pins.iter().enumerate() {
+            let frontend = format!("{}:{port}", NODE_ADDRS[node]);
+            assert!(
+                wait_until(APPLY_TIMEOUT, || lb(&self.lb, pins, &["services"])
+                    .is_ok_and(|listing| listing.contains(&frontend))),
+                "node {node} did not program {frontend}"
+            );
+        }
+    }
+
     fn spread(&self, target: SocketAddr) -> BTreeMap<String, usize> {
         let mut answered = BTreeMap::new();
         for _ in 0..CONNECTIONS {
@@ -215,4 +268,54 @@ fn a_local_policy_keeps_each_node_s_external_traffic_on_its_own_endpoints() {
         vec![backend_name(0, 0), backend_name(0, 1)],
         "{answered:?}"
     );
+}
+
+#[test]
+fn a_cluster_policy_reaches_the_other_node_s_endpoints_with_the_node_as_source() {
+    if !require_root("a_cluster_policy_reaches_the_other_node_s_endpoints_with_the_node_as_source")
+    {
+        return;
+    }
+    let cluster = Cluster::start().expect("two nodes");
+    cluster.wait_for_node_port(CLUSTER_NODE_PORT);
+    let before = cluster.counters(0);
+    let target = SocketAddr::from((NODE_ADDRS[0], CLUSTER_NODE_PORT));
+    let mut seen: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+    for _ in 0..CLUSTER_CONNECTIONS {
+        // The handshake completing proves the other node's endpoints answered through node A:
+        // answering the client directly, from their own address, they would get a reset.
+        let mut connection = Connection::open(&cluster.topology.client, target)
+            .unwrap_or_else(|error| panic!("connecting to {target}: {error:#}"));
+        let reply = connection
+            .exchange()
+            .unwrap_or_else(|error| panic!("request to {target}: {error:#}"));
+        seen.entry(reply.backend).or_default().push(reply.client);
+    }
+    let every: Vec<String> = (0..2)
+        .flat_map(|node| (0..BACKENDS_PER_NODE).map(move |index| backend_name(node, index)))
+        .collect();
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), every, "{seen:?}");
+    let snat_ports = lb_common::conntrack::SNAT_PORTS;
+    let mut translated = 0;
+    for (backend, clients) in &seen {
+        for client in clients {
+            if backend.starts_with('a') {
+                // Node A's own endpoints see the client itself.
+                assert_eq!(client.ip(), std::net::IpAddr::V4(CLIENT_ADDR), "{backend}");
+            } else {
+                // Node B's see node A, from a port of the source NAT range.
+                assert_eq!(
+                    client.ip(),
+                    std::net::IpAddr::V4(NODE_ADDRS[0]),
+                    "{backend}"
+                );
+                assert!(snat_ports.contains(&client.port()), "{backend}: {client}");
+                translated += 1;
+            }
+        }
+    }
+    let after = cluster.counters(0);
+    let moved = |name: &str| after[name] - before.get(name).copied().unwrap_or_default();
+    assert_eq!(moved("flow_snat"), translated);
+    assert_eq!(moved("flow_created"), CLUSTER_CONNECTIONS as u64);
 }

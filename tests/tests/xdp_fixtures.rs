@@ -39,7 +39,7 @@ use lb_common::{
     config::{Cidr, DataplaneConfig},
     conntrack::{
         DIRECTION_ORIGINAL, DIRECTION_REPLY, FRAGMENT_LIFETIME_NS, FlowKey, FlowState, FragmentKey,
-        SEEN_FIN, SEEN_RST,
+        SEEN_FIN, SEEN_RST, SNAT_PORTS, UDP_LIFETIME_NS,
     },
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
     service::{
@@ -691,6 +691,7 @@ fn frontend(
         .map(|(addr, port)| BackendAddr {
             addr: *addr,
             port: *port,
+            remote: false,
         })
         .collect();
     backends.sort();
@@ -707,6 +708,7 @@ fn frontend(
         drop_when_empty: false,
         affinity_timeout_s: 0,
         source_ranges: None,
+        snat_remote: false,
     }
 }
 
@@ -1149,6 +1151,9 @@ fn new_tcp_flow_is_translated_and_tracked() {
             service_id: service.service_id,
             created_ns: original.created_ns,
             last_seen_ns: original.created_ns,
+            snat_addr: 0,
+            snat_port: 0,
+            _pad2: 0,
         };
         assert_eq!(original, expected_original);
         assert_eq!(
@@ -2842,7 +2847,7 @@ fn new_connection_on_a_closed_tuple_is_reselected() {
 // The two entries of a flow share liveness and close state.
 
 /// Idle time that expires a UDP flow (it lives `UDP_LIFETIME_NS`, 120 s), with a margin.
-const LONG_IDLE_NS: u64 = lb_common::conntrack::UDP_LIFETIME_NS + 10 * 1_000_000_000;
+const LONG_IDLE_NS: u64 = UDP_LIFETIME_NS + 10 * 1_000_000_000;
 /// Idle time past the refresh interval but within every lifetime.
 const SHORT_IDLE_NS: u64 = 2 * 1_000_000_000;
 
@@ -3324,10 +3329,12 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
                 backends: vec![BackendAddr {
                     addr: BACKEND_B,
                     port: BACKEND_PORT,
+                    remote: false,
                 }],
                 draining: vec![BackendAddr {
                     addr: BACKEND_A,
                     port: BACKEND_PORT,
+                    remote: false,
                 }],
                 ..web.clone()
             };
@@ -3721,6 +3728,7 @@ fn session_affinity_sends_a_client_s_new_flows_to_its_last_endpoint() {
                     .map(|(addr, port)| BackendAddr {
                         addr: *addr,
                         port: *port,
+                        remote: false,
                     })
                     .collect();
                 frontend
@@ -4355,7 +4363,8 @@ fn fragments_follow_their_first_fragment_both_ways() {
             _pad: 0,
         };
         let mut entry = entries.get(&key, 0).expect("the datagram's entry");
-        assert_eq!(entry.addr, wire_addr(BACKEND_A));
+        assert_eq!(entry.dst_addr, wire_addr(BACKEND_A));
+        assert_eq!(entry.src_addr, 0);
         entry.created_ns = monotonic_ns() - FRAGMENT_LIFETIME_NS - 1_000_000_000;
         entries.insert(key, entry, 0).expect("ageing the entry");
         lab.check(&Case {
@@ -4367,4 +4376,147 @@ fn fragments_follow_their_first_fragment_both_ways() {
             counters: vec![(Counter::PassFragment, 1)],
         });
     });
+}
+
+/// Offset of the source address in the IPv4 header.
+const IPV4_SRC_OFFSET: usize = 12;
+
+#[test]
+fn source_nat_claims_a_free_port_and_takes_over_expired_ones() {
+    with_lab(
+        "source_nat_claims_a_free_port_and_takes_over_expired_ones",
+        |lab| {
+            // The node's address on out0, where backend A lives: what the kernel would send from.
+            let node: Ipv4Addr = OUT_CIDR.split('/').next().unwrap().parse().unwrap();
+            let dns = frontend(
+                "dns",
+                VIP,
+                DNS_PORT,
+                IPPROTO_UDP,
+                &[(BACKEND_A, BACKEND_DNS_PORT)],
+            );
+            lab.program(std::slice::from_ref(&dns));
+            // Backend A calls its own Service and is the only endpoint: a hairpin.
+            let hairpin = |lab: &mut Lab, port: u16| {
+                let query = Pkt::udp((BACKEND_A, port), (VIP, DNS_PORT))
+                    .payload(b"query")
+                    .eth(BACKEND_A_MAC, lab.out0.mac);
+                lab.dataplane
+                    .test_run(&query.bytes(), lab.out0.index)
+                    .expect("test run")
+            };
+            let before = lab.counters();
+            let run = hairpin(lab, 40_000);
+            assert_eq!(action_name(run.action), action_name(XDP_TX));
+            let l3 = l3_offset(&run.packet);
+            assert_eq!(ip_at(&run.packet, l3 + IPV4_SRC_OFFSET), node);
+            assert_eq!(ip_at(&run.packet, l3 + IPV4_DST_OFFSET), BACKEND_A);
+            let snat_port = be16(&run.packet, l3 + IPV4_HLEN);
+            assert!(SNAT_PORTS.contains(&snat_port), "{snat_port}");
+            verify_checksums("hairpin", &run.packet, Check::Complete);
+            let after = lab.counters();
+            assert_eq!(
+                after[Counter::FlowSnat as usize] - before[Counter::FlowSnat as usize],
+                1
+            );
+            // Its reply entry is keyed by the backend's tuple towards that port and restores
+            // both ends.
+            let reply_key = flow_key(
+                (BACKEND_A, BACKEND_DNS_PORT),
+                (node, snat_port),
+                IPPROTO_UDP,
+                DIRECTION_REPLY,
+            );
+            let reply = lab.conntrack()[&reply_key];
+            assert_eq!(
+                (reply.nat_addr, reply.nat_port),
+                (wire_addr(VIP), wire_port(DNS_PORT))
+            );
+            assert_eq!(
+                (reply.snat_addr, reply.snat_port),
+                (wire_addr(BACKEND_A), wire_port(40_000))
+            );
+            // The answer goes back to the caller from the Service.
+            let answer = Pkt::udp((BACKEND_A, BACKEND_DNS_PORT), (node, snat_port))
+                .payload(b"answer")
+                .eth(BACKEND_A_MAC, lab.out0.mac);
+            let run = lab
+                .dataplane
+                .test_run(&answer.bytes(), lab.out0.index)
+                .expect("test run");
+            assert_eq!(action_name(run.action), action_name(XDP_TX));
+            assert_eq!(ip_at(&run.packet, l3 + IPV4_SRC_OFFSET), VIP);
+            assert_eq!(ip_at(&run.packet, l3 + IPV4_DST_OFFSET), BACKEND_A);
+            assert_eq!(be16(&run.packet, l3 + IPV4_HLEN), DNS_PORT);
+            assert_eq!(be16(&run.packet, l3 + IPV4_HLEN + 2), 40_000);
+            verify_checksums("hairpin answer", &run.packet, Check::Complete);
+
+            // Every other port towards the backend is taken by a live flow: a new flow is dropped
+            // and counted, never sent with a port another flow owns.
+            let conntrack = open_conntrack(&lab.pin_dir).expect("opening LB_CONNTRACK");
+            let mut conntrack = conntrack;
+            let now = monotonic_ns();
+            let taken = |port: u16, last_seen_ns: u64| {
+                (
+                    flow_key(
+                        (BACKEND_A, BACKEND_DNS_PORT),
+                        (node, port),
+                        IPPROTO_UDP,
+                        DIRECTION_REPLY,
+                    ),
+                    FlowState {
+                        nat_addr: wire_addr(OTHER_VIP),
+                        nat_port: wire_port(DNS_PORT),
+                        snat_addr: wire_addr(CLIENT),
+                        snat_port: wire_port(port),
+                        created_ns: last_seen_ns,
+                        last_seen_ns,
+                        ..FlowState::default()
+                    },
+                )
+            };
+            for port in SNAT_PORTS.filter(|port| *port != snat_port) {
+                let (key, state) = taken(port, now);
+                conntrack.insert(key, state, 0).expect("taking a port");
+            }
+            let before = lab.counters();
+            let run = hairpin(lab, 40_001);
+            assert_eq!(action_name(run.action), action_name(XDP_DROP));
+            let after = lab.counters();
+            assert_eq!(
+                after[Counter::DropSnatNoPort as usize] - before[Counter::DropSnatNoPort as usize],
+                1
+            );
+            assert!(!lab.conntrack().contains_key(&flow_key(
+                (BACKEND_A, 40_001),
+                (VIP, DNS_PORT),
+                IPPROTO_UDP,
+                DIRECTION_ORIGINAL
+            )));
+
+            // Once those flows have been idle past their lifetime, a new flow takes one over.
+            let long_ago = now.saturating_sub(UDP_LIFETIME_NS + 1_000_000_000);
+            for port in SNAT_PORTS.filter(|port| *port != snat_port) {
+                let (key, state) = taken(port, long_ago);
+                conntrack.insert(key, state, 0).expect("ageing a port");
+            }
+            let run = hairpin(lab, 40_002);
+            assert_eq!(action_name(run.action), action_name(XDP_TX));
+            let port = be16(&run.packet, l3 + IPV4_HLEN);
+            assert!(SNAT_PORTS.contains(&port) && port != snat_port, "{port}");
+            let entries = lab.conntrack();
+            let reply = entries[&flow_key(
+                (BACKEND_A, BACKEND_DNS_PORT),
+                (node, port),
+                IPPROTO_UDP,
+                DIRECTION_REPLY,
+            )];
+            assert_eq!(
+                (reply.nat_addr, reply.snat_addr, reply.snat_port),
+                (wire_addr(VIP), wire_addr(BACKEND_A), wire_port(40_002))
+            );
+            // The first flow kept its port.
+            assert!(entries.contains_key(&reply_key));
+        },
+    );
 }

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
+use lb_common::conntrack::SNAT_PORTS;
 
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -169,6 +170,21 @@ pub fn sysctl_warnings(interfaces: &[String]) -> Vec<String> {
     let rp_filter = |key: &str| {
         net_sysctl(&format!("ipv4/conf/{key}/rp_filter")).and_then(|value| value.parse().ok())
     };
+    // `ip_local_port_range` is "low<TAB>high".
+    let ephemeral_top = net_sysctl("ipv4/ip_local_port_range")
+        .and_then(|range| range.split_whitespace().nth(1)?.parse::<u16>().ok());
+    if let Some(top) = ephemeral_top
+        && top >= *SNAT_PORTS.start()
+    {
+        warnings.push(format!(
+            "net.ipv4.ip_local_port_range reaches {top}: node sockets may take ports of the \
+             source NAT range ({}-{}) and see replies to their connections taken for translated \
+             flows; keep the range below {}",
+            SNAT_PORTS.start(),
+            SNAT_PORTS.end(),
+            SNAT_PORTS.start()
+        ));
+    }
     let all: u32 = rp_filter("all").unwrap_or(0);
     for interface in interfaces {
         // The kernel applies the larger of the two values; 2 (loose) outranks 1 (strict).
