@@ -64,26 +64,8 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, rewrite: &Rewrite) -> bool {
             ),
         )
         && has_local_senders(ctx.ingress_ifindex() as u32);
-    if let Some(dst) = rewrite.dst {
-        let original = (packet.dst_addr, packet.dst_port);
-        apply(
-            packet,
-            Side::Destination,
-            original,
-            (dst.addr, dst.port),
-            partial,
-        );
-    }
-    if let Some(src) = rewrite.src {
-        let original = (packet.src_addr, packet.src_port);
-        apply(
-            packet,
-            Side::Source,
-            original,
-            (src.addr, src.port),
-            partial,
-        );
-    }
+    switch(packet, Side::Destination, rewrite.dst, partial, false);
+    switch(packet, Side::Source, rewrite.src, partial, false);
     partial
 }
 
@@ -91,25 +73,26 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, rewrite: &Rewrite) -> bool {
 /// checksum `partial` or not.
 #[inline(always)]
 pub fn restore(packet: &Packet, done: &Rewrite, partial: bool) {
-    if let Some(dst) = done.dst {
-        let original = (packet.dst_addr, packet.dst_port);
-        apply(
-            packet,
-            Side::Destination,
-            (dst.addr, dst.port),
-            original,
-            partial,
-        );
-    }
-    if let Some(src) = done.src {
-        let original = (packet.src_addr, packet.src_port);
-        apply(
-            packet,
-            Side::Source,
-            (src.addr, src.port),
-            original,
-            partial,
-        );
+    switch(packet, Side::Destination, done.dst, partial, true);
+    switch(packet, Side::Source, done.src, partial, true);
+}
+
+/// Moves `side` of `packet` from its original address and port to `end` (or back, `undo`);
+/// nothing when `end` is `None`.
+#[inline(always)]
+fn switch(packet: &Packet, side: Side, end: Option<Endpoint>, partial: bool, undo: bool) {
+    let Some(end) = end else {
+        return;
+    };
+    let original = match side {
+        Side::Destination => (packet.dst_addr, packet.dst_port),
+        Side::Source => (packet.src_addr, packet.src_port),
+    };
+    let translated = (end.addr, end.port);
+    if undo {
+        apply(packet, side, translated, original, partial);
+    } else {
+        apply(packet, side, original, translated, partial);
     }
 }
 

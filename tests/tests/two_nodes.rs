@@ -14,7 +14,7 @@ use lb_tests::{
     leftovers::{self, remove_test_leftovers_once},
     netns::unique_prefix,
     privilege::require_root,
-    servers::{self, Server},
+    servers::{self, Reply, Server},
     two_nodes::{
         BACKENDS_PER_NODE, CLIENT_ADDR, NODE_ADDRS, NODE_NAMES, TwoNodes, backend_addr,
         backend_name,
@@ -192,18 +192,29 @@ impl Cluster {
         }
     }
 
+    /// One request on a new connection from the client to `target`: which backend answered and
+    /// whom it saw as its client, and the client's own address and port. The handshake
+    /// completing proves the replies came back through the node that translated the flow: from
+    /// the backend's own address they would get a reset.
+    fn ask(&self, target: SocketAddr) -> (Reply, SocketAddr) {
+        let mut connection = Connection::open(&self.topology.client, target)
+            .unwrap_or_else(|error| panic!("connecting to {target}: {error:#}"));
+        let reply = connection
+            .exchange()
+            .unwrap_or_else(|error| panic!("request to {target}: {error:#}"));
+        (
+            reply,
+            connection.local_addr().expect("the client's address"),
+        )
+    }
+
     fn spread(&self, target: SocketAddr) -> BTreeMap<String, usize> {
         let mut answered = BTreeMap::new();
         for _ in 0..CONNECTIONS {
-            let mut connection = Connection::open(&self.topology.client, target)
-                .unwrap_or_else(|error| panic!("connecting to {target}: {error:#}"));
-            let reply = connection
-                .request()
-                .unwrap_or_else(|error| panic!("request to {target}: {error:#}"));
+            let (reply, client) = self.ask(target);
             assert_eq!(
-                reply.client.ip(),
-                std::net::IpAddr::V4(CLIENT_ADDR),
-                "a Local policy keeps the client's address"
+                reply.client, client,
+                "a Local policy keeps the client's address and port"
             );
             *answered.entry(reply.backend).or_insert(0) += 1;
         }
@@ -280,16 +291,13 @@ fn a_cluster_policy_reaches_the_other_node_s_endpoints_with_the_node_as_source()
     cluster.wait_for_node_port(CLUSTER_NODE_PORT);
     let before = cluster.counters(0);
     let target = SocketAddr::from((NODE_ADDRS[0], CLUSTER_NODE_PORT));
-    let mut seen: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+    // Per backend: whom it saw as the client, and who the client was.
+    let mut seen: BTreeMap<String, Vec<(SocketAddr, SocketAddr)>> = BTreeMap::new();
     for _ in 0..CLUSTER_CONNECTIONS {
-        // The handshake completing proves the other node's endpoints answered through node A:
-        // answering the client directly, from their own address, they would get a reset.
-        let mut connection = Connection::open(&cluster.topology.client, target)
-            .unwrap_or_else(|error| panic!("connecting to {target}: {error:#}"));
-        let reply = connection
-            .exchange()
-            .unwrap_or_else(|error| panic!("request to {target}: {error:#}"));
-        seen.entry(reply.backend).or_default().push(reply.client);
+        let (reply, client) = cluster.ask(target);
+        seen.entry(reply.backend)
+            .or_default()
+            .push((reply.client, client));
     }
     let every: Vec<String> = (0..2)
         .flat_map(|node| (0..BACKENDS_PER_NODE).map(move |index| backend_name(node, index)))
@@ -298,9 +306,10 @@ fn a_cluster_policy_reaches_the_other_node_s_endpoints_with_the_node_as_source()
     let snat_ports = lb_common::conntrack::SNAT_PORTS;
     let mut translated = 0;
     for (backend, clients) in &seen {
-        for client in clients {
+        for (client, real) in clients {
             if backend.starts_with('a') {
                 // Node A's own endpoints see the client itself.
+                assert_eq!(client, real, "{backend}");
                 assert_eq!(client.ip(), std::net::IpAddr::V4(CLIENT_ADDR), "{backend}");
             } else {
                 // Node B's see node A, from a port of the source NAT range.
