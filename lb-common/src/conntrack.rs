@@ -65,6 +65,10 @@ impl FlowKey {
 pub const SEEN_FIN: u8 = 1;
 /// `FlowState::tcp_flags`: a RST was seen in either direction.
 pub const SEEN_RST: u8 = 2;
+/// `FlowState::tcp_flags` (for UDP too): a packet of the reply direction was seen. Until then
+/// the flow lives only as long as netfilter keeps an unanswered one, so that traffic nobody
+/// answers (a SYN flood, a scan) cannot hold conntrack entries, and source NAT ports, for a day.
+pub const SEEN_REPLY: u8 = 4;
 
 /// Value of `LB_CONNTRACK`. Written by the datapath; userspace only reads (and may delete).
 #[repr(C)]
@@ -75,8 +79,8 @@ pub struct FlowState {
     pub nat_addr: u32,
     /// The port counterpart of `nat_addr`, network byte order.
     pub nat_port: u16,
-    /// `SEEN_FIN` / `SEEN_RST` bits of the flow, in either direction (see `lb-ebpf`'s
-    /// `select` module: both entries of a flow are kept in step).
+    /// `SEEN_FIN` / `SEEN_RST` / `SEEN_REPLY` bits of the flow, in either direction (see
+    /// `lb-ebpf`'s `select` module: both entries of a flow are kept in step).
     pub tcp_flags: u8,
     /// Always zero.
     pub _pad: u8,
@@ -103,8 +107,10 @@ pub struct FlowState {
 
 /// Source ports a flow with source NAT may leave the node from (host order): above Linux's
 /// default ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999) and the NodePort range,
-/// so that a translated flow's replies never take the port of a node socket's connection. The
-/// port is unique per backend tuple, so each backend takes this many flows per protocol.
+/// so that a translated flow's replies do not take the port of a node socket's connection (a
+/// socket bound there explicitly, or a widened ephemeral range, still could: the agent warns
+/// about the latter). The port is unique per backend tuple, so each backend takes this many flows
+/// per protocol.
 pub const SNAT_PORTS: core::ops::RangeInclusive<u16> = 61_000..=65_535;
 
 /// Key of `LB_FRAGMENTS`: one IPv4 datagram in fragments, as reassembly identifies it (RFC 791),
@@ -170,6 +176,11 @@ pub const TCP_ESTABLISHED_LIFETIME_NS: u64 = 86_400 * NS_PER_SEC;
 pub const TCP_CLOSING_LIFETIME_NS: u64 = 120 * NS_PER_SEC;
 /// Idle lifetime of a UDP flow (netfilter's `nf_conntrack_udp_timeout_stream`, 120 s).
 pub const UDP_LIFETIME_NS: u64 = 120 * NS_PER_SEC;
+/// Idle lifetime of a TCP flow no reply has been seen for (netfilter's SYN_SENT, 120 s).
+pub const TCP_UNREPLIED_LIFETIME_NS: u64 = 120 * NS_PER_SEC;
+/// Idle lifetime of a UDP flow no reply has been seen for (netfilter's
+/// `nf_conntrack_udp_timeout`, 30 s).
+pub const UDP_UNREPLIED_LIFETIME_NS: u64 = 30 * NS_PER_SEC;
 /// `last_seen_ns` is rewritten at most this often, so that a busy flow does not dirty its cache
 /// line on every packet from every CPU.
 pub const REFRESH_INTERVAL_NS: u64 = NS_PER_SEC;
@@ -177,7 +188,13 @@ pub const REFRESH_INTERVAL_NS: u64 = NS_PER_SEC;
 /// How long an entry may stay idle before it no longer pins its flow.
 #[inline(always)]
 pub const fn lifetime_ns(proto: u8, tcp_flags: u8) -> u64 {
-    if proto == IPPROTO_TCP {
+    if tcp_flags & SEEN_REPLY == 0 {
+        if proto == IPPROTO_TCP {
+            TCP_UNREPLIED_LIFETIME_NS
+        } else {
+            UDP_UNREPLIED_LIFETIME_NS
+        }
+    } else if proto == IPPROTO_TCP {
         if tcp_flags & (SEEN_FIN | SEEN_RST) != 0 {
             TCP_CLOSING_LIFETIME_NS
         } else {
@@ -215,11 +232,17 @@ mod tests {
             ..FlowState::default()
         };
         let after = |secs: u64| 10 * NS_PER_SEC + secs * NS_PER_SEC + 1;
+        // Unanswered: netfilter's short lifetimes.
+        assert!(!is_expired(&state, IPPROTO_UDP, after(29)));
+        assert!(is_expired(&state, IPPROTO_UDP, after(30)));
+        assert!(!is_expired(&state, IPPROTO_TCP, after(119)));
+        assert!(is_expired(&state, IPPROTO_TCP, after(120)));
+        state.tcp_flags = SEEN_REPLY;
         assert!(!is_expired(&state, IPPROTO_UDP, after(119)));
         assert!(is_expired(&state, IPPROTO_UDP, after(120)));
         assert!(!is_expired(&state, IPPROTO_TCP, after(86_399)));
         assert!(is_expired(&state, IPPROTO_TCP, after(86_400)));
-        state.tcp_flags = SEEN_FIN;
+        state.tcp_flags = SEEN_REPLY | SEEN_FIN;
         assert!(is_expired(&state, IPPROTO_TCP, after(120)));
         // A clock that seems to run backwards (entry written on another CPU a moment later)
         // never expires an entry.

@@ -104,8 +104,8 @@ pub const BACKEND_ACTIVE: u8 = 1;
 /// affinity no longer leads to it.
 pub const BACKEND_DRAINING: u8 = 2;
 /// `Backend::flags`: the endpoint runs on another node (its EndpointSlice `nodeName` is not this
-/// node's): external traffic to it gets source NAT where the frontend says so
-/// (`SERVICE_SNAT_REMOTE`).
+/// node's, or is unset; never set when the agent has no node name): external traffic to it gets
+/// source NAT where the frontend says so (`SERVICE_SNAT_REMOTE`).
 pub const BACKEND_REMOTE: u8 = 4;
 
 /// Value of `LB_BACKENDS` (an array indexed by backend id). Written by userspace, read by the

@@ -171,6 +171,10 @@ counters! {
     /// A new flow needing source NAT found no route to its endpoint to take a source address
     /// from.
     DropSnatNoSource = 45, "drop_snat_no_source", Drop;
+    /// A new flow with source NAT could not be recorded in conntrack (the insert failed, or
+    /// another CPU's record of it vanished): dropped, since its replies could not be translated
+    /// back; the client's retransmission starts it again.
+    DropFlowUntracked = 46, "drop_flow_untracked", Drop;
 }
 
 /// Number of entries in `LB_STATS`.

@@ -17,8 +17,9 @@
 //! `BPF_NOEXIST` insert.
 //!
 //! The two entries of a flow share one liveness and one close state: whenever a packet refreshes
-//! its own entry (at most once per `REFRESH_INTERVAL_NS`) or brings a new FIN/RST, the peer entry
-//! is updated too. So a flow is alive while either direction carries traffic, a reset sent by the
+//! its own entry (at most once per `REFRESH_INTERVAL_NS`), brings a new FIN/RST, or is the flow's
+//! first reply (`SEEN_REPLY`: until then the flow has netfilter's short unanswered lifetimes), the
+//! peer entry is updated too. So a flow is alive while either direction carries traffic, a reset sent by the
 //! backend closes the flow for the client's next SYN, and an expired flow translates neither way.
 //!
 //! Conntrack values are shared with other CPUs and with userspace: they are only ever accessed
@@ -32,7 +33,7 @@ use aya_ebpf::{
 use lb_common::{
     conntrack::{
         DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowKey, FlowState, REFRESH_INTERVAL_NS, SEEN_FIN,
-        SEEN_RST, SNAT_PORTS, is_expired,
+        SEEN_REPLY, SEEN_RST, SNAT_PORTS, is_expired,
     },
     service::{
         AffinityKey, AffinityValue, BACKEND_DRAINING, BACKEND_REMOTE, Backend, NS_PER_SECOND,
@@ -125,18 +126,19 @@ fn is_closed(tcp_flags: u8) -> bool {
     tcp_flags & (SEEN_FIN | SEEN_RST) != 0
 }
 
-/// Records that the flow is alive, and closing if the packet says so, on `state` and on the entry
-/// of the other direction (`peer`). Looks the peer up only when something changed. Writes race
-/// only with the same flow on another CPU, and every writer moves the values the same way (flags
-/// only gain bits, timestamps only move forward).
+/// Records that the flow is alive, closing if the packet says so, and answered if it is a reply
+/// (`reply`), on `state` and on the entry of the other direction (`peer`). Looks the peer up only
+/// when something changed. Writes race only with the same flow on another CPU, and every writer
+/// moves the values the same way (flags only gain bits, timestamps only move forward).
 ///
 /// # Safety
 /// `state` points at a live `LB_CONNTRACK` value.
 #[inline(always)]
-unsafe fn touch(state: *mut FlowState, peer: &FlowKey, tcp_flags: u8, now: u64) {
+unsafe fn touch(state: *mut FlowState, peer: &FlowKey, tcp_flags: u8, reply: bool, now: u64) {
     unsafe {
         let flags = (*state).tcp_flags;
-        let closing = closing_bits(tcp_flags) & !flags;
+        let answered = if reply { SEEN_REPLY } else { 0 };
+        let closing = (closing_bits(tcp_flags) | answered) & !flags;
         let refresh = now.saturating_sub((*state).last_seen_ns) > REFRESH_INTERVAL_NS;
         if closing == 0 && !refresh {
             return;
@@ -182,9 +184,13 @@ unsafe fn still_pinned(state: *const FlowState, packet: &Packet, now: u64) -> bo
 
 /// Whether the reply tuple of a new flow to `backend` belongs to another live flow: the same
 /// client port reaching the same endpoint through another Service (the backend would see one
-/// connection, and the other flow's replies would get the wrong source).
+/// connection, and the other flow's replies would get the wrong source). A flow with source NAT
+/// never collides: it gets a port of its own.
 #[inline(always)]
-fn collides(packet: &Packet, backend: &Backend, now: u64) -> bool {
+fn collides(packet: &Packet, service: &ServiceValue, backend: &Backend, now: u64) -> bool {
+    if needs_snat(packet, service, backend) {
+        return false;
+    }
     let key = reply_key(
         packet.proto,
         (backend.addr, backend.port),
@@ -222,7 +228,7 @@ fn pick(packet: &Packet, service: &ServiceValue, now: u64) -> Result<Option<(u32
         };
         let backend_id = unsafe { *LB_SLOTS.get_ptr(key).ok_or(Drop::BackendMissing)? };
         let backend = lookup_backend(backend_id).ok_or(Drop::BackendMissing)?;
-        if !collides(packet, &backend, now) {
+        if !collides(packet, service, &backend, now) {
             if attempt > 0 {
                 count(Counter::FlowCollisionAvoided);
             }
@@ -249,7 +255,7 @@ fn remembered(packet: &Packet, service: &ServiceValue, now: u64) -> Option<(u32,
     let backend = lookup_backend(entry.backend_id)?;
     let usable = backend.service_id == service.service_id
         && backend.flags & BACKEND_DRAINING == 0
-        && !collides(packet, &backend, now);
+        && !collides(packet, service, &backend, now);
     usable.then_some((entry.backend_id, backend))
 }
 
@@ -341,6 +347,36 @@ fn remove_reply(packet: &Packet, key: &FlowKey, snat: bool) {
     }
 }
 
+/// Whether two original entries translate alike (same backend and source NAT).
+#[inline(always)]
+fn same_translation(a: &FlowState, b: &FlowState) -> bool {
+    a.nat_addr == b.nat_addr
+        && a.nat_port == b.nat_port
+        && a.snat_addr == b.snat_addr
+        && a.snat_port == b.snat_port
+}
+
+/// Whether the reply entry `peer` of a live flow with source NAT is still the flow's; if the LRU
+/// evicted it, claims it again. `false`: another flow owns the port now.
+#[inline(always)]
+fn reply_held(packet: &Packet, current: &FlowState, peer: &FlowKey) -> bool {
+    if let Some(entry) = LB_CONNTRACK.get_ptr(peer) {
+        let entry = unsafe { *entry };
+        return entry.snat_addr == packet.src_addr
+            && entry.snat_port == packet.src_port
+            && entry.nat_addr == packet.dst_addr
+            && entry.nat_port == packet.dst_port;
+    }
+    let reply = FlowState {
+        nat_addr: packet.dst_addr,
+        nat_port: packet.dst_port,
+        snat_addr: packet.src_addr,
+        snat_port: packet.src_port,
+        ..*current
+    };
+    LB_CONNTRACK.insert(peer, reply, BPF_NOEXIST as u64).is_ok()
+}
+
 /// The translation of a tracked flow's packet.
 #[inline(always)]
 fn translation(state: &FlowState) -> Translation {
@@ -379,11 +415,15 @@ pub fn select_backend(
                 sent_from(packet, &current),
             );
             if still_pinned(state, packet, now) {
-                touch(state, &peer, packet.tcp_flags, now);
-                return Ok(Some(translation(&current)));
+                if current.snat_addr == 0 || reply_held(packet, &current, &peer) {
+                    touch(state, &peer, packet.tcp_flags, false, now);
+                    return Ok(Some(translation(&current)));
+                }
+                // Its port went to another flow: the flow starts again on a port of its own.
+            } else {
+                // The old backend's reply entry would otherwise translate stray packets from it.
+                remove_reply(packet, &peer, current.snat_addr != 0);
             }
-            // The old backend's reply entry would otherwise translate stray packets from it.
-            remove_reply(packet, &peer, current.snat_addr != 0);
         }
         replacing = true;
     }
@@ -441,18 +481,30 @@ pub fn select_backend(
         sent_from(packet, &state),
     );
     let flags = if replacing { BPF_ANY } else { BPF_NOEXIST } as u64;
-    match LB_CONNTRACK.insert(flow, state, flags) {
-        Ok(()) => {}
-        Err(EEXIST) => {
-            // Another CPU recorded this flow between our lookup and insert: follow its choice.
-            if snat {
-                let _ = LB_CONNTRACK.remove(reply_key);
-            }
-            if let Some(winner) = LB_CONNTRACK.get_ptr(flow) {
-                return Ok(Some(translation(&unsafe { *winner })));
-            }
+    let recorded = match LB_CONNTRACK.insert(flow, state, flags) {
+        // Two CPUs replacing one flow both succeed: the entry left is the winner's.
+        Ok(()) if replacing => LB_CONNTRACK
+            .get_ptr(flow)
+            .is_some_and(|winner| same_translation(&unsafe { *winner }, &state)),
+        Ok(()) => true,
+        Err(EEXIST) => false,
+        Err(_) => {
+            count(Counter::FlowInsertFailed);
+            false
         }
-        Err(_) => count(Counter::FlowInsertFailed),
+    };
+    if !recorded {
+        // Another CPU recorded this flow between our lookup and insert: follow its choice. A
+        // port we claimed goes back; without a winner to follow, a flow with source NAT cannot
+        // be sent (its replies would find no entry), one without goes on untracked.
+        if snat {
+            remove_reply(packet, &reply_key, true);
+        }
+        match LB_CONNTRACK.get_ptr(flow) {
+            Some(winner) => return Ok(Some(translation(&unsafe { *winner }))),
+            None if snat => return Err(Drop::FlowUntracked),
+            None => {}
+        }
     }
     // With source NAT, claiming the port recorded the reply entry already.
     if !snat
@@ -471,6 +523,26 @@ pub fn select_backend(
     }
     count(Counter::FlowCreated);
     Ok(Some(translation(&state)))
+}
+
+/// Removes the original entry of the flow with source NAT whose reply entry `reply` (keyed by
+/// `packet`'s tuple) was just deleted, if it still sends from that port: a flow must not keep
+/// a port it no longer holds, which another flow may claim next.
+#[inline(always)]
+fn forget_original(packet: &Packet, reply: &FlowState) {
+    let original = FlowKey::new(
+        (reply.snat_addr, reply.snat_port),
+        (reply.nat_addr, reply.nat_port),
+        packet.proto,
+        DIRECTION_ORIGINAL,
+    );
+    let Some(entry) = LB_CONNTRACK.get_ptr(original) else {
+        return;
+    };
+    let entry = unsafe { *entry };
+    if entry.snat_addr == packet.dst_addr && entry.snat_port == packet.dst_port {
+        let _ = LB_CONNTRACK.remove(original);
+    }
 }
 
 /// If `packet` is a backend's reply on a live tracked flow, the Service address and port to
@@ -492,6 +564,9 @@ pub fn lookup_reply(packet: &Packet) -> Option<Reply> {
         let reopened = packet.tcp_flags & TCP_SYN != 0 && is_closed(current.tcp_flags);
         if reopened || is_expired(&current, packet.proto, now) {
             let _ = LB_CONNTRACK.remove(key);
+            if current.snat_addr != 0 {
+                forget_original(packet, &current);
+            }
             return None;
         }
         let client = (current.snat_addr != 0).then_some(Endpoint {
@@ -507,7 +582,7 @@ pub fn lookup_reply(packet: &Packet) -> Option<Reply> {
             packet.proto,
             DIRECTION_ORIGINAL,
         );
-        touch(state, &original, packet.tcp_flags, now);
+        touch(state, &original, packet.tcp_flags, true, now);
         Some(Reply {
             service: Endpoint {
                 addr: current.nat_addr,

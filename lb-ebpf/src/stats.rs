@@ -33,6 +33,8 @@ pub enum Drop {
     SnatNoPort,
     /// Source NAT found no route, hence no source address, towards the endpoint.
     SnatNoSource,
+    /// A new flow with source NAT could not be recorded.
+    FlowUntracked,
 }
 
 impl Drop {
@@ -50,6 +52,7 @@ impl Drop {
             Drop::TupleCollision => Counter::DropTupleCollision,
             Drop::SnatNoPort => Counter::DropSnatNoPort,
             Drop::SnatNoSource => Counter::DropSnatNoSource,
+            Drop::FlowUntracked => Counter::DropFlowUntracked,
         }
     }
 }

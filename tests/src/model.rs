@@ -136,7 +136,8 @@ pub struct EntryKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub nat: (Ipv4Addr, u16),
-    /// 1: a FIN was seen, 2: a RST (either direction).
+    /// 1: a FIN was seen, 2: a RST (either direction), 4: a reply was seen (the flow is
+    /// answered; until then it lives only as long as netfilter keeps an unanswered flow).
     pub closed: u8,
     /// Source NAT: on an original entry, the node address and port the flow leaves from; on a
     /// reply entry, the client to restore.
@@ -144,6 +145,7 @@ pub struct Entry {
 }
 
 const SEEN_FIN: u8 = 1;
+const SEEN_REPLY: u8 = 4;
 const SEEN_RST: u8 = 2;
 
 /// One acceptable result of a packet.
@@ -535,10 +537,27 @@ impl Model {
         };
         let mut effects = Vec::new();
         if let Some(entry) = self.entries.get(&reply_key) {
-            let reopened = packet.tcp_flags & TCP_SYN != 0 && entry.closed != 0;
+            let reopened = packet.tcp_flags & TCP_SYN != 0 && is_closed(entry.closed);
             if reopened {
                 // The tuple now carries something else: forgotten, and the packet is not ours.
+                // After source NAT the flow forgets its port with it: the original entry goes
+                // too (another flow may claim the port next).
                 effects.push((reply_key, None));
+                if let Some(client) = entry.snat {
+                    let original = EntryKey {
+                        src: client,
+                        dst: entry.nat,
+                        proto: packet.proto,
+                        reply: false,
+                    };
+                    if self
+                        .entries
+                        .get(&original)
+                        .is_some_and(|flow| flow.snat == Some(packet.dst))
+                    {
+                        effects.push((original, None));
+                    }
+                }
             } else {
                 // After source NAT the flow's client is the entry's, not this packet's
                 // destination.
@@ -548,7 +567,7 @@ impl Model {
                     proto: packet.proto,
                     reply: false,
                 };
-                effects.extend(self.touch(reply_key, *entry, original, packet.tcp_flags));
+                effects.extend(self.touch(reply_key, *entry, original, packet.tcp_flags, true));
                 let mut out = self.translate(frame, packet, Some(entry.nat), entry.snat, true);
                 for result in &mut out {
                     result.effects.extend(effects.clone());
@@ -601,8 +620,8 @@ impl Model {
                 proto: packet.proto,
                 reply: true,
             };
-            if !(new_connection && entry.closed != 0) && valid {
-                effects.extend(self.touch(key, *entry, peer, packet.tcp_flags));
+            if !(new_connection && is_closed(entry.closed)) && valid {
+                effects.extend(self.touch(key, *entry, peer, packet.tcp_flags, false));
                 let mut out = self.translate(frame, packet, entry.snat, Some(entry.nat), false);
                 for result in &mut out {
                     result.effects.extend(effects.clone());
@@ -729,15 +748,18 @@ impl Model {
             .and_then(|link| link.local.first().copied())
     }
 
-    /// The FIN/RST a packet brings to a tracked flow, written to its entry and its peer's.
+    /// The FIN/RST a packet brings to a tracked flow, and a first reply, written to its entry and
+    /// its peer's.
     fn touch(
         &self,
         key: EntryKey,
         entry: Entry,
         peer: EntryKey,
         tcp_flags: u8,
+        reply: bool,
     ) -> Vec<(EntryKey, Option<Entry>)> {
-        let closing = closing_bits(tcp_flags) & !entry.closed;
+        let answered = if reply { SEEN_REPLY } else { 0 };
+        let closing = (closing_bits(tcp_flags) | answered) & !entry.closed;
         if closing == 0 {
             return Vec::new();
         }
@@ -1177,6 +1199,11 @@ impl Model {
 enum Direction {
     Service,
     Reply,
+}
+
+/// Whether a FIN or a RST was seen on the flow.
+fn is_closed(bits: u8) -> bool {
+    bits & (SEEN_FIN | SEEN_RST) != 0
 }
 
 fn closing_bits(tcp_flags: u8) -> u8 {

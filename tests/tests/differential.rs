@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use etherparse::{
@@ -63,6 +64,9 @@ const EVERY_RUN_REACHES: [&str; 22] = [
     "affinity_hit",
     "flow_snat",
 ];
+/// How long a run goes before both sides forget their flows: well inside the shortest lifetime
+/// of a flow (30 s, an unanswered UDP one), which the model does not follow.
+const CONNTRACK_EPOCH: Duration = Duration::from_secs(20);
 /// Conntrack is compared whole this often (and at the end).
 const CONNTRACK_CHECK_EVERY: usize = 500;
 
@@ -783,6 +787,66 @@ fn related(history: &[(usize, Vec<u8>, u32)], frame: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The entries only one side holds, and every packet of the run (with what the program made of
+/// it) that carried one of their endpoints in or out.
+fn conntrack_difference(
+    kernel: &BTreeMap<EntryKey, Compared>,
+    model: &BTreeMap<EntryKey, Compared>,
+    history: &[(usize, Vec<u8>, u32)],
+    outputs: &BTreeMap<usize, (u32, Vec<u8>)>,
+) -> String {
+    let mut text = String::new();
+    let mut wanted = BTreeSet::new();
+    for (side, ours, theirs) in [("program", kernel, model), ("model", model, kernel)] {
+        for (key, value) in ours {
+            if theirs.get(key) != Some(value) {
+                text.push_str(&format!("only the {side}: {key:?} -> {value:?}\n"));
+                // The flow's own endpoints: the client, and the node's source NAT port (a
+                // backend's address and port are shared by many flows).
+                if key.reply {
+                    wanted.insert(key.dst);
+                } else {
+                    wanted.insert(key.src);
+                }
+                wanted.extend(value.3);
+            }
+        }
+    }
+    let endpoints = |frame: &[u8]| -> Vec<(Ipv4Addr, u16)> {
+        // Past any VLAN tags; IPv4 options are rare enough to miss.
+        let mut l3 = ETH_HLEN;
+        while frame.len() >= l3 && matches!(frame[l3 - 2..l3], [0x81, 0x00] | [0x88, 0xa8]) {
+            l3 += 4;
+        }
+        if frame.len() < l3 + 24 {
+            return Vec::new();
+        }
+        let addr =
+            |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+        let port = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+        vec![
+            (addr(l3 + 12), port(l3 + 20)),
+            (addr(l3 + 16), port(l3 + 22)),
+        ]
+    };
+    text.push_str("packets with those endpoints, in and out:\n");
+    for (case, frame, ingress) in history {
+        let (action, out) = &outputs[case];
+        let touches = endpoints(frame)
+            .into_iter()
+            .chain(endpoints(out))
+            .any(|endpoint| wanted.contains(&endpoint));
+        if touches {
+            text.push_str(&format!(
+                "  case {case} on ifindex {ingress}: {}\n    action {action}: {}\n",
+                hex(frame),
+                hex(out)
+            ));
+        }
+    }
+    text
+}
+
 #[test]
 fn the_program_agrees_with_the_reference_model_on_random_traffic() {
     if !require_root("the_program_agrees_with_the_reference_model_on_random_traffic") {
@@ -832,10 +896,25 @@ fn the_program_agrees_with_the_reference_model_on_random_traffic() {
             let table = format!("{:#?}", world.frontends);
             let mut model = Model::new(world);
             let mut history = Vec::new();
+            let mut outputs: BTreeMap<usize, (u32, Vec<u8>)> = BTreeMap::new();
             let mut counters = read_counters(&pin_dir).expect("counters");
-            let conntrack = open_conntrack(&pin_dir).expect("opening LB_CONNTRACK");
+            let mut conntrack = open_conntrack(&pin_dir).expect("opening LB_CONNTRACK");
+            let mut epoch = std::time::Instant::now();
             let mut tally: BTreeMap<&'static str, u64> = BTreeMap::new();
             for case in 0..cases {
+                // The model does not age flows: before the shortest lifetime could pass, both
+                // sides forget every flow and start over on the same table.
+                if epoch.elapsed() > CONNTRACK_EPOCH {
+                    let keys: Vec<FlowKey> = conntrack
+                        .keys()
+                        .collect::<Result<_, _>>()
+                        .expect("reading LB_CONNTRACK");
+                    for key in keys {
+                        conntrack.remove(&key).expect("emptying LB_CONNTRACK");
+                    }
+                    model.entries.clear();
+                    epoch = std::time::Instant::now();
+                }
                 let (frame, ingress) = random_packet(&mut rng, &model);
                 history.push((case, frame.clone(), ingress));
                 let run = dataplane.test_run(&frame, ingress).expect("test run");
@@ -891,12 +970,15 @@ fn the_program_agrees_with_the_reference_model_on_random_traffic() {
                     *tally.entry(*name).or_default() += delta;
                 }
                 model.commit(result);
+                outputs.insert(case, (run.action, run.packet.clone()));
                 if (case + 1) % CONNTRACK_CHECK_EVERY == 0 || case + 1 == cases {
-                    assert_eq!(
-                        kernel_entries(&pin_dir),
-                        model_entries(&model),
-                        "conntrack differs after case {case} (seed {seed})"
-                    );
+                    let (kernel, expected) = (kernel_entries(&pin_dir), model_entries(&model));
+                    if kernel != expected {
+                        panic!(
+                            "conntrack differs after case {case} (seed {seed})\n{}",
+                            conntrack_difference(&kernel, &expected, &history, &outputs)
+                        );
+                    }
                 }
             }
             println!("differential: outcomes {tally:?}");

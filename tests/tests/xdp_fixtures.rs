@@ -39,7 +39,7 @@ use lb_common::{
     config::{Cidr, DataplaneConfig},
     conntrack::{
         DIRECTION_ORIGINAL, DIRECTION_REPLY, FRAGMENT_LIFETIME_NS, FlowKey, FlowState, FragmentKey,
-        SEEN_FIN, SEEN_RST, SNAT_PORTS, UDP_LIFETIME_NS,
+        SEEN_FIN, SEEN_REPLY, SEEN_RST, SNAT_PORTS, UDP_LIFETIME_NS, UDP_UNREPLIED_LIFETIME_NS,
     },
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
     service::{
@@ -1403,8 +1403,9 @@ fn backend_replies_are_reverse_translated() {
             DIRECTION_REPLY,
         )];
         assert_eq!(
-            reply_entry.tcp_flags, SEEN_FIN,
-            "the reply entry records the backend's FIN"
+            reply_entry.tcp_flags,
+            SEEN_REPLY | SEEN_FIN,
+            "the reply entry records that the flow is answered, and the backend's FIN"
         );
         assert_eq!(
             (reply_entry.nat_addr, reply_entry.nat_port),
@@ -1495,7 +1496,12 @@ fn udp_checksums_are_updated_or_left_zero() {
             6,
             "three UDP flows, two entries each: {table:?}"
         );
-        for port in [EVEN_PORT, ODD_PORT, ZERO_PORT] {
+        // The answered flows know it (they keep the long lifetime); the other does not.
+        for (port, answered) in [
+            (EVEN_PORT, SEEN_REPLY),
+            (ODD_PORT, 0),
+            (ZERO_PORT, SEEN_REPLY),
+        ] {
             let key = flow_key(
                 (CLIENT, port),
                 (VIP, DNS_PORT),
@@ -1505,7 +1511,7 @@ fn udp_checksums_are_updated_or_left_zero() {
             let entry = table.get(&key).expect("UDP original entry");
             assert_eq!(
                 (entry.nat_addr, entry.nat_port, entry.tcp_flags),
-                (wire_addr(BACKEND_A), wire_port(BACKEND_DNS_PORT), 0)
+                (wire_addr(BACKEND_A), wire_port(BACKEND_DNS_PORT), answered)
             );
         }
     });
@@ -3041,8 +3047,8 @@ fn a_reset_from_the_backend_closes_the_flow_for_the_client() {
             );
             assert_eq!(
                 lab.conntrack()[&original].tcp_flags,
-                SEEN_RST,
-                "the client's entry learns of the reset"
+                SEEN_REPLY | SEEN_RST,
+                "the client's entry learns of the reset (a reply)"
             );
             lab.check(&Case {
                 name: "the client's new connection on the same tuple is a new flow",
@@ -4456,7 +4462,7 @@ fn source_nat_claims_a_free_port_and_takes_over_expired_ones() {
             let conntrack = open_conntrack(&lab.pin_dir).expect("opening LB_CONNTRACK");
             let mut conntrack = conntrack;
             let now = monotonic_ns();
-            let taken = |port: u16, last_seen_ns: u64| {
+            let taken = |port: u16, last_seen_ns: u64, tcp_flags: u8| {
                 (
                     flow_key(
                         (BACKEND_A, BACKEND_DNS_PORT),
@@ -4471,12 +4477,13 @@ fn source_nat_claims_a_free_port_and_takes_over_expired_ones() {
                         snat_port: wire_port(port),
                         created_ns: last_seen_ns,
                         last_seen_ns,
+                        tcp_flags,
                         ..FlowState::default()
                     },
                 )
             };
             for port in SNAT_PORTS.filter(|port| *port != snat_port) {
-                let (key, state) = taken(port, now);
+                let (key, state) = taken(port, now, SEEN_REPLY);
                 conntrack.insert(key, state, 0).expect("taking a port");
             }
             let before = lab.counters();
@@ -4494,10 +4501,18 @@ fn source_nat_claims_a_free_port_and_takes_over_expired_ones() {
                 DIRECTION_ORIGINAL
             )));
 
-            // Once those flows have been idle past their lifetime, a new flow takes one over.
-            let long_ago = now.saturating_sub(UDP_LIFETIME_NS + 1_000_000_000);
+            // Idle for 31 s: answered flows keep their ports (120 s) ...
+            let idle = now.saturating_sub(UDP_UNREPLIED_LIFETIME_NS + 1_000_000_000);
             for port in SNAT_PORTS.filter(|port| *port != snat_port) {
-                let (key, state) = taken(port, long_ago);
+                let (key, state) = taken(port, idle, SEEN_REPLY);
+                conntrack.insert(key, state, 0).expect("ageing a port");
+            }
+            let run = hairpin(lab, 40_002);
+            assert_eq!(action_name(run.action), action_name(XDP_DROP));
+            // ... unanswered ones (a flood nobody answers) have lost theirs, and a new flow takes
+            // one over.
+            for port in SNAT_PORTS.filter(|port| *port != snat_port) {
+                let (key, state) = taken(port, idle, 0);
                 conntrack.insert(key, state, 0).expect("ageing a port");
             }
             let run = hairpin(lab, 40_002);
@@ -4517,6 +4532,38 @@ fn source_nat_claims_a_free_port_and_takes_over_expired_ones() {
             );
             // The first flow kept its port.
             assert!(entries.contains_key(&reply_key));
+
+            // The LRU evicting a live flow's reply entry does not cost it its port: its next
+            // packet claims it again...
+            conntrack
+                .remove(&reply_key)
+                .expect("evicting the reply entry");
+            let run = hairpin(lab, 40_000);
+            assert_eq!(action_name(run.action), action_name(XDP_TX));
+            assert_eq!(be16(&run.packet, l3 + IPV4_HLEN), snat_port);
+            let reclaimed = lab.conntrack()[&reply_key];
+            assert_eq!(
+                (reclaimed.snat_addr, reclaimed.snat_port),
+                (wire_addr(BACKEND_A), wire_port(40_000))
+            );
+            // ... and if another flow took the port meanwhile, the flow starts again on a port of
+            // its own rather than share it.
+            let (_, mut intruder) = taken(snat_port, now, SEEN_REPLY);
+            intruder.snat_port = wire_port(50_000);
+            conntrack
+                .insert(reply_key, intruder, 0)
+                .expect("another flow on the port");
+            let before = lab.counters();
+            let run = hairpin(lab, 40_000);
+            assert_eq!(action_name(run.action), action_name(XDP_TX));
+            let moved = be16(&run.packet, l3 + IPV4_HLEN);
+            assert!(moved != snat_port && SNAT_PORTS.contains(&moved), "{moved}");
+            let after = lab.counters();
+            assert_eq!(
+                after[Counter::FlowReselected as usize] - before[Counter::FlowReselected as usize],
+                1
+            );
+            assert_eq!(lab.conntrack()[&reply_key].snat_port, wire_port(50_000));
         },
     );
 }

@@ -156,6 +156,26 @@ fn net_sysctl(key: &str) -> Option<String> {
         .map(|value| value.trim().to_owned())
 }
 
+/// The first kernel whose `bpf_fib_lookup` gives a source address (`BPF_FIB_LOOKUP_SRC`), which
+/// source NAT takes the node's address from.
+const SNAT_KERNEL: (u32, u32) = (6, 7);
+
+/// The warning for a kernel `release` (`uname -r`) too old for source NAT, if it is.
+pub fn snat_kernel_warning(release: &str) -> Option<String> {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().ok());
+    let version = (numbers.next()??, numbers.next()??);
+    (version < SNAT_KERNEL).then(|| {
+        format!(
+            "kernel {release} predates Linux {}.{} (BPF_FIB_LOOKUP_SRC): flows that need source \
+             NAT (external traffic to endpoints on other nodes under externalTrafficPolicy: \
+             Cluster, and hairpins) will be dropped and counted as drop_snat_no_source",
+            SNAT_KERNEL.0, SNAT_KERNEL.1
+        )
+    })
+}
+
 /// Host settings that silently break part of the dataplane, as warnings to log. Read in the
 /// calling thread's network namespace.
 pub fn sysctl_warnings(interfaces: &[String]) -> Vec<String> {
@@ -170,6 +190,12 @@ pub fn sysctl_warnings(interfaces: &[String]) -> Vec<String> {
     let rp_filter = |key: &str| {
         net_sysctl(&format!("ipv4/conf/{key}/rp_filter")).and_then(|value| value.parse().ok())
     };
+    if let Some(warning) = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .and_then(|release| snat_kernel_warning(release.trim()))
+    {
+        warnings.push(warning);
+    }
     // `ip_local_port_range` is "low<TAB>high".
     let ephemeral_top = net_sysctl("ipv4/ip_local_port_range")
         .and_then(|range| range.split_whitespace().nth(1)?.parse::<u16>().ok());
@@ -297,4 +323,19 @@ fn is_cgroup2(path: &Path) -> bool {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     let result = unsafe { libc::statfs(text.as_ptr(), &mut stat) };
     result == 0 && stat.f_type as i64 == CGROUP2_SUPER_MAGIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_before_6_7_are_warned_about_source_nat() {
+        assert!(snat_kernel_warning("6.6.52-generic").is_some());
+        assert!(snat_kernel_warning("5.15.0-122-generic").is_some());
+        assert!(snat_kernel_warning("6.7.0").is_none());
+        assert!(snat_kernel_warning("6.18.2-arch1-1").is_none());
+        assert!(snat_kernel_warning("7.0").is_none());
+        assert!(snat_kernel_warning("weird").is_none());
+    }
 }
