@@ -1,4 +1,5 @@
-//! `lb agent`: attach the dataplane, then keep the Service maps equal to the manifests.
+//! `lb agent`: attach the dataplane, then keep the Service maps equal to what the source says: a
+//! directory of manifests, or the Kubernetes API ([`crate::kubernetes`]).
 
 use std::{
     ops::RangeInclusive,
@@ -28,16 +29,27 @@ use crate::{
     reconcile::Reconciler,
 };
 
+/// Where the Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A directory of Service and EndpointSlice manifests, watched.
+    Manifests(PathBuf),
+    /// The Kubernetes API: watches of Services and EndpointSlices, with the in-cluster
+    /// configuration or a kubeconfig file.
+    Cluster { kubeconfig: Option<PathBuf> },
+}
+
 /// How `lb agent` runs.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    /// Directory of Service and EndpointSlice manifests.
-    pub manifests: PathBuf,
+    /// Where the Services and EndpointSlices come from.
+    pub source: Source,
     /// Interfaces to attach the XDP program to.
     pub interfaces: Vec<String>,
     /// Where maps and links are pinned.
     pub pin_dir: PathBuf,
-    /// Full re-read of the directory even without a change notification.
+    /// Full re-read of the directory (or of the node's addresses, with the Kubernetes source)
+    /// even without a change notification.
     pub resync: Duration,
     /// Where the agent keeps the last good version of every object across restarts.
     pub state_dir: PathBuf,
@@ -78,33 +90,65 @@ struct ManifestSource {
     node: NodeConfig,
 }
 
-impl ManifestSource {
-    /// The node as it is now. Addresses come and go with interfaces; they are read again at
-    /// every sync (a change notification or the periodic resync).
-    fn read_node(&mut self, options: &AgentOptions) -> NodeConfig {
-        let local = match node::local_addresses() {
-            Ok(local) => local,
-            Err(error) => {
-                warn!("{error:#}; keeping the NodePort addresses as they were");
-                return self.node.clone();
-            }
-        };
-        let node = NodeConfig {
-            nodeport_addresses: node::nodeport_addresses(&local, &options.nodeport_cidrs),
-            node_port_range: options.node_port_range.clone(),
-            node_name: Some(options.node_name.clone()),
-        };
-        if node.nodeport_addresses != self.node.nodeport_addresses {
-            let listed: Vec<String> = node
-                .nodeport_addresses
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            info!("NodePorts are served on {}", listed.join(", "));
+/// The node as it is now, logging a change of its NodePort addresses from `previous`.
+/// Addresses come and go with interfaces; they are read again at every sync (a change
+/// notification or the periodic resync).
+pub(crate) fn read_node(options: &AgentOptions, previous: &NodeConfig) -> NodeConfig {
+    let local = match node::local_addresses() {
+        Ok(local) => local,
+        Err(error) => {
+            warn!("{error:#}; keeping the NodePort addresses as they were");
+            return previous.clone();
         }
-        node
+    };
+    let node = NodeConfig {
+        nodeport_addresses: node::nodeport_addresses(&local, &options.nodeport_cidrs),
+        node_port_range: options.node_port_range.clone(),
+        node_name: Some(options.node_name.clone()),
+    };
+    if node.nodeport_addresses != previous.nodeport_addresses {
+        let listed: Vec<String> = node
+            .nodeport_addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        info!("NodePorts are served on {}", listed.join(", "));
     }
+    node
+}
 
+/// Logs the notes of a desired state when they differ from the last ones, and programs it.
+pub(crate) fn program(
+    reconciler: &mut Reconciler,
+    maps: &mut ServiceMaps,
+    desired: &crate::desired::DesiredState,
+    notes: Vec<Note>,
+    last_notes: &mut Vec<Note>,
+) {
+    if notes != *last_notes {
+        for note in &notes {
+            info!("{}: {}", note.object, note.message);
+        }
+        *last_notes = notes;
+    }
+    let summary = reconciler.reconcile(desired, maps);
+    for error in &summary.errors {
+        warn!("{error:#}");
+    }
+    if summary.changed() {
+        info!(
+            added = summary.added,
+            updated = summary.updated,
+            removed = summary.removed,
+            unchanged = summary.unchanged,
+            writes = summary.writes,
+            "programmed {} Service frontends",
+            reconciler.frontend_count()
+        );
+    }
+}
+
+impl ManifestSource {
     fn sync(&mut self, reconciler: &mut Reconciler, maps: &mut ServiceMaps, node: NodeConfig) {
         self.node = node;
         let load = match load_dir(&self.dir, &self.snapshot) {
@@ -130,27 +174,7 @@ impl ManifestSource {
             self.snapshot.slices.values().map(|sourced| &sourced.object),
             &self.node,
         );
-        if notes != self.last_notes {
-            for note in &notes {
-                info!("{}: {}", note.object, note.message);
-            }
-            self.last_notes = notes;
-        }
-        let summary = reconciler.reconcile(&desired, maps);
-        for error in &summary.errors {
-            warn!("{error:#}");
-        }
-        if summary.changed() {
-            info!(
-                added = summary.added,
-                updated = summary.updated,
-                removed = summary.removed,
-                unchanged = summary.unchanged,
-                writes = summary.writes,
-                "programmed {} Service frontends",
-                reconciler.frontend_count()
-            );
-        }
+        program(reconciler, maps, &desired, notes, &mut self.last_notes);
     }
 }
 
@@ -217,11 +241,13 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     for interface in &options.interfaces {
         system::interface_index(interface)?;
     }
-    if !options.manifests.is_dir() {
+    if let Source::Manifests(dir) = &options.source
+        && !dir.is_dir()
+    {
         bail!(
             "--manifests {}: not a directory; give the directory holding your Service and \
              EndpointSlice YAML",
-            options.manifests.display()
+            dir.display()
         );
     }
 
@@ -254,6 +280,60 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         swept, "read the pinned Service maps"
     );
 
+    let mut stop = Stop::new()?;
+    match &options.source {
+        Source::Manifests(dir) => {
+            watch_manifests(&options, dir, &mut reconciler, &mut maps, &mut stop).await?;
+        }
+        Source::Cluster { kubeconfig } => {
+            crate::kubernetes::run(
+                &options,
+                kubeconfig.as_deref(),
+                &mut reconciler,
+                &mut maps,
+                &mut stop,
+            )
+            .await?;
+        }
+    }
+    info!(
+        "stopping; the XDP program and the maps stay in place so traffic keeps flowing (`lb reset` \
+         removes them)"
+    );
+    Ok(())
+}
+
+/// SIGTERM and SIGINT, which stop the agent.
+pub(crate) struct Stop {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        })
+    }
+
+    /// Resolves when the agent is asked to stop.
+    pub(crate) async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// Keeps the maps equal to the manifests in `dir` until asked to stop.
+async fn watch_manifests(
+    options: &AgentOptions,
+    dir: &Path,
+    reconciler: &mut Reconciler,
+    maps: &mut ServiceMaps,
+    stop: &mut Stop,
+) -> anyhow::Result<()> {
     let (events, mut changes) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // A closed channel means the agent is stopping.
@@ -261,28 +341,26 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     })
     .context("starting the manifest directory watcher")?;
     watcher
-        .watch(&options.manifests, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", options.manifests.display()))?;
+        .watch(dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
 
-    let mut source = ManifestSource::new(options.manifests.clone(), &options.state_dir)?;
-    let node = source.read_node(&options);
-    source.sync(&mut reconciler, &mut maps, node);
+    let mut source = ManifestSource::new(dir.to_owned(), &options.state_dir)?;
+    let node = read_node(options, &source.node);
+    source.sync(reconciler, maps, node);
     info!(
         frontends = reconciler.frontend_count(),
         "ready: watching {}",
-        options.manifests.display()
+        dir.display()
     );
 
     let mut resync = interval_at(Instant::now() + options.resync, options.resync);
-    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut watching = true;
     loop {
         tokio::select! {
             change = changes.recv(), if watching => match change {
                 Some(change) => {
                     if let Err(error) = change {
-                        warn!("watching {}: {error}", options.manifests.display());
+                        warn!("watching {}: {error}", dir.display());
                     }
                     sleep(DEBOUNCE).await;
                     while changes.try_recv().is_ok() {}
@@ -290,22 +368,16 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 None => {
                     warn!(
                         "the watcher of {} stopped; changes now apply at the periodic resync",
-                        options.manifests.display()
+                        dir.display()
                     );
                     watching = false;
                     continue;
                 }
             },
             _ = resync.tick() => {}
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = stop.requested() => return Ok(()),
         }
-        let node = source.read_node(&options);
-        source.sync(&mut reconciler, &mut maps, node);
+        let node = read_node(options, &source.node);
+        source.sync(reconciler, maps, node);
     }
-    info!(
-        "stopping; the XDP program and the maps stay in place so traffic keeps flowing (`lb reset` \
-         removes them)"
-    );
-    Ok(())
 }

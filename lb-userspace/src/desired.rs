@@ -43,6 +43,10 @@ use crate::{
 /// `status.loadBalancer.ingress[].ipMode` of a load balancer that proxies to the nodes.
 const IP_MODE_PROXY: &str = "Proxy";
 
+/// The label that hands a Service to another proxy: kube-proxy, and lb, leave such Services
+/// alone.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
 /// The label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -199,6 +203,18 @@ pub fn desired_state<'a>(
                 message,
             })
         };
+        if let Some(proxy) = service
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_PROXY_NAME_LABEL))
+        {
+            note(format!(
+                "served by the proxy named {proxy:?} ({SERVICE_PROXY_NAME_LABEL}): left to it, \
+                 as kube-proxy does"
+            ));
+            continue;
+        }
         let Some(spec) = &service.spec else { continue };
         if spec.type_.as_deref() == Some("ExternalName") {
             note("ExternalName Service: a DNS alias, nothing to load-balance".to_owned());

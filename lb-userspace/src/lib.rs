@@ -1,6 +1,7 @@
 //! `lb`: an eBPF/XDP Service load balancer for Kubernetes, userspace side.
 //!
-//! - [`manifests`] reads Services and EndpointSlices from a directory of YAML;
+//! - [`manifests`] reads Services and EndpointSlices from a directory of YAML, [`kubernetes`]
+//!   watches them in the API server;
 //! - [`node`] finds the node's NodePort addresses;
 //! - [`desired`] turns them into what the maps should hold (one pure function);
 //! - [`reconcile`] writes the difference into the maps, make-before-break;
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod dataplane;
 pub mod desired;
 pub mod inspect;
+pub mod kubernetes;
 pub mod manifests;
 pub mod node;
 pub mod reconcile;

@@ -6,7 +6,7 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use lb::{
-    agent::{AgentOptions, run},
+    agent::{AgentOptions, Source, run},
     dataplane::{self, VethRedirect, maps::Capacities},
     inspect::{counters, format_table, service_rows, services_table},
     node::{Ipv4Cidr, dataplane_config, host_name, parse_port_range},
@@ -38,19 +38,30 @@ enum Output {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing the agent's flags would only obscure clap's derive"
+)]
 enum Command {
-    /// Attach the XDP program and program the maps from a directory of manifests, following
-    /// changes until stopped. The dataplane keeps running after the agent stops.
+    /// Attach the XDP program and program the maps from the Kubernetes API (in-cluster, or
+    /// `--kubeconfig`) or from a directory of manifests, following changes until stopped. The
+    /// dataplane keeps running after the agent stops.
     ///
     /// Example: lb agent --manifests /etc/lb/manifests --interfaces eth0,eth1
     Agent {
-        /// Directory of Service and EndpointSlice YAML, as `kubectl apply -f DIR` takes.
+        /// Directory of Service and EndpointSlice YAML, as `kubectl apply -f DIR` takes,
+        /// instead of the Kubernetes API.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Kubeconfig file to reach the API server with; default: the in-cluster configuration
+        /// (the pod's service account). Ignored with `--manifests`.
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
         /// Interfaces to attach to, comma separated.
         #[arg(long, value_delimiter = ',', required = true)]
         interfaces: Vec<String>,
-        /// Seconds between full re-reads of the directory, on top of change notifications.
+        /// Seconds between full re-reads of the directory (with the API: of the node's
+        /// addresses), on top of change notifications.
         #[arg(long, default_value_t = 30)]
         resync_seconds: u64,
         /// Directory where the agent keeps the last good version of every object, so that an
@@ -146,6 +157,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent {
             manifests,
+            kubeconfig,
             interfaces,
             resync_seconds,
             state_dir,
@@ -180,8 +192,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
+            let source = match manifests {
+                Some(dir) => Source::Manifests(dir),
+                None => Source::Cluster { kubeconfig },
+            };
             runtime.block_on(run(AgentOptions {
-                manifests,
+                source,
                 interfaces,
                 pin_dir: cli.pin_dir,
                 resync: Duration::from_secs(resync_seconds.max(1)),

@@ -475,6 +475,26 @@ fn headless_and_external_name_services_give_a_note_and_nothing_else() {
 }
 
 #[test]
+fn a_service_of_another_proxy_is_left_alone_with_a_note() {
+    let services = [service(
+        "metadata:\n  name: web\n  labels: {service.kubernetes.io/service-proxy-name: other}\n\
+         spec:\n  clusterIP: 10.96.0.30\n  ports: [{port: 80, targetPort: 8080}]\n",
+    )];
+    let slices = [ready_slice(
+        "default",
+        "web-1",
+        "web",
+        "[{port: 8080}]",
+        &["10.1.1.2"],
+    )];
+    let (state, notes) = desired(&services, &slices);
+    assert!(state.frontends.is_empty(), "{state:#?}");
+    assert!(state.cluster_ips.is_empty(), "{state:#?}");
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].message.contains("\"other\""), "{notes:?}");
+}
+
+#[test]
 fn an_sctp_port_is_noted_and_skipped() {
     let services = [cluster_ip_service(
         "default",

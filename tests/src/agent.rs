@@ -108,6 +108,7 @@ pub struct AgentOptions<'a> {
     /// The `lb` binary.
     pub lb: &'a Path,
     pub pin_dir: &'a Path,
+    /// `--manifests`, unless `extra_args` name a `--kubeconfig` (the Kubernetes API source).
     pub manifests: &'a Path,
     pub interfaces: &'a [String],
     /// Where the agent keeps its last good objects (`--state-dir`).
@@ -123,6 +124,8 @@ pub struct AgentOptions<'a> {
 pub const REDIRECT_VETH: &str = "--xdp-redirect-veth";
 /// `lb agent` flag: no socket hooks.
 pub const NO_SOCKET_HOOKS: &str = "--no-socket-hooks";
+/// `lb agent` flag: the API server's kubeconfig (instead of a manifest directory).
+pub const KUBECONFIG: &str = "--kubeconfig";
 /// `lb agent` flag: the cgroup the socket hooks apply to.
 pub const SOCKET_CGROUP: &str = "--socket-cgroup";
 
@@ -150,8 +153,12 @@ impl Agent {
             .arg("--pin-dir")
             .arg(options.pin_dir)
             .arg("agent")
-            .arg("--manifests")
-            .arg(options.manifests)
+            .args(
+                (!options.extra_args.contains(&KUBECONFIG))
+                    .then_some([Path::new("--manifests"), options.manifests])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--interfaces")
             .arg(options.interfaces.join(","))
             .arg("--state-dir")
@@ -252,4 +259,26 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The endpoints `lb services -o json` output (`services_json`) lists for `frontend` and
+/// `protocol` (`"TCP"`, `"UDP"`); empty when the maps do not hold the frontend.
+pub fn endpoints_in(
+    services_json: &str,
+    frontend: std::net::SocketAddr,
+    protocol: &str,
+) -> Vec<String> {
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(services_json).expect("lb services JSON");
+    rows.iter()
+        .find(|row| row["frontend"] == frontend.to_string() && row["protocol"] == protocol)
+        .map(|row| {
+            row["endpoints"]
+                .as_array()
+                .expect("endpoints")
+                .iter()
+                .map(|e| e.as_str().expect("endpoint").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }

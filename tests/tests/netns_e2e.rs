@@ -14,7 +14,7 @@ use std::{
 };
 
 use lb_tests::{
-    agent::{Agent, AgentOptions, REDIRECT_VETH, lb, lb_binary, pin_dir, wait_until},
+    agent::{Agent, AgentOptions, REDIRECT_VETH, endpoints_in, lb, lb_binary, pin_dir, wait_until},
     capture::{CapturedUdp, UdpCapture},
     echo::{
         self, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLUSTER_IP, Connection, IO_TIMEOUT, TCP_FRONTEND,
@@ -211,19 +211,7 @@ impl Cluster {
 
     /// Endpoints the pinned maps hold for `frontend` (empty when they do not hold it).
     fn endpoints(&self, frontend: SocketAddr, protocol: &str) -> Vec<String> {
-        let rows: Vec<serde_json::Value> =
-            serde_json::from_str(&self.lb(&["services", "-o", "json"])).expect("services JSON");
-        rows.iter()
-            .find(|row| row["frontend"] == frontend.to_string() && row["protocol"] == protocol)
-            .map(|row| {
-                row["endpoints"]
-                    .as_array()
-                    .expect("endpoints")
-                    .iter()
-                    .map(|e| e.as_str().expect("endpoint").to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        endpoints_in(&self.lb(&["services", "-o", "json"]), frontend, protocol)
     }
 
     /// Endpoints of the echo Service's TCP frontend.

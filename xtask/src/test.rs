@@ -101,6 +101,9 @@ fn fixtures() -> anyhow::Result<()> {
 fn end_to_end() -> anyhow::Result<()> {
     privileged("netns_e2e")?;
     privileged("two_nodes")?;
+    // The Kubernetes API source against the API server fixture (one test waits out a minute's
+    // outage).
+    privileged("kubernetes")?;
     privileged("agent_cli")
 }
 

@@ -1,0 +1,358 @@
+//! The agent's Kubernetes API source, end to end: `lb agent --kubeconfig` against the API server
+//! fixture (`support::apiserver`, the real list/watch protocol over HTTP) on the single-node
+//! topology, checked through the pinned maps and with real traffic. Network rule as always: see
+//! `lb_tests::topology`; the fixture listens on the node namespace's loopback.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_tests::{
+    agent::{
+        Agent, AgentOptions, KUBECONFIG, REDIRECT_VETH, endpoints_in, lb, lb_binary, pin_dir,
+        wait_until,
+    },
+    echo::{
+        self, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLUSTER_IP, Connection, TCP_FRONTEND, TCP_PORT,
+        UDP_PORT, backend_index,
+    },
+    leftovers::{self, remove_test_leftovers_once},
+    netns::unique_prefix,
+    privilege::require_root,
+    servers::{Server, UdpChecksum},
+    topology::{Offload, SingleNode, backend_addr},
+};
+use serde_json::json;
+use support::apiserver::ApiServer;
+
+/// The node the agent runs as, and its endpoints' `nodeName`.
+const NODE_NAME: &str = "node-a";
+/// How long the agent may take to apply a change made in the API server.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connections per spread check: every backend appears with probability 1 - 3(2/3)^30.
+const CONNECTIONS: usize = 30;
+
+/// The echo Service (ClusterIP, TCP 80 -> 8080, UDP 53 -> 5353).
+fn echo_service(labels: serde_json::Value) -> Service {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "echo", "namespace": "e2e", "labels": labels},
+        "spec": {
+            "clusterIP": CLUSTER_IP.to_string(),
+            "ports": [
+                {"name": "http", "port": TCP_PORT, "targetPort": BACKEND_TCP_PORT},
+                {"name": "dns", "protocol": "UDP", "port": UDP_PORT, "targetPort": BACKEND_UDP_PORT},
+            ],
+        },
+    }))
+    .expect("a valid Service")
+}
+
+/// The echo Service's EndpointSlice with `backends` (indices into the topology), all ready.
+fn echo_slice(backends: &[usize]) -> EndpointSlice {
+    let endpoints: Vec<serde_json::Value> = backends
+        .iter()
+        .map(|index| {
+            json!({
+                "addresses": [backend_addr(*index).to_string()],
+                "conditions": {"ready": true},
+                "nodeName": NODE_NAME,
+            })
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "echo-1",
+            "namespace": "e2e",
+            "labels": {"kubernetes.io/service-name": "echo"},
+        },
+        "addressType": "IPv4",
+        "ports": [
+            {"name": "http", "port": BACKEND_TCP_PORT},
+            {"name": "dns", "protocol": "UDP", "port": BACKEND_UDP_PORT},
+        ],
+        "endpoints": endpoints,
+    }))
+    .expect("a valid EndpointSlice")
+}
+
+/// The topology, its identity servers, the API server fixture and an agent watching it.
+struct Cluster {
+    agent: Option<Agent>,
+    api: ApiServer,
+    lb: PathBuf,
+    pin_dir: PathBuf,
+    workdir: PathBuf,
+    _servers: Vec<Server>,
+    topology: SingleNode,
+}
+
+impl Cluster {
+    /// Starts everything, with the echo Service on every backend in the API server.
+    fn start() -> anyhow::Result<Self> {
+        remove_test_leftovers_once();
+        let prefix = unique_prefix(leftovers::TESTS);
+        let lb = lb_binary()?;
+        let topology = SingleNode::build(&prefix, Offload::default())?;
+        let servers = echo::start_servers(&topology, UdpChecksum::Computed)?;
+        let api = ApiServer::start(&topology.node)?;
+        api.apply(&echo_service(json!({})));
+        api.apply(&echo_slice(&[0, 1, 2]));
+        let workdir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&workdir)?;
+        api.write_kubeconfig(&workdir.join("kubeconfig"))?;
+        let mut cluster = Self {
+            agent: None,
+            api,
+            lb,
+            pin_dir: pin_dir(&prefix),
+            workdir,
+            _servers: servers,
+            topology,
+        };
+        cluster.start_agent()?;
+        Ok(cluster)
+    }
+
+    fn start_agent(&mut self) -> anyhow::Result<()> {
+        let kubeconfig = self.workdir.join("kubeconfig");
+        let kubeconfig = kubeconfig.to_str().expect("a UTF-8 path");
+        let args = [
+            KUBECONFIG,
+            kubeconfig,
+            REDIRECT_VETH,
+            "--node-name",
+            NODE_NAME,
+        ];
+        self.agent = Some(Agent::start(
+            &self.topology.node,
+            &AgentOptions {
+                lb: &self.lb,
+                pin_dir: &self.pin_dir,
+                manifests: Path::new("/nonexistent"),
+                interfaces: &self.topology.node_interfaces(),
+                state_dir: &self.workdir.join("state"),
+                log: &self.workdir.join("agent.log"),
+                extra_args: &args,
+            },
+        )?);
+        Ok(())
+    }
+
+    fn lb(&self, args: &[&str]) -> String {
+        lb(&self.lb, &self.pin_dir, args).expect("lb command")
+    }
+
+    /// `lb services -o json`, as text (to compare whole).
+    fn services_json(&self) -> String {
+        self.lb(&["services", "-o", "json"])
+    }
+
+    /// The endpoints the maps hold for the echo Service's TCP frontend.
+    fn tcp_endpoints(&self) -> Vec<String> {
+        endpoints_in(&self.services_json(), TCP_FRONTEND, "TCP")
+    }
+
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.workdir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// How many of `CONNECTIONS` connections through the ClusterIP each backend took.
+    fn spread(&self) -> BTreeMap<usize, usize> {
+        let mut taken = BTreeMap::new();
+        for _ in 0..CONNECTIONS {
+            let mut connection =
+                Connection::open(&self.topology.client, TCP_FRONTEND).expect("connect");
+            let reply = connection.request().expect("request");
+            *taken
+                .entry(backend_index(&reply).expect("backend"))
+                .or_insert(0) += 1;
+        }
+        taken
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.stop();
+        }
+        let _ = lb(&self.lb, &self.pin_dir, &["reset"]);
+        let _ = std::fs::remove_dir_all(&self.workdir);
+    }
+}
+
+/// `addr:port` as `lb services` prints an endpoint.
+fn endpoint(index: usize) -> String {
+    format!("{}:{BACKEND_TCP_PORT}", backend_addr(index))
+}
+
+#[test]
+fn services_and_slices_from_the_api_server_reach_the_maps_and_carry_traffic() {
+    if !require_root("services_and_slices_from_the_api_server_reach_the_maps_and_carry_traffic") {
+        return;
+    }
+    let cluster = Cluster::start().expect("cluster");
+    // Listed at start-up: every backend, and real connections reach each of them.
+    assert_eq!(
+        cluster.tcp_endpoints(),
+        vec![endpoint(0), endpoint(1), endpoint(2)]
+    );
+    assert_eq!(cluster.spread().len(), 3);
+
+    // A slice change arrives through the watch.
+    cluster.api.apply(&echo_slice(&[0, 2]));
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints()
+            == vec![endpoint(0), endpoint(2)]),
+        "the slice change did not reach the maps: {:?}\n{}",
+        cluster.tcp_endpoints(),
+        cluster.agent_log()
+    );
+    let taken = cluster.spread();
+    assert_eq!(taken.keys().copied().collect::<Vec<_>>(), vec![0, 2]);
+
+    // A Service another proxy serves (kube-proxy's service-proxy-name label) is left alone, and
+    // so is its slice.
+    let mut other = echo_service(json!({"service.kubernetes.io/service-proxy-name": "other"}));
+    other.metadata.name = Some("elsewhere".to_owned());
+    other.spec.as_mut().expect("spec").cluster_ip = Some("10.96.0.77".to_owned());
+    cluster.api.apply(&other);
+    // A later change proves the watch got past the ignored Service.
+    cluster.api.apply(&echo_slice(&[1]));
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints()
+            == vec![endpoint(1)]),
+        "the second slice change did not reach the maps: {:?}",
+        cluster.tcp_endpoints()
+    );
+    assert!(
+        !cluster.services_json().contains("10.96.0.77"),
+        "{}",
+        cluster.services_json()
+    );
+
+    // Deleting the Service removes its frontends.
+    cluster.api.delete::<Service>("e2e", "echo");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || !cluster
+            .services_json()
+            .contains(&CLUSTER_IP.to_string())),
+        "the deleted Service is still programmed: {}",
+        cluster.services_json()
+    );
+    assert!(
+        Connection::open(&cluster.topology.client, TCP_FRONTEND).is_err(),
+        "a deleted Service still answers"
+    );
+}
+
+#[test]
+fn a_relist_after_410_gone_writes_nothing_and_keeps_live_flows() {
+    if !require_root("a_relist_after_410_gone_writes_nothing_and_keeps_live_flows") {
+        return;
+    }
+    let cluster = Cluster::start().expect("cluster");
+    let mut connection = Connection::open(&cluster.topology.client, TCP_FRONTEND).expect("connect");
+    let before_reply = connection.request().expect("request");
+    let maps_before = cluster.services_json();
+    let programmed_before = cluster.agent_log().matches("programmed").count();
+    let lists_before = cluster.api.lists();
+    let watches_before = cluster.api.watches();
+
+    // The history is compacted and the watches end: resuming from their resourceVersion gets
+    // 410 Gone, and the agent lists everything again.
+    cluster.api.compact();
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.api.lists() >= lists_before + 2),
+        "the agent did not list again after 410 Gone ({} lists before, {} now)",
+        lists_before,
+        cluster.api.lists()
+    );
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.agent_log().contains("410 Gone")),
+        "{}",
+        cluster.agent_log()
+    );
+    // A change after the re-list still arrives (the watch resumed), and nothing before it was
+    // written: the maps are as they were, the open connection keeps its backend.
+    assert_eq!(cluster.services_json(), maps_before);
+    assert_eq!(
+        cluster.agent_log().matches("programmed").count(),
+        programmed_before,
+        "the re-list of unchanged objects wrote to the maps:\n{}",
+        cluster.agent_log()
+    );
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.api.watches()
+            >= watches_before + 2),
+        "the agent did not watch again after the re-list"
+    );
+    let after_reply = connection
+        .request()
+        .expect("the live connection after the re-list");
+    assert_eq!(after_reply.backend, before_reply.backend);
+    cluster.api.apply(&echo_slice(&[1, 2]));
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints()
+            == vec![endpoint(1), endpoint(2)]),
+        "a change after the re-list did not arrive: {:?}",
+        cluster.tcp_endpoints()
+    );
+}
+
+/// How long the API server is away in the outage test (the "a minute").
+const OUTAGE: Duration = Duration::from_secs(60);
+
+#[test]
+fn the_agent_rides_out_an_api_server_outage_and_catches_up() {
+    if !require_root("the_agent_rides_out_an_api_server_outage_and_catches_up") {
+        return;
+    }
+    let mut cluster = Cluster::start().expect("cluster");
+    let mut connection = Connection::open(&cluster.topology.client, TCP_FRONTEND).expect("connect");
+    let pinned = backend_index(&connection.request().expect("request")).expect("backend");
+
+    cluster.api.stop();
+    // While the API server is away the dataplane stays as it is: live flows and new ones.
+    let away = std::time::Instant::now();
+    while away.elapsed() < OUTAGE {
+        let reply = connection.request().expect("a live flow during the outage");
+        assert_eq!(backend_index(&reply).expect("backend"), pinned);
+        assert_eq!(cluster.spread().len(), 3, "new flows during the outage");
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    // Each watch logs the loss once, not at every retry.
+    let log = cluster.agent_log();
+    for kind in ["Services", "EndpointSlices"] {
+        let losses = log
+            .lines()
+            .filter(|line| line.contains(&format!("{kind}: ")))
+            .filter(|line| line.contains("keeping the dataplane as it is"))
+            .count();
+        assert_eq!(losses, 1, "{kind}: the loss logged {losses} times:\n{log}");
+    }
+
+    // Changes made meanwhile arrive once it is back.
+    cluster.api.apply(&echo_slice(&[pinned]));
+    cluster
+        .api
+        .restart(&cluster.topology.node)
+        .expect("restarting the API server");
+    assert!(
+        wait_until(Duration::from_secs(120), || cluster.tcp_endpoints()
+            == vec![endpoint(pinned)]),
+        "the agent did not catch up after the outage: {:?}\n{}",
+        cluster.tcp_endpoints(),
+        cluster.agent_log()
+    );
+    assert!(cluster.agent_log().contains("the API server answers again"));
+}
