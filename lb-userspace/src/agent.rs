@@ -17,6 +17,8 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+use std::sync::Arc;
+
 use crate::{
     dataplane::{
         Dataplane, VethRedirect,
@@ -24,6 +26,7 @@ use crate::{
         system,
     },
     desired::{Note, desired_state},
+    health::{self, Health},
     manifests::{ManifestError, Snapshot, load_dir},
     node::{self, Ipv4Cidr, NodeConfig},
     reconcile::Reconciler,
@@ -67,6 +70,8 @@ pub struct AgentOptions {
     pub dataplane: DataplaneConfig,
     /// The cgroup (v2) whose processes' sockets the socket hooks translate; `None`: no hooks.
     pub socket_cgroup: Option<PathBuf>,
+    /// Where `/healthz` and `/readyz` are served.
+    pub health_address: std::net::SocketAddr,
 }
 
 /// The file in the state directory holding the last good objects.
@@ -281,9 +286,26 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     );
 
     let mut stop = Stop::new()?;
+    let health = Health::new(match &options.source {
+        Source::Manifests(_) => "manifests",
+        Source::Cluster { .. } => "kubernetes",
+    });
+    health::serve(options.health_address, Arc::clone(&health)).await?;
+    info!(
+        "health: http://{}/healthz and /readyz",
+        options.health_address
+    );
     match &options.source {
         Source::Manifests(dir) => {
-            watch_manifests(&options, dir, &mut reconciler, &mut maps, &mut stop).await?;
+            watch_manifests(
+                &options,
+                dir,
+                &mut reconciler,
+                &mut maps,
+                &mut stop,
+                &health,
+            )
+            .await?;
         }
         Source::Cluster { kubeconfig } => {
             crate::kubernetes::run(
@@ -292,6 +314,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 &mut reconciler,
                 &mut maps,
                 &mut stop,
+                &health,
             )
             .await?;
         }
@@ -333,6 +356,7 @@ async fn watch_manifests(
     reconciler: &mut Reconciler,
     maps: &mut ServiceMaps,
     stop: &mut Stop,
+    health: &Health,
 ) -> anyhow::Result<()> {
     let (events, mut changes) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -347,6 +371,7 @@ async fn watch_manifests(
     let mut source = ManifestSource::new(dir.to_owned(), &options.state_dir)?;
     let node = read_node(options, &source.node);
     source.sync(reconciler, maps, node);
+    health.set_ready();
     info!(
         frontends = reconciler.frontend_count(),
         "ready: watching {}",

@@ -13,13 +13,14 @@
 //! with exponential backoff, and the agent logs once when the connection is lost and once when
 //! it is back.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client, Config, Resource,
+    api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
@@ -30,6 +31,7 @@ use crate::{
     agent::{AgentOptions, Stop, program, read_node},
     dataplane::maps::ServiceMaps,
     desired::{Note, desired_state},
+    health::Health,
     node::NodeConfig,
     reconcile::Reconciler,
 };
@@ -41,6 +43,13 @@ pub const PROXY_SELECTOR: &str =
 
 /// The HTTP status of an expired resourceVersion: the watcher re-lists.
 const GONE: u16 = 410;
+
+/// How often a kind whose watch lost the API server is probed for its return (for the log and
+/// `/healthz`; the watcher reconnects on its own backoff).
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long one probe waits for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A client for the API server, and the server's address: from `kubeconfig` when given, else
 /// the in-cluster configuration (the pod's service account).
@@ -102,10 +111,7 @@ impl<K: Resource + Clone + PartialEq> Objects<K> {
                 return false;
             }
         };
-        if !self.reachable {
-            info!("{}: the API server answers again", self.kind);
-            self.reachable = true;
-        }
+        self.answered();
         match event {
             watcher::Event::Init => {
                 self.relisting = Some(BTreeMap::new());
@@ -137,6 +143,14 @@ impl<K: Resource + Clone + PartialEq> Objects<K> {
         }
     }
 
+    /// Notes an answer of the API server; logs the first after a loss.
+    fn answered(&mut self) {
+        if !self.reachable {
+            info!("{}: the API server answers again", self.kind);
+            self.reachable = true;
+        }
+    }
+
     /// Reports a failed request once per loss of the API server; an expired resourceVersion is
     /// not a loss (the watcher re-lists at once).
     fn failed(&mut self, error: &watcher::Error) {
@@ -157,6 +171,22 @@ impl<K: Resource + Clone + PartialEq> Objects<K> {
             self.reachable = false;
         }
     }
+}
+
+/// Asks the API server for one object of `K` (the same request a watcher's list makes, so the
+/// same permissions): whether it answers. A watcher that reconnects emits nothing until an object
+/// changes, so without this probe a quiet cluster would look unreachable long after it is back.
+async fn answers<K>(client: &Client) -> bool
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let api = Api::<K>::all(client.clone());
+    let params = ListParams::default().labels(PROXY_SELECTOR).limit(1);
+    let request = api.list_metadata(&params);
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, request).await,
+        Ok(Ok(_))
+    )
 }
 
 /// The watcher stream of one kind, with kube-proxy's selector and kube-rs's default backoff
@@ -184,6 +214,7 @@ pub(crate) async fn run(
     reconciler: &mut Reconciler,
     maps: &mut ServiceMaps,
     stop: &mut Stop,
+    health: &Health,
 ) -> anyhow::Result<()> {
     let (client, server) = client(kubeconfig).await?;
     info!("watching Services and EndpointSlices at {server} (selector {PROXY_SELECTOR})");
@@ -195,6 +226,7 @@ pub(crate) async fn run(
     let mut notes: Vec<Note> = Vec::new();
     let mut ready = false;
     let mut resync = interval_at(Instant::now() + options.resync, options.resync);
+    let mut probe = interval_at(Instant::now() + PROBE_INTERVAL, PROBE_INTERVAL);
     loop {
         let changed = tokio::select! {
             Some(item) = service_events.next() => services.apply(item),
@@ -205,8 +237,18 @@ pub(crate) async fn run(
                 node = now;
                 changed
             }
+            _ = probe.tick(), if !(services.reachable && slices.reachable) => {
+                if !services.reachable && answers::<Service>(&client).await {
+                    services.answered();
+                }
+                if !slices.reachable && answers::<EndpointSlice>(&client).await {
+                    slices.answered();
+                }
+                false
+            }
             () = stop.requested() => return Ok(()),
         };
+        health.set_reachable(services.reachable && slices.reachable);
         if !(changed && services.listed && slices.listed) {
             continue;
         }
@@ -215,6 +257,7 @@ pub(crate) async fn run(
         program(reconciler, maps, &desired, new_notes, &mut notes);
         if !ready {
             ready = true;
+            health.set_ready();
             info!(
                 services = services.live.len(),
                 endpoint_slices = slices.live.len(),

@@ -7,11 +7,12 @@
 //! - [`reconcile`] writes the difference into the maps, make-before-break;
 //! - [`dataplane`] loads and attaches the XDP program and opens the pinned maps;
 //! - [`inspect`] reads the pinned maps back for the CLI;
-//! - [`agent`] ties them together in `lb agent`.
+//! - [`agent`] ties them together in `lb agent`, with [`health`] endpoints.
 
 pub mod agent;
 pub mod dataplane;
 pub mod desired;
+pub mod health;
 pub mod inspect;
 pub mod kubernetes;
 pub mod manifests;

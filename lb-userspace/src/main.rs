@@ -112,6 +112,10 @@ enum Command {
         /// removed).
         #[arg(long)]
         no_socket_hooks: bool,
+        /// Where to serve `/healthz` (live) and `/readyz` (ready after the first full sync),
+        /// over HTTP.
+        #[arg(long, default_value = lb::health::DEFAULT_HEALTH_ADDRESS)]
+        health_address: std::net::SocketAddr,
     },
     /// List the Service frontends and endpoints the dataplane holds (from the pinned maps).
     ///
@@ -170,6 +174,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             reject_rate,
             socket_cgroup,
             no_socket_hooks,
+            health_address,
         } => {
             let dataplane = dataplane_config(&service_cidr, reject_rate)?;
             let socket_cgroup = if no_socket_hooks {
@@ -213,6 +218,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 node_name,
                 dataplane,
                 socket_cgroup,
+                health_address,
             }))
         }
         Command::Services { output } => {

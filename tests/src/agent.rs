@@ -282,3 +282,28 @@ pub fn endpoints_in(
         })
         .unwrap_or_default()
 }
+
+/// The agent's health endpoints in its network namespace (its default `--health-address`).
+pub const HEALTH_ADDRESS: &str = "127.0.0.1:10256";
+
+/// `GET path` from the agent's health endpoints in `node`: the status code and the body.
+pub fn health(node: &Netns, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = node
+        .run(|| std::net::TcpStream::connect(HEALTH_ADDRESS))?
+        .with_context(|| format!("connecting to the health endpoints at {HEALTH_ADDRESS}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: lb\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no HTTP status in {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}

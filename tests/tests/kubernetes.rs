@@ -14,8 +14,8 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_tests::{
     agent::{
-        Agent, AgentOptions, KUBECONFIG, REDIRECT_VETH, endpoints_in, lb, lb_binary, pin_dir,
-        wait_until,
+        Agent, AgentOptions, KUBECONFIG, REDIRECT_VETH, endpoints_in, health, lb, lb_binary,
+        pin_dir, wait_until,
     },
     echo::{
         self, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLUSTER_IP, Connection, TCP_FRONTEND, TCP_PORT,
@@ -98,6 +98,13 @@ struct Cluster {
 impl Cluster {
     /// Starts everything, with the echo Service on every backend in the API server.
     fn start() -> anyhow::Result<Self> {
+        let mut cluster = Self::build()?;
+        cluster.start_agent(true)?;
+        Ok(cluster)
+    }
+
+    /// Everything but the agent.
+    fn build() -> anyhow::Result<Self> {
         remove_test_leftovers_once();
         let prefix = unique_prefix(leftovers::TESTS);
         let lb = lb_binary()?;
@@ -109,7 +116,7 @@ impl Cluster {
         let workdir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&workdir)?;
         api.write_kubeconfig(&workdir.join("kubeconfig"))?;
-        let mut cluster = Self {
+        Ok(Self {
             agent: None,
             api,
             lb,
@@ -117,12 +124,11 @@ impl Cluster {
             workdir,
             _servers: servers,
             topology,
-        };
-        cluster.start_agent()?;
-        Ok(cluster)
+        })
     }
 
-    fn start_agent(&mut self) -> anyhow::Result<()> {
+    /// Starts the agent, and waits until it is ready if `wait`.
+    fn start_agent(&mut self, wait: bool) -> anyhow::Result<()> {
         let kubeconfig = self.workdir.join("kubeconfig");
         let kubeconfig = kubeconfig.to_str().expect("a UTF-8 path");
         let args = [
@@ -132,18 +138,20 @@ impl Cluster {
             "--node-name",
             NODE_NAME,
         ];
-        self.agent = Some(Agent::start(
-            &self.topology.node,
-            &AgentOptions {
-                lb: &self.lb,
-                pin_dir: &self.pin_dir,
-                manifests: Path::new("/nonexistent"),
-                interfaces: &self.topology.node_interfaces(),
-                state_dir: &self.workdir.join("state"),
-                log: &self.workdir.join("agent.log"),
-                extra_args: &args,
-            },
-        )?);
+        let options = AgentOptions {
+            lb: &self.lb,
+            pin_dir: &self.pin_dir,
+            manifests: Path::new("/nonexistent"),
+            interfaces: &self.topology.node_interfaces(),
+            state_dir: &self.workdir.join("state"),
+            log: &self.workdir.join("agent.log"),
+            extra_args: &args,
+        };
+        self.agent = Some(if wait {
+            Agent::start(&self.topology.node, &options)?
+        } else {
+            Agent::spawn(&self.topology.node, &options)?
+        });
         Ok(())
     }
 
@@ -330,6 +338,10 @@ fn the_agent_rides_out_an_api_server_outage_and_catches_up() {
         assert_eq!(cluster.spread().len(), 3, "new flows during the outage");
         std::thread::sleep(Duration::from_secs(5));
     }
+    // Alive all along, and saying the API server is away.
+    let (status, body) = health(&cluster.topology.node, "/healthz").expect("/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"source_reachable\":false"), "{body}");
     // Each watch logs the loss once, not at every retry.
     let log = cluster.agent_log();
     for kind in ["Services", "EndpointSlices"] {
@@ -354,5 +366,55 @@ fn the_agent_rides_out_an_api_server_outage_and_catches_up() {
         cluster.tcp_endpoints(),
         cluster.agent_log()
     );
-    assert!(cluster.agent_log().contains("the API server answers again"));
+    // Both kinds see it back, even the one whose objects did not change meanwhile (its watcher
+    // reconnects without an event).
+    assert!(
+        wait_until(APPLY_TIMEOUT, || health(&cluster.topology.node, "/healthz")
+            .is_ok_and(|(_, body)| body.contains("\"source_reachable\":true"))),
+        "{:?}",
+        health(&cluster.topology.node, "/healthz")
+    );
+    let log = cluster.agent_log();
+    for kind in ["Services", "EndpointSlices"] {
+        assert!(
+            log.contains(&format!("{kind}: the API server answers again")),
+            "{kind}:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn the_agent_is_ready_only_once_the_api_server_has_listed_everything() {
+    if !require_root("the_agent_is_ready_only_once_the_api_server_has_listed_everything") {
+        return;
+    }
+    let mut cluster = Cluster::build().expect("cluster");
+    cluster.api.stop();
+    cluster.start_agent(false).expect("agent");
+    // Live at once, not ready, and saying why.
+    let node = &cluster.topology.node;
+    assert!(
+        wait_until(APPLY_TIMEOUT, || health(node, "/healthz").is_ok_and(
+            |(status, body)| status == 200 && body.contains("\"source_reachable\":false")
+        )),
+        "{}",
+        cluster.agent_log()
+    );
+    let (status, body) = health(node, "/readyz").expect("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(cluster.tcp_endpoints().is_empty());
+    // The API server comes: ready once both lists are programmed.
+    cluster.api.restart(node).expect("starting the API server");
+    assert!(
+        wait_until(Duration::from_secs(60), || health(node, "/readyz")
+            .is_ok_and(|(status, _)| status == 200)),
+        "{}",
+        cluster.agent_log()
+    );
+    assert_eq!(
+        cluster.tcp_endpoints(),
+        vec![endpoint(0), endpoint(1), endpoint(2)]
+    );
+    let (status, _) = health(node, "/metrics-not-here").expect("an unknown path");
+    assert_eq!(status, 404);
 }

@@ -1694,3 +1694,33 @@ fn a_backend_reaching_its_own_service_is_answered_by_itself_with_the_node_as_sou
     let moved = moved(&before, &cluster.counters());
     assert_eq!(moved.get("flow_snat"), Some(&2), "{moved:?}");
 }
+
+#[test]
+fn health_endpoints_say_live_and_ready_on_the_node() {
+    if !require_root("health_endpoints_say_live_and_ready_on_the_node") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    let node = &cluster.topology.node;
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = lb_tests::agent::health(node, path).expect("health endpoint");
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(body.contains("\"ready\":true"), "{path}: {body}");
+        assert!(body.contains("\"source\":\"manifests\""), "{path}: {body}");
+    }
+    let (status, _) = lb_tests::agent::health(node, "/").expect("health endpoint");
+    assert_eq!(status, 404);
+    // Only on the node's loopback: not from the client.
+    let health_port = lb_tests::agent::HEALTH_ADDRESS
+        .parse::<SocketAddr>()
+        .expect("health address")
+        .port();
+    let from_client = SocketAddr::from((NODE_CLIENT_SIDE, health_port));
+    assert!(
+        cluster
+            .client()
+            .run(move || TcpStream::connect_timeout(&from_client, UNSERVED_CONNECT_TIMEOUT))
+            .expect("client namespace")
+            .is_err()
+    );
+}
