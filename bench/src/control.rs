@@ -1,11 +1,12 @@
-//! The agent's control plane with real maps: the same pure function the agent runs (objects ->
-//! desired state) and the same reconciler writing the same pinned maps, timed in process so that
-//! only the control plane is measured (no YAML, no file watching; the end-to-end section times
-//! those through `lb agent`).
+//! The agent's control plane with real maps, as the Kubernetes source runs it: the same index
+//! (objects -> desired state, one Service at a time) and the same reconciler writing the same
+//! pinned maps, timed in process so that only the control plane is measured (no HTTP; the
+//! end-to-end section times the manifest source through `lb agent`).
 //!
-//! Cold programming: every Service and EndpointSlice to every map entry written. One endpoint
-//! change: one EndpointSlice replaced (as a watch event would deliver it), then the desired
-//! state recomputed and reconciled, until its map writes are done.
+//! Cold programming: the list is complete; every Service and EndpointSlice goes into the index,
+//! and every map entry is written. One endpoint change: the JSON of one EndpointSlice watch
+//! event decoded, the index updated, the touched Service recomputed and its changes reconciled,
+//! until its map writes are done.
 
 use std::{path::Path, time::Instant};
 
@@ -16,7 +17,7 @@ use lb::{
         Dataplane,
         maps::{Capacities, ServiceMaps},
     },
-    desired::desired_state,
+    desired::index::{Index, object_key},
     node::NodeConfig,
     reconcile::Reconciler,
 };
@@ -59,11 +60,18 @@ fn one_round(
     let mut maps = ServiceMaps::open(pin_dir)?;
     let (mut reconciler, _) = Reconciler::from_store(&mut maps)?;
     let objects: Vec<Service> = services.iter().map(SyntheticService::service).collect();
-    let mut slices: Vec<EndpointSlice> = services.iter().map(SyntheticService::slice).collect();
+    let slices: Vec<EndpointSlice> = services.iter().map(SyntheticService::slice).collect();
 
     let started = Instant::now();
-    let (desired, _) = desired_state(&objects, &slices, &NodeConfig::default());
-    let summary = reconciler.reconcile(&desired, &mut maps);
+    let mut index = Index::new(NodeConfig::default());
+    for service in objects {
+        index.set_service(object_key(&service.metadata), Some(service));
+    }
+    for slice in slices {
+        index.set_slice(object_key(&slice.metadata), Some(slice));
+    }
+    let _ = index.flush();
+    let summary = reconciler.reconcile(&index.desired(), &mut maps);
     let cold_ms = started.elapsed().as_secs_f64() * 1e3;
     ensure!(
         summary.errors.is_empty(),
@@ -80,8 +88,8 @@ fn one_round(
     let mut latencies = Vec::with_capacity(changes);
     for change in 0..changes {
         // A rolling update: one endpoint of one Service replaced.
-        let index = change * services.len() / changes.max(1);
-        let mut changed = services[index].clone();
+        let which = change * services.len() / changes.max(1);
+        let mut changed = services[which].clone();
         let last = changed.endpoints.len() - 1;
         changed.endpoints[last] = std::net::Ipv4Addr::new(
             10,
@@ -89,11 +97,12 @@ fn one_round(
             u8::try_from(change / 250)?,
             u8::try_from(change % 250 + 1)?,
         );
-        let slice = changed.slice();
+        let event = serde_json::to_vec(&changed.slice())?;
         let started = Instant::now();
-        slices[index] = slice;
-        let (desired, _) = desired_state(&objects, &slices, &NodeConfig::default());
-        let summary = reconciler.reconcile(&desired, &mut maps);
+        let slice: EndpointSlice = serde_json::from_slice(&event)?;
+        index.set_slice(object_key(&slice.metadata), Some(slice));
+        let changes = index.flush();
+        let summary = reconciler.reconcile_changes(&changes, &mut maps);
         latencies.push(started.elapsed().as_secs_f64() * 1e3);
         ensure!(
             summary.updated == 1 && summary.errors.is_empty(),

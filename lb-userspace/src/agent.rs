@@ -22,6 +22,7 @@ use std::sync::Arc;
 use crate::{
     dataplane::{
         Dataplane, VethRedirect,
+        links::{self, Interfaces, Patterns},
         maps::{Capacities, ServiceMaps},
         system,
     },
@@ -29,7 +30,7 @@ use crate::{
     health::{self, Health},
     manifests::{ManifestError, Snapshot, load_dir},
     node::{self, Ipv4Cidr, NodeConfig},
-    reconcile::Reconciler,
+    reconcile::{Reconciler, Summary},
 };
 
 /// Where the Services and EndpointSlices come from.
@@ -47,7 +48,8 @@ pub enum Source {
 pub struct AgentOptions {
     /// Where the Services and EndpointSlices come from.
     pub source: Source,
-    /// Interfaces to attach the XDP program to.
+    /// The `--interfaces` patterns (names and globs) of the interfaces to attach the XDP program
+    /// to; [`crate::dataplane::links`] follows them as links come and go.
     pub interfaces: Vec<String>,
     /// Where maps and links are pinned.
     pub pin_dir: PathBuf,
@@ -110,6 +112,8 @@ pub(crate) fn read_node(options: &AgentOptions, previous: &NodeConfig) -> NodeCo
         nodeport_addresses: node::nodeport_addresses(&local, &options.nodeport_cidrs),
         node_port_range: options.node_port_range.clone(),
         node_name: Some(options.node_name.clone()),
+        // Known only from the Node object (Kubernetes source), which sets it separately.
+        zone: previous.zone.clone(),
     };
     if node.nodeport_addresses != previous.nodeport_addresses {
         let listed: Vec<String> = node
@@ -137,6 +141,11 @@ pub(crate) fn program(
         *last_notes = notes;
     }
     let summary = reconciler.reconcile(desired, maps);
+    report(&summary, reconciler);
+}
+
+/// Logs what a reconciliation did: its errors, and its counts when it wrote anything.
+pub(crate) fn report(summary: &Summary, reconciler: &Reconciler) {
     for error in &summary.errors {
         warn!("{error:#}");
     }
@@ -240,10 +249,8 @@ impl ManifestSource {
 /// Runs the agent until SIGINT or SIGTERM. The dataplane stays attached afterwards.
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     system::check_privileges()?;
-    if options.interfaces.is_empty() {
-        bail!("no interfaces given: pass --interfaces with the node's interfaces, e.g. eth0");
-    }
-    for interface in &options.interfaces {
+    let patterns = Patterns::parse(&options.interfaces)?;
+    for interface in patterns.names() {
         system::interface_index(interface)?;
     }
     if let Source::Manifests(dir) = &options.source
@@ -258,25 +265,20 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     let mut dataplane = Dataplane::load(&options.pin_dir, &options.capacities)?;
     dataplane.configure(&options.dataplane)?;
-    for interface in &options.interfaces {
-        dataplane.attach(interface, options.veth_redirect)?;
-    }
-    dataplane.detach_others(&options.interfaces)?;
+    let interfaces = Interfaces::attach(&mut dataplane, patterns, options.veth_redirect).await?;
     match &options.socket_cgroup {
         Some(cgroup) => dataplane.attach_sockets(cgroup)?,
         None => crate::dataplane::detach_sockets(&options.pin_dir)?,
     }
-    for interface in &options.interfaces {
-        if system::accept_local(interface)? {
-            info!(
-                "set net.ipv4.conf.{interface}.accept_local=1: NodePort replies carry the node's \
-                 address as source when the kernel routes them"
-            );
-        }
+    let attached = interfaces.attached();
+    for interface in &attached {
+        links::allow_local_sources(interface)?;
     }
-    for warning in system::sysctl_warnings(&options.interfaces) {
+    for warning in system::sysctl_warnings(&attached) {
         warn!("{warning}");
     }
+    // Until the agent stops: interfaces matched by a glob come and go with pods.
+    let _following = interfaces.follow(dataplane);
 
     let mut maps = ServiceMaps::open(&options.pin_dir)?;
     let (mut reconciler, swept) = Reconciler::from_store(&mut maps)?;

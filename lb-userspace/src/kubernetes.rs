@@ -7,9 +7,9 @@
 //! (another proxy serves those Services) or `service.kubernetes.io/headless` (their slices).
 //!
 //! The maps are only programmed once both watches have listed everything: a half-listed cluster
-//! would look like Services without endpoints. Afterwards every event recomputes the desired
-//! state and the reconciler writes only what differs, so a re-list of unchanged objects writes
-//! nothing. While the API server is unreachable the maps stay as they are; the watchers retry
+//! would look like Services without endpoints. Afterwards each event recomputes only the
+//! Services it touches ([`Index`]) and the reconciler writes only what differs, so a re-list of
+//! unchanged objects writes nothing; a full reconciliation at each resync retries what failed. While the API server is unreachable the maps stay as they are; the watchers retry
 //! with exponential backoff, and the agent logs once when the connection is lost and once when
 //! it is back.
 
@@ -17,7 +17,10 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, Config, Resource,
     api::ListParams,
@@ -28,10 +31,11 @@ use tokio::time::{Instant, interval_at};
 use tracing::{info, warn};
 
 use crate::{
-    agent::{AgentOptions, Stop, program, read_node},
+    agent::{AgentOptions, Stop, read_node, report},
     dataplane::maps::ServiceMaps,
-    desired::{Note, desired_state},
+    desired::index::{Index, ObjectKey, object_key},
     health::Health,
+    manifests::DEFAULT_NAMESPACE,
     node::NodeConfig,
     reconcile::Reconciler,
 };
@@ -72,38 +76,106 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<(Client, String
     Ok((client, server))
 }
 
-/// The objects of one kind as the last complete list and the watch events since say.
+/// The objects of one kind live in the [`Index`]; this is how each kind is stored there, and
+/// which of them the agent watches.
+trait Indexed: Resource + Clone + PartialEq + Sized {
+    fn set(index: &mut Index, key: ObjectKey, object: Option<Self>) -> bool;
+    fn keys(index: &Index) -> Vec<ObjectKey>;
+    /// The objects watched: kube-proxy's label selector, or this node alone.
+    fn selection(node_name: &str) -> watcher::Config {
+        let _ = node_name;
+        watcher::Config::default().labels(PROXY_SELECTOR)
+    }
+}
+
+/// The Node label naming its zone, for topology-aware routing.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// This node's Node object, for its zone: the index keeps only what it says, not the object.
+impl Indexed for Node {
+    fn set(index: &mut Index, _key: ObjectKey, object: Option<Self>) -> bool {
+        let zone = object
+            .as_ref()
+            .and_then(|node| node.metadata.labels.as_ref())
+            .and_then(|labels| labels.get(ZONE_LABEL))
+            .cloned();
+        if zone == index.node().zone {
+            return false;
+        }
+        match &zone {
+            Some(zone) => info!("this node is in zone {zone}: topology hints for it apply"),
+            None => info!("this node has no {ZONE_LABEL} label: zone hints do not apply"),
+        }
+        let node = NodeConfig {
+            zone,
+            ..index.node().clone()
+        };
+        index.set_node(node)
+    }
+
+    fn keys(index: &Index) -> Vec<ObjectKey> {
+        // A re-list without the Node forgets its zone.
+        index
+            .node()
+            .node_name
+            .iter()
+            .map(|name| (DEFAULT_NAMESPACE.to_owned(), name.clone()))
+            .collect()
+    }
+
+    fn selection(node_name: &str) -> watcher::Config {
+        watcher::Config::default().fields(&format!("metadata.name={node_name}"))
+    }
+}
+
+impl Indexed for Service {
+    fn set(index: &mut Index, key: ObjectKey, object: Option<Self>) -> bool {
+        index.set_service(key, object)
+    }
+
+    fn keys(index: &Index) -> Vec<ObjectKey> {
+        index.service_ids().cloned().collect()
+    }
+}
+
+impl Indexed for EndpointSlice {
+    fn set(index: &mut Index, key: ObjectKey, object: Option<Self>) -> bool {
+        index.set_slice(key, object)
+    }
+
+    fn keys(index: &Index) -> Vec<ObjectKey> {
+        index.slice_keys().cloned().collect()
+    }
+}
+
+/// The state of one kind's watch: the objects themselves are in the [`Index`].
 struct Objects<K> {
     kind: &'static str,
-    live: BTreeMap<(String, String), K>,
     /// Objects of a re-list in progress (between `Init` and `InitDone`).
-    relisting: Option<BTreeMap<(String, String), K>>,
+    relisting: Option<BTreeMap<ObjectKey, K>>,
     /// A complete list has been seen.
     listed: bool,
     /// The API server answered the last request (reported on change only).
     reachable: bool,
 }
 
-impl<K: Resource + Clone + PartialEq> Objects<K> {
+impl<K: Indexed> Objects<K> {
     fn new(kind: &'static str) -> Self {
         Self {
             kind,
-            live: BTreeMap::new(),
             relisting: None,
             listed: false,
             reachable: true,
         }
     }
 
-    fn key(object: &K) -> (String, String) {
-        (
-            object.meta().namespace.clone().unwrap_or_default(),
-            object.meta().name.clone().unwrap_or_default(),
-        )
-    }
-
-    /// Applies one item of the watcher's stream. Returns whether the objects changed.
-    fn apply(&mut self, item: Result<watcher::Event<K>, watcher::Error>) -> bool {
+    /// Applies one item of the watcher's stream to `index`. Returns whether the objects changed,
+    /// or were listed completely for the first time.
+    fn apply(
+        &mut self,
+        item: Result<watcher::Event<K>, watcher::Error>,
+        index: &mut Index,
+    ) -> bool {
         let event = match item {
             Ok(event) => event,
             Err(error) => {
@@ -119,27 +191,29 @@ impl<K: Resource + Clone + PartialEq> Objects<K> {
             }
             watcher::Event::InitApply(object) => {
                 if let Some(relisting) = &mut self.relisting {
-                    relisting.insert(Self::key(&object), object);
+                    relisting.insert(object_key(object.meta()), object);
                 }
                 false
             }
             watcher::Event::InitDone => {
+                // Only what differs from the objects known before reaches the index: a re-list
+                // of unchanged objects changes nothing.
                 let listed = self.relisting.take().unwrap_or_default();
+                let mut changed = false;
+                for key in K::keys(index) {
+                    if !listed.contains_key(&key) {
+                        changed |= K::set(index, key, None);
+                    }
+                }
+                for (key, object) in listed {
+                    changed |= K::set(index, key, Some(object));
+                }
                 let first = !self.listed;
                 self.listed = true;
-                let changed = listed != self.live;
-                self.live = listed;
                 first || changed
             }
-            watcher::Event::Apply(object) => {
-                let key = Self::key(&object);
-                if self.live.get(&key) == Some(&object) {
-                    return false;
-                }
-                self.live.insert(key, object);
-                true
-            }
-            watcher::Event::Delete(object) => self.live.remove(&Self::key(&object)).is_some(),
+            watcher::Event::Apply(object) => K::set(index, object_key(object.meta()), Some(object)),
+            watcher::Event::Delete(object) => K::set(index, object_key(object.meta()), None),
         }
     }
 
@@ -176,12 +250,18 @@ impl<K: Resource + Clone + PartialEq> Objects<K> {
 /// Asks the API server for one object of `K` (the same request a watcher's list makes, so the
 /// same permissions): whether it answers. A watcher that reconnects emits nothing until an object
 /// changes, so without this probe a quiet cluster would look unreachable long after it is back.
-async fn answers<K>(client: &Client) -> bool
+async fn answers<K>(client: &Client, node_name: &str) -> bool
 where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    K: Indexed + Resource<DynamicType = ()> + std::fmt::Debug + serde::de::DeserializeOwned,
 {
     let api = Api::<K>::all(client.clone());
-    let params = ListParams::default().labels(PROXY_SELECTOR).limit(1);
+    let selection = K::selection(node_name);
+    let params = ListParams {
+        label_selector: selection.label_selector,
+        field_selector: selection.field_selector,
+        limit: Some(1),
+        ..ListParams::default()
+    };
     let request = api.list_metadata(&params);
     matches!(
         tokio::time::timeout(PROBE_TIMEOUT, request).await,
@@ -189,25 +269,26 @@ where
     )
 }
 
-/// The watcher stream of one kind, with kube-proxy's selector and kube-rs's default backoff
-/// (exponential, up to a few minutes, reset after a successful event).
-fn watch<K>(client: &Client) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>
+/// The watcher stream of one kind, with its selection and kube-rs's default backoff
+/// (exponential, up to 30 s, reset after two minutes without error).
+fn watch<K>(
+    client: &Client,
+    node_name: &str,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + use<K>
 where
-    K: Resource<DynamicType = ()>
+    K: Indexed
+        + Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
         + Send
         + 'static,
 {
-    watcher(
-        Api::<K>::all(client.clone()),
-        watcher::Config::default().labels(PROXY_SELECTOR),
-    )
-    .default_backoff()
+    watcher(Api::<K>::all(client.clone()), K::selection(node_name)).default_backoff()
 }
 
-/// Keeps the maps equal to the API server's Services and EndpointSlices until asked to stop.
+/// Keeps the maps equal to the API server's Services and EndpointSlices (and this node's zone)
+/// until asked to stop.
 pub(crate) async fn run(
     options: &AgentOptions,
     kubeconfig: Option<&Path>,
@@ -217,50 +298,73 @@ pub(crate) async fn run(
     health: &Health,
 ) -> anyhow::Result<()> {
     let (client, server) = client(kubeconfig).await?;
-    info!("watching Services and EndpointSlices at {server} (selector {PROXY_SELECTOR})");
+    let node_name = options.node_name.as_str();
+    info!(
+        "watching Services and EndpointSlices (selector {PROXY_SELECTOR}) and Node {node_name} \
+         at {server}"
+    );
     let mut services = Objects::<Service>::new("Services");
     let mut slices = Objects::<EndpointSlice>::new("EndpointSlices");
-    let mut service_events = std::pin::pin!(watch::<Service>(&client));
-    let mut slice_events = std::pin::pin!(watch::<EndpointSlice>(&client));
-    let mut node = read_node(options, &NodeConfig::default());
-    let mut notes: Vec<Note> = Vec::new();
+    let mut nodes = Objects::<Node>::new("Node");
+    let mut service_events = std::pin::pin!(watch::<Service>(&client, node_name));
+    let mut slice_events = std::pin::pin!(watch::<EndpointSlice>(&client, node_name));
+    let mut node_events = std::pin::pin!(watch::<Node>(&client, node_name));
+    let mut index = Index::new(read_node(options, &NodeConfig::default()));
     let mut ready = false;
     let mut resync = interval_at(Instant::now() + options.resync, options.resync);
     let mut probe = interval_at(Instant::now() + PROBE_INTERVAL, PROBE_INTERVAL);
     loop {
+        // A full reconciliation (every frontend compared) at start-up and at each resync, which
+        // also retries what failed; in between, each event programs only what it touches.
+        let mut full = !ready;
         let changed = tokio::select! {
-            Some(item) = service_events.next() => services.apply(item),
-            Some(item) = slice_events.next() => slices.apply(item),
+            Some(item) = service_events.next() => services.apply(item, &mut index),
+            Some(item) = slice_events.next() => slices.apply(item, &mut index),
+            Some(item) = node_events.next() => nodes.apply(item, &mut index),
             _ = resync.tick() => {
-                let now = read_node(options, &node);
-                let changed = now != node;
-                node = now;
-                changed
+                let node = read_node(options, index.node());
+                index.set_node(node);
+                full = true;
+                true
             }
-            _ = probe.tick(), if !(services.reachable && slices.reachable) => {
-                if !services.reachable && answers::<Service>(&client).await {
+            _ = probe.tick(), if !(services.reachable && slices.reachable && nodes.reachable) => {
+                if !services.reachable && answers::<Service>(&client, node_name).await {
                     services.answered();
                 }
-                if !slices.reachable && answers::<EndpointSlice>(&client).await {
+                if !slices.reachable && answers::<EndpointSlice>(&client, node_name).await {
                     slices.answered();
+                }
+                if !nodes.reachable && answers::<Node>(&client, node_name).await {
+                    nodes.answered();
                 }
                 false
             }
             () = stop.requested() => return Ok(()),
         };
-        health.set_reachable(services.reachable && slices.reachable);
-        if !(changed && services.listed && slices.listed) {
+        health.set_reachable(services.reachable && slices.reachable && nodes.reachable);
+        // The Node's list completes too when it does not exist (an agent outside the cluster
+        // with a --node-name no Node has): it then just has no zone.
+        if !(changed && services.listed && slices.listed && nodes.listed) {
             continue;
         }
-        let (desired, new_notes) =
-            desired_state(services.live.values(), slices.live.values(), &node);
-        program(reconciler, maps, &desired, new_notes, &mut notes);
+        let changes = index.flush();
+        for notes in changes.notes.values() {
+            for note in notes {
+                info!("{}: {}", note.object, note.message);
+            }
+        }
+        let summary = if full {
+            reconciler.reconcile(&index.desired(), maps)
+        } else {
+            reconciler.reconcile_changes(&changes, maps)
+        };
+        report(&summary, reconciler);
         if !ready {
             ready = true;
             health.set_ready();
             info!(
-                services = services.live.len(),
-                endpoint_slices = slices.live.len(),
+                services = index.service_ids().count(),
+                endpoint_slices = index.slice_keys().count(),
                 frontends = reconciler.frontend_count(),
                 "ready: watching the API server; the first full list is programmed"
             );

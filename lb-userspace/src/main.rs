@@ -15,6 +15,11 @@ use lb::{
 fn parse_cidr(text: &str) -> anyhow::Result<Ipv4Cidr> {
     text.parse()
 }
+
+fn parse_interface_pattern(text: &str) -> anyhow::Result<String> {
+    dataplane::links::Pattern::parse(text)?;
+    Ok(text.to_owned())
+}
 use tracing_subscriber::EnvFilter;
 
 /// An eBPF/XDP Service load balancer for Kubernetes.
@@ -47,7 +52,7 @@ enum Command {
     /// `--kubeconfig`) or from a directory of manifests, following changes until stopped. The
     /// dataplane keeps running after the agent stops.
     ///
-    /// Example: lb agent --manifests /etc/lb/manifests --interfaces eth0,eth1
+    /// Example: lb agent --manifests /etc/lb/manifests --interfaces eth0,veth*
     Agent {
         /// Directory of Service and EndpointSlice YAML, as `kubectl apply -f DIR` takes,
         /// instead of the Kubernetes API.
@@ -57,8 +62,11 @@ enum Command {
         /// (the pod's service account). Ignored with `--manifests`.
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
-        /// Interfaces to attach to, comma separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Interfaces to attach to, comma separated: names, which must exist at start-up, and
+        /// globs (`*`, `?`, `[...]`, e.g. `eth0,veth*`), which may match nothing yet. Interfaces
+        /// are followed as they come, go and get renamed (pods' veths). A glob never matches
+        /// loopback.
+        #[arg(long, value_delimiter = ',', required = true, value_parser = parse_interface_pattern)]
         interfaces: Vec<String>,
         /// Seconds between full re-reads of the directory (with the API: of the node's
         /// addresses), on top of change notifications.

@@ -154,6 +154,10 @@ pub struct NodeConfig {
     /// This node's name, as EndpointSlices name it in `endpoints[].nodeName`: which endpoints
     /// are local for the `Local` traffic policies. `None`: every endpoint counts as local.
     pub node_name: Option<String>,
+    /// This node's `topology.kubernetes.io/zone` label (from its Node object), for the zone
+    /// hints of topology-aware routing. `None`: zone hints are not used, as kube-proxy does on a
+    /// node without the label.
+    pub zone: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -163,6 +167,7 @@ impl Default for NodeConfig {
             nodeport_addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             node_name: None,
+            zone: None,
         }
     }
 }

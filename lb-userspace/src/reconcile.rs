@@ -32,7 +32,7 @@ use lb_common::{
 };
 
 use crate::{
-    desired::{BackendAddr, DesiredState, Frontend},
+    desired::{BackendAddr, DesiredState, Frontend, index::Changes},
     node::Ipv4Cidr,
 };
 
@@ -467,27 +467,7 @@ impl Reconciler {
         let mut summary = Summary::default();
         let mut counting = Counting { store, writes: 0 };
         for (key, frontend) in &desired.frontends {
-            let result = match self.live.get(key) {
-                None => self
-                    .add(*key, frontend, &mut counting)
-                    .map(|()| summary.added += 1),
-                Some(live) if !live.dirty && Self::matches(live, frontend) => {
-                    summary.unchanged += 1;
-                    Ok(())
-                }
-                Some(_) => self
-                    .update(*key, frontend, &mut counting)
-                    .map(|()| summary.updated += 1),
-            };
-            if let Err(error) = result {
-                if let Some(live) = self.live.get_mut(key) {
-                    live.dirty = true;
-                }
-                summary.errors.push(error.context(format!(
-                    "programming {}/{} {}:{}",
-                    frontend.namespace, frontend.name, frontend.addr, frontend.port
-                )));
-            }
+            self.reconcile_frontend(*key, Some(frontend), &mut summary, &mut counting);
         }
         let stale: Vec<ServiceKey> = self
             .live
@@ -496,60 +476,122 @@ impl Reconciler {
             .copied()
             .collect();
         for key in stale {
-            match self.remove(key, &mut counting) {
-                Ok(()) => summary.removed += 1,
-                Err(error) => summary.errors.push(error.context(format!(
-                    "removing {}:{}",
-                    addr_from_wire(key.addr),
-                    port_from_wire(key.port)
-                ))),
-            }
+            self.reconcile_frontend(key, None, &mut summary, &mut counting);
         }
         summary.errors.extend(self.collect_garbage(&mut counting));
-        summary
-            .errors
-            .extend(self.reconcile_cluster_ips(desired, &mut counting));
-        summary.writes = counting.writes;
-        summary
-    }
-
-    /// Makes `LB_CLUSTER_IPS` hold exactly the desired ClusterIPs. Added before frontends go
-    /// away would matter only to packets on undefined ports, so the order is free; what fails is
-    /// retried at the next reconciliation. Returns at most one error.
-    fn reconcile_cluster_ips(
-        &mut self,
-        desired: &DesiredState,
-        store: &mut Counting<'_, impl ServiceStore>,
-    ) -> Option<anyhow::Error> {
         let wanted: BTreeSet<u32> = desired
             .cluster_ips
             .iter()
             .map(|addr| addr_to_wire(*addr))
             .collect();
-        let mut first_error = None;
-        let mut failed = 0;
-        for addr in wanted
+        let changes: BTreeMap<u32, bool> = wanted
             .difference(&self.cluster_ips)
-            .copied()
-            .collect::<Vec<_>>()
-        {
-            match store.run(|store| store.set_cluster_ip(addr)) {
-                Ok(()) => {
-                    self.cluster_ips.insert(addr);
-                }
-                Err(error) => {
-                    failed += 1;
-                    first_error.get_or_insert(error);
+            .map(|addr| (*addr, true))
+            .chain(
+                self.cluster_ips
+                    .difference(&wanted)
+                    .map(|addr| (*addr, false)),
+            )
+            .collect();
+        summary
+            .errors
+            .extend(self.reconcile_cluster_ips(&changes, &mut counting));
+        summary.writes = counting.writes;
+        summary
+    }
+
+    /// Programs only what `changes` lists (a watch event's worth; see [`Changes`]): the other
+    /// frontends are not even compared. A frontend that failed before is retried by the next
+    /// full [`Reconciler::reconcile`].
+    pub fn reconcile_changes(
+        &mut self,
+        changes: &Changes,
+        store: &mut impl ServiceStore,
+    ) -> Summary {
+        let mut summary = Summary::default();
+        let mut counting = Counting { store, writes: 0 };
+        for (key, frontend) in &changes.frontends {
+            self.reconcile_frontend(*key, frontend.as_ref(), &mut summary, &mut counting);
+        }
+        summary.errors.extend(self.collect_garbage(&mut counting));
+        let cluster_ips: BTreeMap<u32, bool> = changes
+            .cluster_ips
+            .iter()
+            .map(|(addr, present)| (addr_to_wire(*addr), *present))
+            .filter(|(addr, present)| self.cluster_ips.contains(addr) != *present)
+            .collect();
+        summary
+            .errors
+            .extend(self.reconcile_cluster_ips(&cluster_ips, &mut counting));
+        summary.writes = counting.writes;
+        summary
+    }
+
+    /// Makes the frontend at `key` what `desired` says (`None`: no frontend), counting what it
+    /// did in `summary`.
+    fn reconcile_frontend(
+        &mut self,
+        key: ServiceKey,
+        desired: Option<&Frontend>,
+        summary: &mut Summary,
+        counting: &mut Counting<'_, impl ServiceStore>,
+    ) {
+        let Some(frontend) = desired else {
+            if self.live.contains_key(&key) {
+                match self.remove(key, counting) {
+                    Ok(()) => summary.removed += 1,
+                    Err(error) => summary.errors.push(error.context(format!(
+                        "removing {}:{}",
+                        addr_from_wire(key.addr),
+                        port_from_wire(key.port)
+                    ))),
                 }
             }
+            return;
+        };
+        let result = match self.live.get(&key) {
+            None => self
+                .add(key, frontend, counting)
+                .map(|()| summary.added += 1),
+            Some(live) if !live.dirty && Self::matches(live, frontend) => {
+                summary.unchanged += 1;
+                Ok(())
+            }
+            Some(_) => self
+                .update(key, frontend, counting)
+                .map(|()| summary.updated += 1),
+        };
+        if let Err(error) = result {
+            if let Some(live) = self.live.get_mut(&key) {
+                live.dirty = true;
+            }
+            summary.errors.push(error.context(format!(
+                "programming {}/{} {}:{}",
+                frontend.namespace, frontend.name, frontend.addr, frontend.port
+            )));
         }
-        for addr in self
-            .cluster_ips
-            .difference(&wanted)
-            .copied()
-            .collect::<Vec<_>>()
-        {
-            match store.run(|store| store.delete_cluster_ip(addr)) {
+    }
+
+    /// Adds (`true`) and deletes (`false`) `LB_CLUSTER_IPS` entries (network byte order). Added
+    /// before frontends go away would matter only to packets on undefined ports, so the order is
+    /// free; what fails is retried at the next full reconciliation. Returns at most one error.
+    fn reconcile_cluster_ips(
+        &mut self,
+        changes: &BTreeMap<u32, bool>,
+        store: &mut Counting<'_, impl ServiceStore>,
+    ) -> Option<anyhow::Error> {
+        let mut first_error = None;
+        let mut failed = 0;
+        for (&addr, &present) in changes {
+            let result = if present {
+                store.run(|store| store.set_cluster_ip(addr))
+            } else {
+                store.run(|store| store.delete_cluster_ip(addr))
+            };
+            match result {
+                Ok(()) if present => {
+                    self.cluster_ips.insert(addr);
+                }
                 Ok(()) => {
                     self.cluster_ips.remove(&addr);
                 }

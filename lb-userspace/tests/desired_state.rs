@@ -855,6 +855,7 @@ fn node_ports_are_frontends_on_every_nodeport_address_within_the_range() {
         nodeport_addresses: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 1, 1, 254)],
         node_port_range: 30_000..=32_767,
         node_name: None,
+        zone: None,
     };
     let services = [
         service(
@@ -1226,4 +1227,123 @@ fn a_service_whose_every_traffic_is_local_rejects_without_a_local_endpoint() {
         flags("  type: NodePort\n  externalTrafficPolicy: Local\n"),
         vec![SERVICE_DROP_WHEN_EMPTY, 0]
     );
+}
+
+#[test]
+fn topology_hints_narrow_cluster_wide_traffic_to_this_zone_or_node() {
+    let node = |zone: Option<&str>| NodeConfig {
+        nodeport_addresses: vec![Ipv4Addr::new(10, 0, 0, 1)],
+        node_name: Some("node-a".to_owned()),
+        zone: zone.map(str::to_owned),
+        ..NodeConfig::default()
+    };
+    let web = |policies: &str| {
+        service(&format!(
+            "metadata: {{name: web}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.30\n\
+             {policies}  ports:\n  - {{port: 80, targetPort: 8080, nodePort: 30081}}\n"
+        ))
+    };
+    // Three endpoints in two zones, as the EndpointSlice controller hints them for
+    // `trafficDistribution: PreferClose`; `extra` is appended to the endpoint list.
+    let slices = |extra: &str| {
+        [slice(&format!(
+            "metadata:\n  name: web-1\n  labels: {{kubernetes.io/service-name: web}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n\
+             - {{addresses: [10.1.1.2], nodeName: node-a, hints: {{forZones: [{{name: \
+             zone-1}}]}}}}\n\
+             - {{addresses: [10.1.2.2], nodeName: node-b, hints: {{forZones: [{{name: \
+             zone-1}}]}}}}\n\
+             - {{addresses: [10.1.3.2], nodeName: node-c, hints: {{forZones: [{{name: \
+             zone-2}}]}}}}\n{extra}"
+        ))]
+    };
+    let at = |state: &DesiredState, addr: [u8; 4]| {
+        let frontend = state
+            .frontends
+            .values()
+            .find(|f| f.addr == Ipv4Addr::from(addr))
+            .expect("the frontend");
+        let addrs = |list: &[BackendAddr]| -> Vec<String> {
+            list.iter().map(|b| b.addr.to_string()).collect()
+        };
+        (addrs(&frontend.backends), addrs(&frontend.draining))
+    };
+    let strings = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let cluster_ip = [10, 96, 0, 30];
+    let node_port = [10, 0, 0, 1];
+
+    // In zone-1: its two endpoints take new flows; zone-2's keeps the flows it has.
+    let (state, notes) = desired_state(&[web("")], &slices(""), &node(Some("zone-1")));
+    assert!(notes.is_empty(), "{notes:?}");
+    for addr in [cluster_ip, node_port] {
+        assert_eq!(
+            at(&state, addr),
+            (strings(&["10.1.1.2", "10.1.2.2"]), strings(&["10.1.3.2"]))
+        );
+    }
+    // In zone-2: its own.
+    let (state, _) = desired_state(&[web("")], &slices(""), &node(Some("zone-2")));
+    assert_eq!(at(&state, cluster_ip).0, strings(&["10.1.3.2"]));
+    // A zone no hint names, or a node without the zone label: hints are ignored.
+    let everywhere = strings(&["10.1.1.2", "10.1.2.2", "10.1.3.2"]);
+    for zone in [Some("zone-9"), None] {
+        let (state, _) = desired_state(&[web("")], &slices(""), &node(zone));
+        assert_eq!(at(&state, cluster_ip), (everywhere.clone(), Vec::new()));
+    }
+    // One ready endpoint without hints (the controller is catching up): all of them.
+    let unhinted = "- {addresses: [10.1.4.2], nodeName: node-d}\n";
+    let (state, _) = desired_state(&[web("")], &slices(unhinted), &node(Some("zone-1")));
+    assert_eq!(at(&state, cluster_ip).0.len(), 4);
+    // ... unless it is not ready: hints are judged over the ready endpoints.
+    let not_ready = "- {addresses: [10.1.4.2], nodeName: node-d, conditions: {ready: false}}\n";
+    let (state, _) = desired_state(&[web("")], &slices(not_ready), &node(Some("zone-1")));
+    assert_eq!(at(&state, cluster_ip).0, strings(&["10.1.1.2", "10.1.2.2"]));
+
+    // A `Local` policy is not narrowed further: this node's endpoint, hints aside.
+    let (state, _) = desired_state(
+        &[web("  externalTrafficPolicy: Local\n")],
+        &slices(""),
+        &node(Some("zone-2")),
+    );
+    assert_eq!(at(&state, node_port).0, strings(&["10.1.1.2"]));
+    assert_eq!(at(&state, cluster_ip).0, strings(&["10.1.3.2"]));
+
+    // Node hints (`trafficDistribution: PreferSameNode`) come first when every ready endpoint
+    // has them and one names this node.
+    let node_hinted = slice(
+        "metadata:\n  name: web-1\n  labels: {kubernetes.io/service-name: web}\n\
+         addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+         - {addresses: [10.1.1.2], nodeName: node-a, hints: {forNodes: [{name: node-a}], \
+         forZones: [{name: zone-1}]}}\n\
+         - {addresses: [10.1.2.2], nodeName: node-b, hints: {forNodes: [{name: node-b}], \
+         forZones: [{name: zone-1}]}}\n",
+    );
+    let (state, _) = desired_state(
+        &[web("")],
+        std::slice::from_ref(&node_hinted),
+        &node(Some("zone-1")),
+    );
+    assert_eq!(
+        at(&state, cluster_ip),
+        (strings(&["10.1.1.2"]), strings(&["10.1.2.2"]))
+    );
+    // On a node none names: the zone hints decide.
+    let other = NodeConfig {
+        node_name: Some("node-z".to_owned()),
+        ..node(Some("zone-1"))
+    };
+    let (state, _) = desired_state(&[web("")], std::slice::from_ref(&node_hinted), &other);
+    assert_eq!(at(&state, cluster_ip).0, strings(&["10.1.1.2", "10.1.2.2"]));
+
+    // With nothing ready, the serving terminating endpoints take new flows, hints aside.
+    let terminating = slice(
+        "metadata:\n  name: web-1\n  labels: {kubernetes.io/service-name: web}\n\
+         addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+         - {addresses: [10.1.1.2], nodeName: node-a, conditions: {ready: false, serving: true, \
+         terminating: true}, hints: {forZones: [{name: zone-1}]}}\n\
+         - {addresses: [10.1.3.2], nodeName: node-c, conditions: {ready: false, serving: true, \
+         terminating: true}, hints: {forZones: [{name: zone-2}]}}\n",
+    );
+    let (state, _) = desired_state(&[web("")], &[terminating], &node(Some("zone-1")));
+    assert_eq!(at(&state, cluster_ip).0, strings(&["10.1.1.2", "10.1.3.2"]));
 }

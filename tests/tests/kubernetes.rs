@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use lb_tests::{
     agent::{
         Agent, AgentOptions, KUBECONFIG, REDIRECT_VETH, endpoints_in, health, lb, lb_binary,
@@ -417,4 +420,174 @@ fn the_agent_is_ready_only_once_the_api_server_has_listed_everything() {
     );
     let (status, _) = health(node, "/metrics-not-here").expect("an unknown path");
     assert_eq!(status, 404);
+}
+
+/// This node's Node object, in `zone` when given.
+fn this_node(zone: Option<&str>) -> Node {
+    let labels = zone.map_or_else(
+        || json!({}),
+        |zone| json!({"topology.kubernetes.io/zone": zone}),
+    );
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": NODE_NAME, "labels": labels},
+    }))
+    .expect("a valid Node")
+}
+
+/// The echo slice with every backend ready and hinted for a zone: 0 and 1 for zone-1, 2 for
+/// zone-2 (as the EndpointSlice controller hints for `trafficDistribution: PreferClose`).
+fn zoned_echo_slice() -> EndpointSlice {
+    let mut slice = echo_slice(&[0, 1, 2]);
+    let value = serde_json::to_value(&slice).expect("a slice serializes");
+    let mut value = value;
+    for (index, endpoint) in value["endpoints"]
+        .as_array_mut()
+        .expect("endpoints")
+        .iter_mut()
+        .enumerate()
+    {
+        let zone = if index < 2 { "zone-1" } else { "zone-2" };
+        endpoint["hints"] = json!({"forZones": [{"name": zone}]});
+    }
+    slice = serde_json::from_value(value).expect("a valid EndpointSlice");
+    slice
+}
+
+#[test]
+fn topology_hints_follow_the_zone_of_this_node_s_node_object() {
+    if !require_root("topology_hints_follow_the_zone_of_this_node_s_node_object") {
+        return;
+    }
+    let mut cluster = Cluster::build().expect("cluster");
+    cluster.api.apply(&this_node(Some("zone-1")));
+    cluster.api.apply(&zoned_echo_slice());
+    cluster.start_agent(true).expect("agent");
+    // In zone-1: new connections reach zone-1's endpoints only.
+    let taken = cluster.spread();
+    assert_eq!(
+        taken.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1],
+        "{taken:?}\n{}",
+        cluster.agent_log()
+    );
+    assert!(cluster.agent_log().contains("this node is in zone zone-1"));
+
+    // An open connection to a zone-1 endpoint keeps it when the node moves to zone-2, while
+    // new ones go to zone-2's endpoint.
+    let mut connection = Connection::open(&cluster.topology.client, TCP_FRONTEND).expect("connect");
+    let pinned = backend_index(&connection.request().expect("request")).expect("backend");
+    cluster.api.apply(&this_node(Some("zone-2")));
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.spread().len() == 1),
+        "the zone change did not reach the maps:\n{}",
+        cluster.agent_log()
+    );
+    assert_eq!(
+        cluster.spread().keys().copied().collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert_eq!(
+        backend_index(&connection.request().expect("the open connection")).expect("backend"),
+        pinned
+    );
+
+    // Without the zone label, the hints no longer apply: every endpoint.
+    cluster.api.apply(&this_node(None));
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.spread().len() == 3),
+        "the zone label's removal did not reach the maps:\n{}",
+        cluster.agent_log()
+    );
+}
+
+/// How late the slow API server answers each list.
+const SLOW_LIST: Duration = Duration::from_secs(3);
+
+#[test]
+fn slow_lists_and_a_watch_cut_mid_event_still_converge() {
+    if !require_root("slow_lists_and_a_watch_cut_mid_event_still_converge") {
+        return;
+    }
+    let mut cluster = Cluster::build().expect("cluster");
+    cluster.api.set_list_delay(SLOW_LIST);
+    cluster.start_agent(true).expect("agent");
+    assert_eq!(
+        cluster.tcp_endpoints(),
+        vec![endpoint(0), endpoint(1), endpoint(2)]
+    );
+    let mut connection = Connection::open(&cluster.topology.client, TCP_FRONTEND).expect("connect");
+    let pinned = backend_index(&connection.request().expect("request")).expect("backend");
+    let keep: Vec<usize> = (0..3).filter(|index| *index != (pinned + 1) % 3).collect();
+
+    // The slice change is cut after half its bytes and the connections drop: the agent must not
+    // apply half an event, and gets the whole one when it watches again.
+    let watches_before = cluster.api.watches();
+    cluster.api.cut_next_event();
+    cluster.api.apply(&echo_slice(&keep));
+    let expected: Vec<String> = keep.iter().map(|index| endpoint(*index)).collect();
+    assert!(
+        wait_until(Duration::from_secs(60), || cluster.tcp_endpoints()
+            == expected),
+        "the cut change never arrived: {:?}\n{}",
+        cluster.tcp_endpoints(),
+        cluster.agent_log()
+    );
+    assert!(
+        cluster.api.watches() > watches_before,
+        "the agent did not watch again"
+    );
+    // The open connection kept its backend (it is still in the slice).
+    assert_eq!(
+        backend_index(&connection.request().expect("the open connection")).expect("backend"),
+        pinned
+    );
+    // And the watch goes on.
+    cluster.api.apply(&echo_slice(&[pinned]));
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints()
+            == vec![endpoint(pinned)]),
+        "a later change did not arrive: {:?}",
+        cluster.tcp_endpoints()
+    );
+}
+
+#[test]
+fn a_restarted_agent_takes_over_the_pinned_maps_without_a_write() {
+    if !require_root("a_restarted_agent_takes_over_the_pinned_maps_without_a_write") {
+        return;
+    }
+    let mut cluster = Cluster::start().expect("cluster");
+    let maps_before = cluster.services_json();
+    let mut connection = Connection::open(&cluster.topology.client, TCP_FRONTEND).expect("connect");
+    let pinned = backend_index(&connection.request().expect("request")).expect("backend");
+
+    // An upgrade: the agent stops, and a new one starts on the pinned maps.
+    if let Some(mut agent) = cluster.agent.take() {
+        agent.stop();
+    }
+    cluster.start_agent(true).expect("the new agent");
+    let log = cluster.agent_log();
+    assert!(
+        log.contains("read the pinned Service maps frontends=2"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("Service frontends added="),
+        "the new agent rewrote unchanged entries:\n{log}"
+    );
+    assert_eq!(cluster.services_json(), maps_before);
+    assert_eq!(
+        backend_index(&connection.request().expect("the open connection")).expect("backend"),
+        pinned
+    );
+    // And it follows changes.
+    cluster.api.apply(&echo_slice(&[pinned]));
+    assert!(
+        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints()
+            == vec![endpoint(pinned)]),
+        "{:?}",
+        cluster.tcp_endpoints()
+    );
 }

@@ -7,6 +7,9 @@
 //!   `-Z build-std=core` for the BPF target.
 //! - bpf-linker, the linker of Rust eBPF objects, built against the nightly toolchain's own LLVM
 //!   (a plain `cargo install bpf-linker` looks for a system LLVM that does not match).
+//! - kubernetes-validate (PyPI), in a virtual environment under `target/` (made with Debian's
+//!   python3 and python3-venv): the host tests check `deploy/` against Kubernetes' own schemas
+//!   with it, offline (no API server here).
 
 use std::{
     path::{Path, PathBuf},
@@ -15,18 +18,26 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{display, run_command};
+use crate::{display, run_command, workspace_root};
 
 /// bpf-linker release known to build against the nightly's LLVM here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The toolchain that builds the eBPF object (aya-build runs `rustup run nightly cargo`).
 const EBPF_TOOLCHAIN: &str = "nightly";
 
-/// What a Debian package provides that a run needs: a command, or a file.
+/// kubernetes-validate release whose bundled schemas the deploy test checks against.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// Where its virtual environment lives, under the workspace: `cargo clean` removes it with the
+/// rest of the build.
+const PYTHON_VENV: &str = "target/python-venv";
+
+/// What a Debian package provides that a run needs: a command, a file, or a Python module of
+/// the system's `python3`.
 #[derive(Clone, Copy)]
 enum Provides {
     Command(&'static str),
     File(&'static str),
+    PythonModule(&'static str),
 }
 
 /// Something a run needs, the Debian package that provides it, and why.
@@ -53,6 +64,21 @@ const PACKAGES: [Need; 4] = [
         Provides::Command("nsenter"),
         "util-linux",
         "running lb inside a node's network namespace by hand",
+    ),
+];
+
+/// What the virtual environment of kubernetes-validate is made with. Debian ships `venv`'s
+/// pip bootstrap (`ensurepip`) apart from `python3`.
+const PYTHON_PACKAGES: [Need; 2] = [
+    (
+        Provides::Command("python3"),
+        "python3",
+        "the virtual environment of kubernetes-validate",
+    ),
+    (
+        Provides::PythonModule("ensurepip"),
+        "python3-venv",
+        "`python3 -m venv` with pip inside",
     ),
 ];
 
@@ -97,6 +123,15 @@ fn found(program: &str) -> bool {
             .any(|dir| Path::new(dir).join(program).exists())
 }
 
+fn python_has(module: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
 fn is_root() -> bool {
     lb_tests::privilege::is_root()
 }
@@ -107,6 +142,7 @@ fn ensure_packages(needs: &[Need]) -> anyhow::Result<()> {
         .filter(|(provides, _, _)| match provides {
             Provides::Command(program) => !found(program),
             Provides::File(path) => !Path::new(path).exists(),
+            Provides::PythonModule(module) => !python_has(module),
         })
         .collect();
     if missing.is_empty() {
@@ -116,6 +152,7 @@ fn ensure_packages(needs: &[Need]) -> anyhow::Result<()> {
         let what = match provides {
             Provides::Command(program) => format!("`{program}`"),
             Provides::File(path) => path.to_string(),
+            Provides::PythonModule(module) => format!("Python's `{module}`"),
         };
         println!("xtask: installing Debian package {package} (for {what}: {why})");
     }
@@ -278,11 +315,74 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kubernetes-validate command of the workspace's virtual environment; the deploy test
+/// finds it through `LB_KUBERNETES_VALIDATE`.
+pub fn kubernetes_validate() -> PathBuf {
+    workspace_root()
+        .join(PYTHON_VENV)
+        .join("bin/kubernetes-validate")
+}
+
+/// The version `command --version` prints, if it runs.
+fn version_of(command: &Path) -> Option<String> {
+    let output = Command::new(command)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+fn ensure_kubernetes_validate() -> anyhow::Result<()> {
+    let validate = kubernetes_validate();
+    if version_of(&validate).as_deref() == Some(KUBERNETES_VALIDATE_VERSION) {
+        return Ok(());
+    }
+    ensure_packages(&PYTHON_PACKAGES)?;
+    let venv = workspace_root().join(PYTHON_VENV);
+    println!(
+        "xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (PyPI) into {}: \
+         the host tests check deploy/ against Kubernetes' schemas with it",
+        venv.display()
+    );
+    // --clear: a virtual environment left by another Python, or half made, starts over.
+    run_command(
+        Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv)
+            .stdin(Stdio::null()),
+    )?;
+    run_command(
+        Command::new(venv.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+            ])
+            .stdin(Stdio::null()),
+    )?;
+    match version_of(&validate) {
+        Some(version) if version == KUBERNETES_VALIDATE_VERSION => Ok(()),
+        other => bail!(
+            "{} was installed but reports {other:?}, not {KUBERNETES_VALIDATE_VERSION}",
+            validate.display()
+        ),
+    }
+}
+
 /// Installs whatever is missing; quick and silent when nothing is.
 pub fn ensure() -> anyhow::Result<()> {
     ensure_packages(&PACKAGES)?;
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_kubernetes_validate()?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! 1. lint: rustfmt, clippy on the host crates and on the eBPF crate (BPF target), warnings denied;
 //! 2. build: `lb` and its embedded eBPF object, and the benchmark;
 //! 3. host: unit and host tests (checksums, types, manifests, desired state, reconciler, the
-//!    benchmark's rule sets and report);
+//!    benchmark's rule sets and report, deploy/ against Kubernetes' schemas and lb's flags);
 //! 4. fixtures (root): the XDP program under BPF_PROG_TEST_RUN, packet in, packet out;
 //! 5. end to end (root): real TCP and UDP through a ClusterIP in network namespaces;
 //! 6. demo (root): `cargo xtask demo`, the README's first command;
@@ -61,6 +61,13 @@ fn build() -> anyhow::Result<()> {
 fn host() -> anyhow::Result<()> {
     run_command(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace"]))?;
     run_command(cargo().args(["test", "-p", "lb-tests", "--lib"]))?;
+    // Needs no root: the manifests are parsed and schema-checked, and `lb` only parses its flags.
+    run_command(
+        cargo()
+            .args(["test", "-p", "lb-tests", "--test", "deploy"])
+            .env("LB_BIN", lb_binary())
+            .env("LB_KUBERNETES_VALIDATE", setup::kubernetes_validate()),
+    )?;
     // The benchmark's own tests: workload, rule-set generators (loaded for real in a namespace
     // when root), report and plots.
     run_command(cargo().args(["test", "-p", "lb-bench"]))
@@ -101,6 +108,7 @@ fn fixtures() -> anyhow::Result<()> {
 fn end_to_end() -> anyhow::Result<()> {
     privileged("netns_e2e")?;
     privileged("two_nodes")?;
+    privileged("interfaces")?;
     // The Kubernetes API source against the API server fixture (one test waits out a minute's
     // outage).
     privileged("kubernetes")?;

@@ -6,6 +6,7 @@
 //! links stay in bpffs, so a restarted or upgraded agent reuses the maps and atomically replaces
 //! the program inside each existing link. No packet meets an interface without the program.
 
+pub mod links;
 pub mod maps;
 pub mod system;
 
@@ -203,7 +204,8 @@ impl Dataplane {
 
     /// Attaches the program to `interface`, or atomically swaps it into the link pinned for that
     /// interface by an earlier agent, and allows redirects to it (veths only if `veth_redirect`).
-    pub fn attach(&mut self, interface: &str, veth_redirect: VethRedirect) -> anyhow::Result<()> {
+    /// Returns the interface's index.
+    pub fn attach(&mut self, interface: &str, veth_redirect: VethRedirect) -> anyhow::Result<u32> {
         let ifindex = system::interface_index(interface)?;
         let links_dir = self.pin_dir.join(LINKS_SUBDIR);
         fs::create_dir_all(&links_dir)
@@ -212,9 +214,19 @@ impl Dataplane {
         let replaced = if link_pin.exists() {
             match replace_in_pinned_link(self.program()?, &link_pin) {
                 Ok(()) => true,
+                // The kernel cut the link from its interface when that was deleted: this one
+                // was re-created under the same name (a pod's veth), which is no fault.
+                Err(error) if system::errno_in(&*error) == Some(libc::ENOLINK) => {
+                    info!(
+                        interface,
+                        "the pinned XDP link was for a deleted interface of this name; attaching \
+                         afresh"
+                    );
+                    fs::remove_file(&link_pin)
+                        .with_context(|| format!("removing {}", link_pin.display()))?;
+                    false
+                }
                 Err(error) => {
-                    // The pinned link may point at an interface that was deleted and re-created;
-                    // it is useless then, so start over with a fresh one.
                     warn!(interface, %error, "pinned XDP link unusable; attaching afresh");
                     fs::remove_file(&link_pin)
                         .with_context(|| format!("removing {}", link_pin.display()))?;
@@ -273,7 +285,7 @@ impl Dataplane {
                 "attached"
             }
         );
-        Ok(())
+        Ok(ifindex)
     }
 
     /// Gives the program the node-wide settings.
@@ -421,9 +433,18 @@ pub fn attached_interfaces(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
 
 /// Detaches the program from `interface` by unpinning its link.
 pub fn detach(pin_dir: &Path, interface: &str) -> anyhow::Result<()> {
+    unpin_link(pin_dir, interface, system::interface_index(interface).ok())?;
+    info!(interface, "XDP program detached");
+    Ok(())
+}
+
+/// Unpins the XDP link pinned for `interface`, which detaches the program from the interface,
+/// and forgets the interface `ifindex` in the program's maps. The index is the caller's to give:
+/// once an interface is deleted or renamed, its old name no longer leads to it.
+pub fn unpin_link(pin_dir: &Path, interface: &str, ifindex: Option<u32>) -> anyhow::Result<()> {
     let link_pin = pin_dir.join(LINKS_SUBDIR).join(interface);
     fs::remove_file(&link_pin).with_context(|| format!("removing {}", link_pin.display()))?;
-    if let Ok(ifindex) = system::interface_index(interface)
+    if let Some(ifindex) = ifindex
         && let Ok(mut tx_ports) = maps::open_tx_ports(pin_dir)
     {
         // Absent already when the interface was re-created: nothing to undo then.
@@ -432,7 +453,6 @@ pub fn detach(pin_dir: &Path, interface: &str) -> anyhow::Result<()> {
             absent_is_fine(ifaces.remove(&ifindex))?;
         }
     }
-    info!(interface, "XDP program detached");
     Ok(())
 }
 

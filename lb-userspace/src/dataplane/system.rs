@@ -104,7 +104,8 @@ pub fn interface_index(name: &str) -> anyhow::Result<u32> {
     Ok(index)
 }
 
-fn errno_in(error: &(dyn StdError + 'static)) -> Option<i32> {
+/// The first OS error code in `error`'s chain.
+pub(crate) fn errno_in(error: &(dyn StdError + 'static)) -> Option<i32> {
     let mut current = Some(error);
     while let Some(error) = current {
         if let Some(io) = error.downcast_ref::<io::Error>()
@@ -187,9 +188,6 @@ pub fn sysctl_warnings(interfaces: &[String]) -> Vec<String> {
                 .to_owned(),
         );
     }
-    let rp_filter = |key: &str| {
-        net_sysctl(&format!("ipv4/conf/{key}/rp_filter")).and_then(|value| value.parse().ok())
-    };
     if let Some(warning) = fs::read_to_string("/proc/sys/kernel/osrelease")
         .ok()
         .and_then(|release| snat_kernel_warning(release.trim()))
@@ -211,18 +209,33 @@ pub fn sysctl_warnings(interfaces: &[String]) -> Vec<String> {
             SNAT_PORTS.start()
         ));
     }
-    let all: u32 = rp_filter("all").unwrap_or(0);
-    for interface in interfaces {
-        // The kernel applies the larger of the two values; 2 (loose) outranks 1 (strict).
-        if all.max(rp_filter(interface).unwrap_or(0)) == RP_FILTER_STRICT {
-            warnings.push(format!(
-                "strict reverse-path filtering (rp_filter=1) on {interface}: replies the kernel \
-                 routes carry a Service address as source and will be dropped; set \
-                 net.ipv4.conf.{interface}.rp_filter and net.ipv4.conf.all.rp_filter to 0 or 2"
-            ));
-        }
-    }
+    warnings.extend(
+        interfaces
+            .iter()
+            .filter_map(|interface| rp_filter_warning(interface)),
+    );
     warnings
+}
+
+fn rp_filter(key: &str) -> Option<u32> {
+    net_sysctl(&format!("ipv4/conf/{key}/rp_filter")).and_then(|value| value.parse().ok())
+}
+
+/// The warning for `interface`'s reverse-path filtering, if it would drop replies. Read in the
+/// calling thread's network namespace.
+pub fn rp_filter_warning(interface: &str) -> Option<String> {
+    // The kernel applies the larger of the two values; 2 (loose) outranks 1 (strict).
+    let strict = rp_filter("all")
+        .unwrap_or(0)
+        .max(rp_filter(interface).unwrap_or(0))
+        == RP_FILTER_STRICT;
+    strict.then(|| {
+        format!(
+            "strict reverse-path filtering (rp_filter=1) on {interface}: replies the kernel \
+             routes carry a Service address as source and will be dropped; set \
+             net.ipv4.conf.{interface}.rp_filter and net.ipv4.conf.all.rp_filter to 0 or 2"
+        )
+    })
 }
 
 /// Lets `interface` accept packets whose source is one of the node's own addresses

@@ -13,8 +13,9 @@
 //!   the last compaction, as the API server answers an expired resourceVersion.
 //!
 //! Tests drive it: create, change and delete objects, compact the history (the next watch of an
-//! older resourceVersion gets 410), end every open watch, and stop the server (every connection
-//! closed, the port refusing) and start it again on the same port.
+//! older resourceVersion gets 410), end every open watch, cut a watch in the middle of an event
+//! (half a JSON line, then the connection closed), answer lists slowly, and stop the server
+//! (every connection closed, the port refusing) and start it again on the same port.
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +24,7 @@ use std::{
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -49,6 +50,8 @@ use tokio::sync::{broadcast, watch};
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 /// Watch events buffered per watcher before a slow one is cut off (it re-watches).
 const EVENT_BUFFER: usize = 65_536;
+/// How long a cut event's half line is given to leave before the connections drop.
+const CUT_FLUSH: Duration = Duration::from_millis(200);
 /// A watch's length when the client does not say (the API server picks 30-60 min).
 const DEFAULT_WATCH_SECONDS: u64 = 1800;
 
@@ -80,6 +83,10 @@ struct Shared {
     epoch: watch::Sender<u64>,
     lists: AtomicU64,
     watches: AtomicU64,
+    /// How long each list waits before it is answered.
+    list_delay: Mutex<Duration>,
+    /// The next watch event sent anywhere is cut in half and its connection closed.
+    cut_next_event: AtomicBool,
 }
 
 /// The running fixture; stopped on drop.
@@ -105,6 +112,8 @@ impl ApiServer {
             epoch: watch::Sender::new(0),
             lists: AtomicU64::new(0),
             watches: AtomicU64::new(0),
+            list_delay: Mutex::new(Duration::ZERO),
+            cut_next_event: AtomicBool::new(false),
         });
         let mut server = Self {
             shared,
@@ -197,6 +206,17 @@ impl ApiServer {
         self.shared.epoch.send_modify(|epoch| *epoch += 1);
     }
 
+    /// Answers every list `delay` late, as an overloaded API server does.
+    pub fn set_list_delay(&self, delay: Duration) {
+        *self.shared.list_delay.lock().expect("delay lock") = delay;
+    }
+
+    /// Cuts the next watch event sent (not a bookmark) after half of its bytes, then drops every
+    /// connection without ending its response, as a network failing mid-stream does.
+    pub fn cut_next_event(&self) {
+        self.shared.cut_next_event.store(true, Ordering::SeqCst);
+    }
+
     /// Stops serving: every connection closes and the port refuses connections.
     pub fn stop(&mut self) {
         if let Some(accept) = self.accept.take() {
@@ -284,9 +304,19 @@ async fn accept(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         let mut epoch = shared.epoch.subscribe();
         let started = *epoch.borrow_and_update();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
+            let service = service_fn(move |request: Request<Incoming>| {
                 let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(handle(&shared, request)) }
+                async move {
+                    let watch = request
+                        .uri()
+                        .query()
+                        .is_some_and(|query| query.contains("watch=true"));
+                    if !watch {
+                        let delay = *shared.list_delay.lock().expect("delay lock");
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok::<_, Infallible>(handle(&shared, request))
+                }
             });
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             tokio::select! {
@@ -451,6 +481,12 @@ fn line(event: &Value) -> Result<Frame<Bytes>, Infallible> {
     Ok(Frame::data(Bytes::from(format!("{event}\n"))))
 }
 
+/// The first half of `event`'s line, without its end.
+fn half_line(event: &Value) -> Result<Frame<Bytes>, Infallible> {
+    let text = event.to_string();
+    Ok(Frame::data(Bytes::from(text[..text.len() / 2].to_owned())))
+}
+
 fn watch_response(
     shared: &Arc<Shared>,
     path: &str,
@@ -489,14 +525,15 @@ fn watch_response(
         let bookmark_kind = list_kind(&path).map_or("", |(_, kind)| kind.trim_end_matches("List"));
         let bookmark_version = list_kind(&path).map_or("v1", |(version, _)| version);
         let shared = Arc::clone(shared);
-        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Value>(EVENT_BUFFER);
+        // Each event, and whether to cut it (after which the stream ends).
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<(Value, bool)>(EVENT_BUFFER);
         tokio::spawn(async move {
             let mut seen = since;
             for change in backlog {
                 seen = change.resource_version;
                 if filter.admits(&change.object)
                     && sender
-                        .send(json!({"type": change.kind, "object": change.object}))
+                        .send((json!({"type": change.kind, "object": change.object}), false))
                         .await
                         .is_err()
                 {
@@ -533,13 +570,25 @@ fn watch_response(
                         })
                     }
                 };
-                if sender.send(event).await.is_err() {
+                let cut = event["type"] != "BOOKMARK"
+                    && shared.cut_next_event.swap(false, Ordering::SeqCst);
+                if sender.send((event, cut)).await.is_err() {
+                    return;
+                }
+                if cut {
+                    // Let the half line out, then drop the connections without ending their
+                    // responses, as a broken network does.
+                    tokio::time::sleep(CUT_FLUSH).await;
+                    shared.epoch.send_modify(|epoch| *epoch += 1);
                     return;
                 }
             }
         });
-        let stream = futures::stream::poll_fn(move |context| receiver.poll_recv(context))
-            .map(|event| line(&event));
+        let stream = futures::stream::poll_fn(move |context| receiver.poll_recv(context)).map(
+            |(event, cut)| {
+                if cut { half_line(&event) } else { line(&event) }
+            },
+        );
         BodyExt::boxed(StreamBody::new(stream))
     };
     Response::builder()
