@@ -22,14 +22,14 @@ use std::sync::Arc;
 use crate::{
     dataplane::{
         Dataplane, VethRedirect,
-        links::{self, Interfaces, Patterns},
+        links::{Interfaces, Patterns},
         maps::{Capacities, ServiceMaps},
         system,
     },
     desired::{Note, desired_state},
     health::{self, Health},
     manifests::{ManifestError, Snapshot, load_dir},
-    node::{self, Ipv4Cidr, NodeConfig},
+    node::{self, NodeConfig, NodePortAddresses},
     reconcile::{Reconciler, Summary},
 };
 
@@ -62,8 +62,8 @@ pub struct AgentOptions {
     pub veth_redirect: VethRedirect,
     /// Map sizes.
     pub capacities: Capacities,
-    /// `--nodeport-addresses`: the prefixes NodePorts are served in (empty: every address).
-    pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// `--nodeport-addresses`: which of the node's addresses serve NodePorts.
+    pub nodeport_addresses: NodePortAddresses,
     /// `--service-node-port-range`.
     pub node_port_range: RangeInclusive<u16>,
     /// This node's name in EndpointSlices' `nodeName`, for the `Local` traffic policies.
@@ -109,11 +109,21 @@ pub(crate) fn read_node(options: &AgentOptions, previous: &NodeConfig) -> NodeCo
         }
     };
     let node = NodeConfig {
-        nodeport_addresses: node::nodeport_addresses(&local, &options.nodeport_cidrs),
+        nodeport_addresses: match &options.nodeport_addresses {
+            NodePortAddresses::All => node::nodeport_addresses(&local, &[]),
+            NodePortAddresses::Within(cidrs) => node::nodeport_addresses(&local, cidrs),
+            NodePortAddresses::Primary => previous
+                .node_ips
+                .iter()
+                .copied()
+                .filter(|addr| local.contains(addr))
+                .collect(),
+        },
         node_port_range: options.node_port_range.clone(),
         node_name: Some(options.node_name.clone()),
-        // Known only from the Node object (Kubernetes source), which sets it separately.
+        // Known only from the Node object (Kubernetes source), which sets them separately.
         zone: previous.zone.clone(),
+        node_ips: previous.node_ips.clone(),
     };
     if node.nodeport_addresses != previous.nodeport_addresses {
         let listed: Vec<String> = node
@@ -262,6 +272,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    if matches!(options.source, Source::Manifests(_))
+        && options.nodeport_addresses == NodePortAddresses::Primary
+    {
+        bail!(
+            "--nodeport-addresses primary takes the node's addresses from its Node object, which \
+             only the Kubernetes source has; with --manifests give prefixes instead"
+        );
+    }
 
     let mut dataplane = Dataplane::load(&options.pin_dir, &options.capacities)?;
     dataplane.configure(&options.dataplane)?;
@@ -270,10 +288,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         Some(cgroup) => dataplane.attach_sockets(cgroup)?,
         None => crate::dataplane::detach_sockets(&options.pin_dir)?,
     }
+    interfaces.allow_local_sources()?;
     let attached = interfaces.attached();
-    for interface in &attached {
-        links::allow_local_sources(interface)?;
-    }
     for warning in system::sysctl_warnings(&attached) {
         warn!("{warning}");
     }

@@ -27,7 +27,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
-use tokio::time::{Instant, interval_at};
+use tokio::time::{Instant, interval_at, sleep_until};
 use tracing::{info, warn};
 
 use crate::{
@@ -47,6 +47,13 @@ pub const PROXY_SELECTOR: &str =
 
 /// The HTTP status of an expired resourceVersion: the watcher re-lists.
 const GONE: u16 = 410;
+
+/// The HTTP status of a request the agent's role does not allow.
+const FORBIDDEN: u16 = 403;
+
+/// How soon a failed write is retried with a full reconciliation (rather than waiting for the
+/// next resync).
+const RETRY_AFTER_ERRORS: Duration = Duration::from_secs(1);
 
 /// How often a kind whose watch lost the API server is probed for its return (for the log and
 /// `/healthz`; the watcher reconnects on its own backoff).
@@ -91,7 +98,11 @@ trait Indexed: Resource + Clone + PartialEq + Sized {
 /// The Node label naming its zone, for topology-aware routing.
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-/// This node's Node object, for its zone: the index keeps only what it says, not the object.
+/// The `status.addresses` type of the node's primary addresses.
+const INTERNAL_IP: &str = "InternalIP";
+
+/// This node's Node object, for its zone and addresses: the index keeps only what they say, not
+/// the object.
 impl Indexed for Node {
     fn set(index: &mut Index, _key: ObjectKey, object: Option<Self>) -> bool {
         let zone = object
@@ -99,16 +110,32 @@ impl Indexed for Node {
             .and_then(|node| node.metadata.labels.as_ref())
             .and_then(|labels| labels.get(ZONE_LABEL))
             .cloned();
-        if zone == index.node().zone {
+        let node_ips: Vec<std::net::Ipv4Addr> = object
+            .as_ref()
+            .and_then(|node| node.status.as_ref())
+            .and_then(|status| status.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|address| address.type_ == INTERNAL_IP)
+            .filter_map(|address| address.address.parse().ok())
+            .collect();
+        let known = index.node();
+        if zone == known.zone && node_ips == known.node_ips {
             return false;
         }
-        match &zone {
-            Some(zone) => info!("this node is in zone {zone}: topology hints for it apply"),
-            None => info!("this node has no {ZONE_LABEL} label: zone hints do not apply"),
+        if zone != known.zone {
+            match &zone {
+                Some(zone) => info!("this node is in zone {zone}: topology hints for it apply"),
+                None => info!("this node has no {ZONE_LABEL} label: zone hints do not apply"),
+            }
+        }
+        if node_ips != known.node_ips {
+            info!("this node's Node object gives it the InternalIPs {node_ips:?}");
         }
         let node = NodeConfig {
             zone,
-            ..index.node().clone()
+            node_ips,
+            ..known.clone()
         };
         index.set_node(node)
     }
@@ -157,6 +184,9 @@ struct Objects<K> {
     listed: bool,
     /// The API server answered the last request (reported on change only).
     reachable: bool,
+    /// The API server refuses to list these objects to the agent (403: its role lacks the
+    /// permission); reported once.
+    forbidden: bool,
 }
 
 impl<K: Indexed> Objects<K> {
@@ -166,6 +196,7 @@ impl<K: Indexed> Objects<K> {
             relisting: None,
             listed: false,
             reachable: true,
+            forbidden: false,
         }
     }
 
@@ -178,12 +209,13 @@ impl<K: Indexed> Objects<K> {
     ) -> bool {
         let event = match item {
             Ok(event) => event,
-            Err(error) => {
-                self.failed(&error);
-                return false;
-            }
+            // A refusal may be what the first programming waited for (see `forbidden`).
+            Err(error) => return self.failed(&error),
         };
-        self.answered();
+        // `Init` comes before the list is even asked for: it says nothing of the API server.
+        if !matches!(event, watcher::Event::Init) {
+            self.answered();
+        }
         match event {
             watcher::Event::Init => {
                 self.relisting = Some(BTreeMap::new());
@@ -217,8 +249,17 @@ impl<K: Indexed> Objects<K> {
         }
     }
 
-    /// Notes an answer of the API server; logs the first after a loss.
+    /// Notes a successful answer of the API server; logs the first after a loss or a refusal.
     fn answered(&mut self) {
+        self.reached();
+        if self.forbidden {
+            info!("{}: the API server allows the watch now", self.kind);
+            self.forbidden = false;
+        }
+    }
+
+    /// Notes that the API server answered, if only with a refusal.
+    fn reached(&mut self) {
         if !self.reachable {
             info!("{}: the API server answers again", self.kind);
             self.reachable = true;
@@ -226,8 +267,26 @@ impl<K: Indexed> Objects<K> {
     }
 
     /// Reports a failed request once per loss of the API server; an expired resourceVersion is
-    /// not a loss (the watcher re-lists at once).
-    fn failed(&mut self, error: &watcher::Error) {
+    /// not a loss (the watcher re-lists at once). Returns whether the API server newly refused
+    /// the watch.
+    fn failed(&mut self, error: &watcher::Error) -> bool {
+        if let watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) = error
+            && status.code == FORBIDDEN
+        {
+            // An answer, not an outage: the role bound to the agent lacks the permission.
+            self.reached();
+            if !self.forbidden {
+                warn!(
+                    "{}: the API server refuses the watch (403 Forbidden: {}); grant the agent \
+                     get, list and watch on them (deploy/02-clusterrole.yaml)",
+                    self.kind, status.message
+                );
+                self.forbidden = true;
+                return true;
+            }
+            return false;
+        }
         if let watcher::Error::WatchError(status) = error
             && status.code == GONE
         {
@@ -235,7 +294,7 @@ impl<K: Indexed> Objects<K> {
                 "{}: the watch's resourceVersion expired (410 Gone); re-listing",
                 self.kind
             );
-            return;
+            return false;
         }
         if self.reachable {
             warn!(
@@ -244,6 +303,7 @@ impl<K: Indexed> Objects<K> {
             );
             self.reachable = false;
         }
+        false
     }
 }
 
@@ -267,6 +327,17 @@ where
         tokio::time::timeout(PROBE_TIMEOUT, request).await,
         Ok(Ok(_))
     )
+}
+
+/// Whether each probed kind (Services, EndpointSlices, Node) answered.
+type Answers = [bool; 3];
+
+/// [`answers`] when `wanted`; `false` (nothing learnt) otherwise.
+async fn probe_if<K>(wanted: bool, client: &Client, node_name: &str) -> bool
+where
+    K: Indexed + Resource<DynamicType = ()> + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    wanted && answers::<K>(client, node_name).await
 }
 
 /// The watcher stream of one kind, with its selection and kube-rs's default backoff
@@ -313,28 +384,64 @@ pub(crate) async fn run(
     let mut ready = false;
     let mut resync = interval_at(Instant::now() + options.resync, options.resync);
     let mut probe = interval_at(Instant::now() + PROBE_INTERVAL, PROBE_INTERVAL);
+    // Probes run in a task of their own, so that a slow API server never holds up events or a
+    // stop; their answers come back here.
+    let (probed, mut probe_answers) = tokio::sync::mpsc::channel::<Answers>(1);
+    let mut probing = false;
+    let mut retry: Option<Instant> = None;
     loop {
-        // A full reconciliation (every frontend compared) at start-up and at each resync, which
-        // also retries what failed; in between, each event programs only what it touches.
+        // A full reconciliation (every frontend compared) at start-up, at each resync and soon
+        // after a failed write; in between, each event programs only what it touches.
         let mut full = !ready;
+        let unreachable = !(services.reachable && slices.reachable && nodes.reachable);
         let changed = tokio::select! {
             Some(item) = service_events.next() => services.apply(item, &mut index),
             Some(item) = slice_events.next() => slices.apply(item, &mut index),
-            Some(item) = node_events.next() => nodes.apply(item, &mut index),
+            Some(item) = node_events.next() => {
+                let changed = nodes.apply(item, &mut index);
+                if changed {
+                    // The NodePort addresses may come from the Node (`primary`).
+                    let node = read_node(options, index.node());
+                    index.set_node(node);
+                }
+                changed
+            }
             _ = resync.tick() => {
                 let node = read_node(options, index.node());
                 index.set_node(node);
                 full = true;
                 true
             }
-            _ = probe.tick(), if !(services.reachable && slices.reachable && nodes.reachable) => {
-                if !services.reachable && answers::<Service>(&client, node_name).await {
+            () = sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
+                retry = None;
+                full = true;
+                true
+            }
+            _ = probe.tick(), if unreachable && !probing => {
+                probing = true;
+                let wanted = [!services.reachable, !slices.reachable, !nodes.reachable];
+                let (client, node_name, probed) =
+                    (client.clone(), node_name.to_owned(), probed.clone());
+                tokio::spawn(async move {
+                    let (services, slices, nodes) = tokio::join!(
+                        probe_if::<Service>(wanted[0], &client, &node_name),
+                        probe_if::<EndpointSlice>(wanted[1], &client, &node_name),
+                        probe_if::<Node>(wanted[2], &client, &node_name),
+                    );
+                    // The agent stopping closes the channel: nothing to report then.
+                    let _ = probed.send([services, slices, nodes]).await;
+                });
+                false
+            }
+            Some([services_answer, slices_answer, nodes_answer]) = probe_answers.recv() => {
+                probing = false;
+                if services_answer {
                     services.answered();
                 }
-                if !slices.reachable && answers::<EndpointSlice>(&client, node_name).await {
+                if slices_answer {
                     slices.answered();
                 }
-                if !nodes.reachable && answers::<Node>(&client, node_name).await {
+                if nodes_answer {
                     nodes.answered();
                 }
                 false
@@ -343,8 +450,10 @@ pub(crate) async fn run(
         };
         health.set_reachable(services.reachable && slices.reachable && nodes.reachable);
         // The Node's list completes too when it does not exist (an agent outside the cluster
-        // with a --node-name no Node has): it then just has no zone.
-        if !(changed && services.listed && slices.listed && nodes.listed) {
+        // with a --node-name no Node has): it then just has no zone. A role without the
+        // permission to read Nodes (reported) does without zones rather than without Services.
+        let node_known = nodes.listed || nodes.forbidden;
+        if !(changed && services.listed && slices.listed && node_known) {
             continue;
         }
         let changes = index.flush();
@@ -359,6 +468,9 @@ pub(crate) async fn run(
             reconciler.reconcile_changes(&changes, maps)
         };
         report(&summary, reconciler);
+        if !summary.errors.is_empty() {
+            retry = Some(Instant::now() + RETRY_AFTER_ERRORS);
+        }
         if !ready {
             ready = true;
             health.set_ready();

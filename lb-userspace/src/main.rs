@@ -9,7 +9,7 @@ use lb::{
     agent::{AgentOptions, Source, run},
     dataplane::{self, VethRedirect, maps::Capacities},
     inspect::{counters, format_table, service_rows, services_table},
-    node::{Ipv4Cidr, dataplane_config, host_name, parse_port_range},
+    node::{Ipv4Cidr, NodePortAddresses, dataplane_config, host_name, parse_port_range},
 };
 
 fn parse_cidr(text: &str) -> anyhow::Result<Ipv4Cidr> {
@@ -87,10 +87,11 @@ enum Command {
         #[arg(long, default_value_t = lb_common::limits::MAX_CONNTRACK / lb_common::limits::CONNTRACK_ENTRIES_PER_FLOW)]
         conntrack_flows: u32,
         /// Serve NodePorts only on the node's addresses inside these prefixes (comma separated,
-        /// e.g. 10.0.0.0/8), as kube-proxy's flag of the same name; default: every address of
-        /// the node except loopback.
-        #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
-        nodeport_addresses: Vec<Ipv4Cidr>,
+        /// e.g. 10.0.0.0/8), or `primary`: the InternalIPs of this node's Node object (Kubernetes
+        /// source only), as kube-proxy's flag of the same name; default: every address of the
+        /// node except loopback.
+        #[arg(long, default_value = "", hide_default_value = true)]
+        nodeport_addresses: NodePortAddresses,
         /// The range nodePorts come from, as the API server's flag of the same name; a
         /// nodePort outside it is not served.
         #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
@@ -221,7 +222,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     VethRedirect::Never
                 },
                 capacities,
-                nodeport_cidrs: nodeport_addresses,
+                nodeport_addresses,
                 node_port_range: service_node_port_range,
                 node_name,
                 dataplane,

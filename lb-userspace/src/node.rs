@@ -158,6 +158,43 @@ pub struct NodeConfig {
     /// hints of topology-aware routing. `None`: zone hints are not used, as kube-proxy does on a
     /// node without the label.
     pub zone: Option<String>,
+    /// This node's IPv4 InternalIP addresses in its Node object (`status.addresses`), for
+    /// `--nodeport-addresses primary`; empty when unknown. Not used by the desired state itself.
+    pub node_ips: Vec<Ipv4Addr>,
+}
+
+/// `--nodeport-addresses`: which of the node's addresses serve NodePorts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every address of the node but loopback (kube-proxy's default in iptables mode).
+    #[default]
+    All,
+    /// The node's addresses inside these prefixes.
+    Within(Vec<Ipv4Cidr>),
+    /// The node's primary addresses: the InternalIPs of its Node object that it holds
+    /// (kube-proxy's `primary`, its default in nftables mode). Needs the Kubernetes source.
+    Primary,
+}
+
+impl FromStr for NodePortAddresses {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> anyhow::Result<Self> {
+        match text.trim() {
+            "" => return Ok(Self::All),
+            "primary" => return Ok(Self::Primary),
+            _ => {}
+        }
+        let cidrs = text
+            .split(',')
+            .map(|item| item.trim().parse::<Ipv4Cidr>())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(if cidrs.is_empty() {
+            Self::All
+        } else {
+            Self::Within(cidrs)
+        })
+    }
 }
 
 impl Default for NodeConfig {
@@ -168,6 +205,7 @@ impl Default for NodeConfig {
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             node_name: None,
             zone: None,
+            node_ips: Vec::new(),
         }
     }
 }
@@ -234,6 +272,22 @@ pub fn nodeport_addresses(local: &[Ipv4Addr], allowed: &[Ipv4Cidr]) -> Vec<Ipv4A
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodeport_addresses_are_every_address_prefixes_or_the_primary_ones() {
+        let parse = |text: &str| text.parse::<NodePortAddresses>();
+        assert_eq!(parse("").unwrap(), NodePortAddresses::All);
+        assert_eq!(parse("primary").unwrap(), NodePortAddresses::Primary);
+        assert_eq!(
+            parse("10.0.0.0/8, 192.168.1.0/24").unwrap(),
+            NodePortAddresses::Within(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "192.168.1.0/24".parse().unwrap()
+            ])
+        );
+        assert!(parse("primary,10.0.0.0/8").is_err());
+        assert!(parse("10.0.0.0/33").is_err());
+    }
 
     #[test]
     fn service_cidrs_become_wire_prefixes_within_the_api_server_s_limits() {

@@ -184,6 +184,7 @@ fn node(random: &mut Random) -> NodeConfig {
         node_port_range: NODE_PORT_RANGE,
         node_name: Some((*random.pick(&NODE_NAMES)).to_owned()),
         zone: random.chance(70).then(|| (*random.pick(&ZONES)).to_owned()),
+        node_ips: Vec::new(),
     }
 }
 

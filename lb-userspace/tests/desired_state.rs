@@ -856,6 +856,7 @@ fn node_ports_are_frontends_on_every_nodeport_address_within_the_range() {
         node_port_range: 30_000..=32_767,
         node_name: None,
         zone: None,
+        node_ips: Vec::new(),
     };
     let services = [
         service(

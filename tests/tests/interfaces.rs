@@ -1,7 +1,8 @@
 //! `--interfaces` with names and globs: the agent attaches the XDP program to interfaces that
 //! appear after it started (a pod's veth), serves Service traffic through them, detaches from
 //! those that go or are renamed out of the patterns, follows renames, and leaves alone what no
-//! pattern matches, loopback included.
+//! pattern matches, loopback included; and that a link pinned under an interface's name but
+//! holding another interface is never reused for the named one.
 //!
 //! Topology and network rule: see `lb_tests::topology`. On top of the single node, a second
 //! client namespace is plugged into the node while the agent runs, through a veth whose node
@@ -15,6 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use lb::dataplane::{Dataplane, VethRedirect, maps::Capacities, system::pinned_xdp_link_ifindex};
 use lb_common::limits::LINKS_SUBDIR;
 use lb_tests::{
     agent::{Agent, AgentOptions, REDIRECT_VETH, lb, lb_binary, pin_dir, wait_until},
@@ -48,6 +50,12 @@ const RENAMED_OUT: &str = "zz3";
 const RENAMED_WHILE_DOWN: &str = "lc9";
 const RECREATED_WHILE_DOWN: &str = "lc4";
 const RECREATED_PEER: &str = "zz4p";
+/// Two interfaces of the node matched by [`LATE_GLOB`], whose pins get mixed up while the agent
+/// is down, and their veth peers (matched by no pattern).
+const MIXED_UP: [&str; 2] = ["lp1", "lp2"];
+const MIXED_UP_PEERS: [&str; 2] = ["zp1", "zp2"];
+/// A veth pair of a bare namespace, for the dataplane alone.
+const BARE_PAIR: [&str; 2] = ["la0", "lb0"];
 /// The second client's subnet: the node is .1, the client .2.
 const NEW_CLIENT_SUBNET: &str = "10.0.2.0/24";
 const NEW_NODE_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
@@ -173,6 +181,11 @@ impl Cluster {
     /// Whether the agent's program is attached to `interface` and its link pinned.
     fn attached(&self, interface: &str) -> bool {
         self.pinned(interface) && self.xdp_program(interface).ok().flatten() == Some(self.program())
+    }
+
+    /// The index of the interface the link pinned as `name` holds, as the kernel says.
+    fn pinned_for(&self, name: &str) -> anyhow::Result<Option<u32>> {
+        pinned_xdp_link_ifindex(&self.pin_dir.join(LINKS_SUBDIR).join(name))
     }
 
     /// Whether neither a pin nor a program is left on `interface` (gone or not).
@@ -425,5 +438,119 @@ fn a_missing_name_or_a_bad_glob_stops_the_start() -> anyhow::Result<()> {
         );
         assert!(!pin_dir(&prefix).exists(), "--interfaces {items} pinned");
     }
+    Ok(())
+}
+
+#[test]
+fn a_pin_left_under_another_interfaces_name_is_not_reused() -> anyhow::Result<()> {
+    if !require_root("a_pin_left_under_another_interfaces_name_is_not_reused") {
+        return Ok(());
+    }
+    let mut cluster = Cluster::start()?;
+    let [first, second] = MIXED_UP;
+    cluster.add_veth(first, MIXED_UP_PEERS[0])?;
+    cluster.wait(&format!("{first} was not attached"), || {
+        cluster.attached(first)
+    })?;
+
+    // While no agent runs, a second interface appears and the first one's link is pinned under
+    // its name (as a failed detach or a hand could leave it): the second one's pin holds the
+    // first interface, and the first has none.
+    cluster.agent.take().expect("agent").stop();
+    cluster.add_veth(second, MIXED_UP_PEERS[1])?;
+    let links_dir = cluster.pin_dir.join(LINKS_SUBDIR);
+    std::fs::rename(links_dir.join(first), links_dir.join(second))?;
+    let (first_index, _) = cluster.node().link(first)?;
+    let (second_index, _) = cluster.node().link(second)?;
+    assert_eq!(cluster.pinned_for(second)?, Some(first_index));
+
+    // Both run the new program, each through a link of its own pinned under its own name.
+    // Reusing the stale pin would have put the program into the first interface's link (the
+    // second running nothing), and the first interface's attach would have found it taken.
+    cluster.agent = Some(cluster.start_agent(&interfaces(&INTERFACES))?);
+    cluster.wait(
+        &format!("{first} and {second} were not both attached"),
+        || cluster.attached(first) && cluster.attached(second),
+    )?;
+    let log = cluster.log();
+    assert_eq!(cluster.pinned_for(first)?, Some(first_index), "{log}");
+    assert_eq!(cluster.pinned_for(second)?, Some(second_index), "{log}");
+    assert!(
+        lines_about(&log, second)
+            .iter()
+            .any(|line| line.contains("holds another interface")),
+        "{log}"
+    );
+    for interface in MIXED_UP {
+        assert!(
+            !lines_about(&log, interface)
+                .iter()
+                .any(|line| line.contains("replaced=true")),
+            "{interface} reused a link:\n{log}"
+        );
+    }
+    Ok(())
+}
+
+/// Resets a pin directory when dropped, after the dataplane using it.
+struct PinGuard(PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Err(error) = lb::dataplane::reset(&self.0) {
+            eprintln!("cleaning up {}: {error:#}", self.0.display());
+        }
+    }
+}
+
+#[test]
+fn an_attach_unpins_a_link_pinned_under_its_name_for_another_interface() -> anyhow::Result<()> {
+    if !require_root("an_attach_unpins_a_link_pinned_under_its_name_for_another_interface") {
+        return Ok(());
+    }
+    remove_test_leftovers_once();
+    let prefix = unique_prefix(leftovers::TESTS);
+    let node = Netns::create(&format!("{prefix}-node"))?;
+    let [first, second] = BARE_PAIR;
+    node.ip(&["link", "add", first, "type", "veth", "peer", "name", second])?;
+    let (first_index, _) = node.link(first)?;
+    let (second_index, _) = node.link(second)?;
+    let pin_dir = pin_dir(&prefix);
+    let links_dir = pin_dir.join(LINKS_SUBDIR);
+    let xdp_program = |interface: &str| -> anyhow::Result<Option<u64>> {
+        let output = node.exec("ip", &["-j", "link", "show", "dev", interface])?;
+        let links: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        Ok(links[0]["xdp"]["prog"]["id"].as_u64())
+    };
+    node.run(|| -> anyhow::Result<()> {
+        let _pins = PinGuard(pin_dir.clone());
+        let mut dataplane = Dataplane::load(&pin_dir, &Capacities::default())?;
+        dataplane.attach(first, VethRedirect::Never)?;
+        // A pin under `second`'s name that holds `first`, as a failed detach or a hand leaves
+        // one.
+        std::fs::rename(links_dir.join(first), links_dir.join(second))?;
+        assert_eq!(
+            pinned_xdp_link_ifindex(&links_dir.join(second))?,
+            Some(first_index)
+        );
+
+        assert_eq!(dataplane.attach(second, VethRedirect::Never)?, second_index);
+        let program = u64::from(dataplane.program_id()?);
+        assert_eq!(xdp_program(second)?, Some(program));
+        assert_eq!(
+            pinned_xdp_link_ifindex(&links_dir.join(second))?,
+            Some(second_index)
+        );
+        // The stale link went with its pin, so `first` is free for an attach of its own.
+        assert_eq!(xdp_program(first)?, None);
+        dataplane.attach(first, VethRedirect::Never)?;
+        assert_eq!(xdp_program(first)?, Some(program));
+        assert_eq!(
+            pinned_xdp_link_ifindex(&links_dir.join(first))?,
+            Some(first_index)
+        );
+        assert_eq!(xdp_program(second)?, Some(program));
+        Ok(())
+    })??;
     Ok(())
 }

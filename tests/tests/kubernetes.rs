@@ -7,6 +7,7 @@ mod support;
 
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -28,7 +29,7 @@ use lb_tests::{
     netns::unique_prefix,
     privilege::require_root,
     servers::{Server, UdpChecksum},
-    topology::{Offload, SingleNode, backend_addr},
+    topology::{NODE_CLIENT_SIDE, Offload, SingleNode, backend_addr},
 };
 use serde_json::json;
 use support::apiserver::ApiServer;
@@ -132,15 +133,21 @@ impl Cluster {
 
     /// Starts the agent, and waits until it is ready if `wait`.
     fn start_agent(&mut self, wait: bool) -> anyhow::Result<()> {
+        self.start_agent_with(wait, &[])
+    }
+
+    /// [`Cluster::start_agent`] with `extra` arguments.
+    fn start_agent_with(&mut self, wait: bool, extra: &[&str]) -> anyhow::Result<()> {
         let kubeconfig = self.workdir.join("kubeconfig");
         let kubeconfig = kubeconfig.to_str().expect("a UTF-8 path");
-        let args = [
+        let mut args = vec![
             KUBECONFIG,
             kubeconfig,
             REDIRECT_VETH,
             "--node-name",
             NODE_NAME,
         ];
+        args.extend_from_slice(extra);
         let options = AgentOptions {
             lb: &self.lb,
             pin_dir: &self.pin_dir,
@@ -502,6 +509,9 @@ fn topology_hints_follow_the_zone_of_this_node_s_node_object() {
     );
 }
 
+/// The agent's first periodic resync (its default `--resync-seconds`).
+const FIRST_RESYNC: Duration = Duration::from_secs(30);
+
 /// How late the slow API server answers each list.
 const SLOW_LIST: Duration = Duration::from_secs(3);
 
@@ -524,6 +534,7 @@ fn slow_lists_and_a_watch_cut_mid_event_still_converge() {
     // The slice change is cut after half its bytes and the connections drop: the agent must not
     // apply half an event, and gets the whole one when it watches again.
     let watches_before = cluster.api.watches();
+    let lists_before = cluster.api.lists();
     cluster.api.cut_next_event();
     cluster.api.apply(&echo_slice(&keep));
     let expected: Vec<String> = keep.iter().map(|index| endpoint(*index)).collect();
@@ -538,6 +549,8 @@ fn slow_lists_and_a_watch_cut_mid_event_still_converge() {
         cluster.api.watches() > watches_before,
         "the agent did not watch again"
     );
+    // It resumed the watch from the last whole event it had, without listing everything again.
+    assert_eq!(cluster.api.lists(), lists_before);
     // The open connection kept its backend (it is still in the slice).
     assert_eq!(
         backend_index(&connection.request().expect("the open connection")).expect("backend"),
@@ -590,4 +603,134 @@ fn a_restarted_agent_takes_over_the_pinned_maps_without_a_write() {
         "{:?}",
         cluster.tcp_endpoints()
     );
+}
+
+#[test]
+fn objects_deleted_while_the_agent_was_cut_off_go_at_the_re_list() {
+    if !require_root("objects_deleted_while_the_agent_was_cut_off_go_at_the_re_list") {
+        return;
+    }
+    let mut cluster = Cluster::start().expect("cluster");
+    // While the agent cannot see it, the slice is replaced by another one, and the history of
+    // that is compacted away: only a re-list can tell the agent the old slice is gone.
+    cluster.api.stop();
+    cluster.api.delete::<EndpointSlice>("e2e", "echo-1");
+    let mut replacement = echo_slice(&[1]);
+    replacement.metadata.name = Some("echo-2".to_owned());
+    cluster.api.apply(&replacement);
+    cluster.api.compact();
+    cluster
+        .api
+        .restart(&cluster.topology.node)
+        .expect("restarting the API server");
+    assert!(
+        wait_until(Duration::from_secs(60), || cluster.tcp_endpoints()
+            == vec![endpoint(1)]),
+        "the re-list did not drop the deleted slice: {:?}\n{}",
+        cluster.tcp_endpoints(),
+        cluster.agent_log()
+    );
+    assert_eq!(
+        cluster.spread().keys().copied().collect::<Vec<_>>(),
+        vec![1]
+    );
+}
+
+#[test]
+fn without_permission_to_read_nodes_the_agent_serves_without_zones() {
+    if !require_root("without_permission_to_read_nodes_the_agent_serves_without_zones") {
+        return;
+    }
+    let mut cluster = Cluster::build().expect("cluster");
+    cluster.api.forbid::<Node>();
+    cluster.api.apply(&this_node(Some("zone-1")));
+    cluster.api.apply(&zoned_echo_slice());
+    let started = std::time::Instant::now();
+    cluster
+        .start_agent(true)
+        .expect("the agent gets ready without the Node");
+    // At the refusal, not at the first resync (30 s) after it.
+    assert!(started.elapsed() < FIRST_RESYNC, "{}", cluster.agent_log());
+    // Every endpoint: no zone known, so no hint applies.
+    assert_eq!(cluster.spread().len(), 3);
+    let log = cluster.agent_log();
+    assert_eq!(
+        log.matches("refuses the watch (403 Forbidden").count(),
+        1,
+        "{log}"
+    );
+    // An answer, not an outage.
+    let (status, body) = health(&cluster.topology.node, "/healthz").expect("/healthz");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"source_reachable\":true"), "{body}");
+}
+
+/// The echo Service's TCP nodePort in the NodePort test.
+const TCP_NODE_PORT: u16 = 30_080;
+
+#[test]
+fn primary_node_port_addresses_are_the_node_object_s_internal_ips() {
+    if !require_root("primary_node_port_addresses_are_the_node_object_s_internal_ips") {
+        return;
+    }
+    let mut cluster = Cluster::build().expect("cluster");
+    let mut service = echo_service(json!({}));
+    let spec = service.spec.as_mut().expect("spec");
+    spec.type_ = Some("NodePort".to_owned());
+    spec.ports.as_mut().expect("ports")[0].node_port = Some(i32::from(TCP_NODE_PORT));
+    cluster.api.apply(&service);
+    let mut node = this_node(None);
+    node.status = Some(
+        serde_json::from_value(json!({
+            "addresses": [
+                {"type": "InternalIP", "address": NODE_CLIENT_SIDE.to_string()},
+                {"type": "Hostname", "address": NODE_NAME},
+            ],
+        }))
+        .expect("a valid NodeStatus"),
+    );
+    cluster.api.apply(&node);
+    cluster
+        .start_agent_with(true, &["--nodeport-addresses", "primary"])
+        .expect("agent");
+
+    // Served on the InternalIP only, not on the node's other addresses.
+    let node_port = SocketAddr::from((NODE_CLIENT_SIDE, TCP_NODE_PORT));
+    let frontends = cluster.services_json();
+    assert!(
+        !endpoints_in(&frontends, node_port, "TCP").is_empty(),
+        "{frontends}"
+    );
+    let other = SocketAddr::from((backend_side_of_node(), TCP_NODE_PORT));
+    assert!(
+        endpoints_in(&frontends, other, "TCP").is_empty(),
+        "{frontends}"
+    );
+    let mut connection = Connection::open(&cluster.topology.client, node_port).expect("connect");
+    backend_index(&connection.request().expect("request")).expect("a backend answers");
+
+    // The Node's address changes: the NodePort follows it.
+    let mut moved = node.clone();
+    moved.status = Some(
+        serde_json::from_value(json!({
+            "addresses": [{"type": "InternalIP", "address": backend_side_of_node().to_string()}],
+        }))
+        .expect("a valid NodeStatus"),
+    );
+    cluster.api.apply(&moved);
+    assert!(
+        wait_until(APPLY_TIMEOUT, || {
+            let frontends = cluster.services_json();
+            endpoints_in(&frontends, node_port, "TCP").is_empty()
+                && !endpoints_in(&frontends, other, "TCP").is_empty()
+        }),
+        "{}\n{}",
+        cluster.services_json(),
+        cluster.agent_log()
+    );
+}
+
+/// One of the node's addresses other than its client side.
+fn backend_side_of_node() -> std::net::Ipv4Addr {
+    lb_tests::topology::node_backend_side(0)
 }

@@ -5,13 +5,17 @@
 //! Notifications are a hint, not the truth: the kernel drops them when the socket's buffer is
 //! full, and one may describe a link that is gone by the time it is read. So the follower keeps
 //! its own picture of the namespace's links, updated by each notification and replaced by a full
-//! dump when notifications were lost and every [`RESCAN_INTERVAL`], and derives what to attach,
-//! detach and rename by comparing that picture with what it pinned ([`plan`]). An attach asks
-//! the kernel about the interface first.
+//! dump (read through a fresh subscription) when notifications were lost and every
+//! [`RESCAN_INTERVAL`], and derives what to attach, detach and rename by comparing that picture
+//! with what it pinned ([`plan`]). An attach asks the kernel about the interface first, and
+//! whatever failed is tried again at the next full dump.
 
 use std::{
+    any::Any,
     collections::{BTreeMap, BTreeSet},
-    fs, io,
+    convert::Infallible,
+    ffi::CString,
+    io,
     os::fd::AsRawFd as _,
     path::Path,
     time::Duration,
@@ -30,10 +34,10 @@ use rtnetlink::{
     sys::{AsyncSocket as _, SocketAddr},
 };
 use tokio::{
-    task::JoinHandle,
+    task::{AbortHandle, JoinHandle},
     time::{Instant, interval_at, timeout},
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::dataplane::{Dataplane, VethRedirect, system, unpin_link};
 
@@ -49,6 +53,9 @@ const NOTIFICATION_BUFFER_BYTES: libc::c_int = 4 << 20;
 /// How long to wait before subscribing again after the notification socket failed, so that a
 /// socket failing at once does not spin.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+/// The agent's exit status when the link follower panicked: any failure makes Kubernetes
+/// restart the container.
+const FOLLOWER_FAILED_STATUS: i32 = 1;
 /// Characters that make an item of `--interfaces` a glob. Linux would take them in an interface
 /// name, but no tool makes such names.
 const GLOB_CHARACTERS: [char; 3] = ['*', '?', '['];
@@ -171,27 +178,59 @@ enum Action {
     },
 }
 
+/// Actions that failed, left for the next full re-read rather than tried again at every
+/// notification.
+#[derive(Debug, Default)]
+struct Failures {
+    /// Interfaces whose attach failed, by name, with the index it failed for.
+    attaches: BTreeMap<String, u32>,
+    /// Pins whose detach or move failed, by name, with their interface's index. They are still
+    /// pinned, so still in `attached`.
+    detaches: BTreeMap<String, u32>,
+}
+
+impl Failures {
+    /// Whether a pin whose detach failed still holds the name `name` or the interface `ifindex`:
+    /// an attach of either would meet it (a stale pin of the name, or an interface whose XDP
+    /// slot is taken), so it waits with it.
+    fn hold(&self, name: &str, ifindex: u32) -> bool {
+        self.detaches
+            .iter()
+            .any(|(held, &held_index)| held == name || held_index == ifindex)
+    }
+
+    /// Everything gets another chance.
+    fn clear(&mut self) {
+        self.attaches.clear();
+        self.detaches.clear();
+    }
+}
+
 /// The actions that make `attached` (pinned names and their interfaces' indexes) follow `links`:
-/// detaches and renames first, so that an attach never meets a stale pin of its name. Attaches
-/// that failed for the same interface (`failed`) are left for the next full re-read.
+/// detaches and renames first, so that an attach never meets a stale pin of its name. Actions
+/// that failed for the same name and interface (`failures`) are left for the next full re-read.
 fn plan(
     links: &Links,
     attached: &BTreeMap<String, u32>,
-    failed: &BTreeMap<String, u32>,
+    failures: &Failures,
     patterns: &Patterns,
 ) -> Vec<Action> {
     let mut actions = Vec::new();
     let mut pinned = BTreeSet::new();
     for (name, &ifindex) in attached {
-        match links.get(&ifindex) {
-            Some(link) if link.name == *name && patterns.matches(link) => {
-                pinned.insert(name.as_str());
-            }
-            Some(link)
-                if link.name != *name
-                    && patterns.matches(link)
-                    && !attached.contains_key(&link.name) =>
-            {
+        let link = links.get(&ifindex);
+        if let Some(link) = link
+            && link.name == *name
+            && patterns.matches(link)
+        {
+            pinned.insert(name.as_str());
+            continue;
+        }
+        if failures.detaches.get(name) == Some(&ifindex) {
+            continue;
+        }
+        match link {
+            Some(link) if patterns.matches(link) && !attached.contains_key(&link.name) => {
                 pinned.insert(link.name.as_str());
                 actions.push(Action::Rename {
                     from: name.clone(),
@@ -217,7 +256,8 @@ fn plan(
     for (&ifindex, link) in links {
         if patterns.matches(link)
             && !pinned.contains(link.name.as_str())
-            && failed.get(&link.name) != Some(&ifindex)
+            && failures.attaches.get(&link.name) != Some(&ifindex)
+            && !failures.hold(&link.name, ifindex)
         {
             actions.push(Action::Attach {
                 name: link.name.clone(),
@@ -340,12 +380,114 @@ impl Subscription {
 
 /// Sets `net.ipv4.conf.<interface>.accept_local` (see [`system::accept_local`]), saying so when
 /// it changed it.
-pub fn allow_local_sources(interface: &str) -> anyhow::Result<()> {
+fn allow_local_sources(interface: &str) -> anyhow::Result<()> {
     if system::accept_local(interface)? {
         info!(
             "set net.ipv4.conf.{interface}.accept_local=1: NodePort replies carry the node's \
              address as source when the kernel routes them"
         );
+    }
+    Ok(())
+}
+
+/// Runs `allow` on each of `interfaces`: a failure on an interface `patterns` name exactly is
+/// returned, one on an interface only a glob matches is warned about.
+fn allow_local_sources_on<'a>(
+    patterns: &Patterns,
+    interfaces: impl IntoIterator<Item = &'a String>,
+    mut allow: impl FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    for interface in interfaces {
+        if let Err(error) = allow(interface) {
+            if patterns.names().any(|name| name == interface) {
+                return Err(error);
+            }
+            warn!(interface, "{error:#}");
+        }
+    }
+    Ok(())
+}
+
+/// What [`Interfaces::sync`] does to the kernel and the pin directory. A trait so that its
+/// bookkeeping of failures is tested without privileges.
+trait Pins {
+    /// The index of the interface named `name` now, if there is one.
+    fn index_of(&self, name: &str) -> Option<u32>;
+    /// Attaches the program to `name`, or swaps it into the link pinned for it; its index.
+    fn attach(&mut self, name: &str) -> anyhow::Result<u32>;
+    /// Unpins the link pinned as `name` for the interface `ifindex`; a pin already gone is fine.
+    fn unpin(&mut self, name: &str, ifindex: u32) -> anyhow::Result<()>;
+    /// Moves the pin `from` to `to`, failing (`EEXIST`) rather than replacing a pin at `to`.
+    fn move_pin(&mut self, from: &str, to: &str) -> io::Result<()>;
+}
+
+/// The [`Pins`] of a running agent.
+struct Kernel<'a> {
+    dataplane: &'a mut Dataplane,
+    veth_redirect: VethRedirect,
+    /// Whether an attach also sets the interface's sysctls and warns about them; at start-up
+    /// the agent does it for every interface at once, with the node-wide checks.
+    set_sysctls: bool,
+}
+
+impl Pins for Kernel<'_> {
+    fn index_of(&self, name: &str) -> Option<u32> {
+        system::interface_index(name).ok()
+    }
+
+    fn attach(&mut self, name: &str) -> anyhow::Result<u32> {
+        let ifindex = self.dataplane.attach(name, self.veth_redirect)?;
+        if self.set_sysctls {
+            if let Err(error) = allow_local_sources(name) {
+                warn!(interface = name, "{error:#}");
+            }
+            if let Some(warning) = system::rp_filter_warning(name) {
+                warn!("{warning}");
+            }
+        }
+        Ok(ifindex)
+    }
+
+    fn unpin(&mut self, name: &str, ifindex: u32) -> anyhow::Result<()> {
+        match unpin_link(&self.dataplane.pin_dir, name, Some(ifindex)) {
+            // `lb reset` or a person removed it.
+            Err(error)
+                if error
+                    .downcast_ref::<io::Error>()
+                    .is_some_and(|error| error.kind() == io::ErrorKind::NotFound) =>
+            {
+                Ok(())
+            }
+            result => result,
+        }
+    }
+
+    fn move_pin(&mut self, from: &str, to: &str) -> io::Result<()> {
+        let links_dir = self.dataplane.pin_dir.join(LINKS_SUBDIR);
+        move_pin(&links_dir.join(from), &links_dir.join(to))
+    }
+}
+
+/// Renames the pin `from` to `to` unless something is pinned at `to` (`EEXIST`): that pin is
+/// not in the follower's picture, and replacing it would drop whichever link it holds.
+fn move_pin(from: &Path, to: &Path) -> io::Result<()> {
+    let c_path = |path: &Path| {
+        CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))
+    };
+    let (from, to) = (c_path(from)?, c_path(to)?);
+    // SAFETY: NUL-terminated paths, relative to the working directory if relative at all.
+    let result = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -359,9 +501,8 @@ pub struct Interfaces {
     links: Links,
     /// The links this agent pinned, by name, with their interface's index.
     attached: BTreeMap<String, u32>,
-    /// Interfaces whose attach failed, with the index it failed for; retried at the next full
-    /// re-read rather than at every notification.
-    failed: BTreeMap<String, u32>,
+    /// Attaches and detaches that failed, retried at the next full re-read.
+    failures: Failures,
     /// Whether an attach also sets the interface's sysctls and warns about them; at start-up the
     /// agent does it for every interface at once, with the node-wide checks.
     set_sysctls: bool,
@@ -401,14 +542,18 @@ impl Interfaces {
             subscription: Some(subscription),
             links,
             attached: BTreeMap::new(),
-            failed: BTreeMap::new(),
+            failures: Failures::default(),
             set_sysctls: false,
         };
         for name in names {
             let ifindex = dataplane.attach(&name, veth_redirect)?;
             interfaces.attached.insert(name, ifindex);
         }
-        interfaces.sync(dataplane);
+        interfaces.sync(&mut Kernel {
+            dataplane,
+            veth_redirect,
+            set_sysctls: false,
+        });
         Ok(interfaces)
     }
 
@@ -417,17 +562,39 @@ impl Interfaces {
         self.attached.keys().cloned().collect()
     }
 
+    /// Sets `accept_local` on every interface attached (see [`system::accept_local`]). A failure
+    /// on an interface named exactly fails the start, as its attach would; an interface matched
+    /// by a glob may have gone since it was attached (a pod deleted meanwhile), so it is only
+    /// warned about, as its attach is.
+    pub fn allow_local_sources(&self) -> anyhow::Result<()> {
+        allow_local_sources_on(&self.patterns, self.attached.keys(), allow_local_sources)
+    }
+
     /// Keeps following link notifications in a task that owns `dataplane`, until the returned
-    /// guard is dropped. Each attach, detach and rename happens between two awaits, so
-    /// stopping never leaves one half done.
+    /// guard is dropped. Each sync runs to its end on a blocking thread, so stopping never
+    /// leaves an attach, detach or rename half done. If the task panics, the process exits.
     pub fn follow(mut self, dataplane: Dataplane) -> Following {
         self.set_sysctls = true;
+        let follower = tokio::spawn(self.run(dataplane));
+        let abort = follower.abort_handle();
+        // A follower gone would leave new pods' interfaces without the program for good, with
+        // nothing but a panic message on stderr to say so. Exiting lets the DaemonSet restart
+        // the agent, which attaches to what is there now; meanwhile the pinned links and maps
+        // keep serving as they are.
+        let supervisor = tokio::spawn(supervise(follower, |message| {
+            error!(
+                "the link follower panicked: {message}; exiting so that the agent is restarted \
+                 (the pinned dataplane keeps serving meanwhile)"
+            );
+            std::process::exit(FOLLOWER_FAILED_STATUS)
+        }));
         Following {
-            _task: AbortOnDrop(tokio::spawn(self.run(dataplane))),
+            follower: abort,
+            _supervisor: AbortOnDrop(supervisor),
         }
     }
 
-    async fn run(mut self, mut dataplane: Dataplane) {
+    async fn run(mut self, mut dataplane: Dataplane) -> Infallible {
         let mut rescan = interval_at(Instant::now() + RESCAN_INTERVAL, RESCAN_INTERVAL);
         loop {
             let notice = tokio::select! {
@@ -436,50 +603,76 @@ impl Interfaces {
                         Some(subscription) => subscription.next().await,
                         None => std::future::pending().await,
                     }
-                } => notice,
-                _ = rescan.tick() => {
-                    // Attaches that failed get another chance, and a lost subscription another
-                    // try.
-                    self.failed.clear();
-                    self.rescan().await;
-                    self.sync(&mut dataplane);
-                    continue;
-                }
+                } => Some(notice),
+                _ = rescan.tick() => None,
             };
             match notice {
-                Notice::Link(ifindex, link) => {
+                None => {
+                    // Failed actions get another chance, and a lost subscription another try.
+                    self.failures.clear();
+                    self.rescan().await;
+                }
+                Some(Notice::Link(ifindex, link)) => {
                     self.links.insert(ifindex, link);
                 }
-                Notice::Gone(ifindex) => {
+                Some(Notice::Gone(ifindex)) => {
                     self.links.remove(&ifindex);
                 }
-                Notice::Lost => {
+                Some(Notice::Lost) => {
                     warn!("link notifications were lost (buffer overrun); reading the links again");
                     self.rescan().await;
                 }
-                Notice::Closed => {
+                Some(Notice::Closed) => {
                     warn!("the link notifications stopped; subscribing again");
                     self.subscription = None;
                     tokio::time::sleep(RESUBSCRIBE_DELAY).await;
                     self.rescan().await;
                 }
-                Notice::Other => continue,
+                Some(Notice::Other) => continue,
             }
-            self.sync(&mut dataplane);
+            (self, dataplane) = self.sync_blocking(dataplane).await;
         }
     }
 
-    /// Replaces the picture of the links with a dump, subscribing again first if needed (so that
-    /// nothing falls between the dump and the notifications).
+    /// [`Interfaces::sync`] on a blocking thread: attaches are BPF and ethtool syscalls and
+    /// sysctl writes, and a burst of pods would otherwise stall the agent's single-threaded
+    /// runtime (Service updates, health answers) for their whole length.
+    async fn sync_blocking(self, dataplane: Dataplane) -> (Self, Dataplane) {
+        // Any thread does: the agent enters its network namespace as a whole process (`ip netns
+        // exec`, a pod's network), never thread by thread.
+        let sync = tokio::task::spawn_blocking(move || {
+            let (mut interfaces, mut dataplane) = (self, dataplane);
+            interfaces.sync(&mut Kernel {
+                dataplane: &mut dataplane,
+                veth_redirect: interfaces.veth_redirect,
+                set_sysctls: interfaces.set_sysctls,
+            });
+            (interfaces, dataplane)
+        });
+        match sync.await {
+            Ok(done) => done,
+            Err(error) => match error.try_into_panic() {
+                // The follower's own panic, for the supervisor to see.
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Only when the runtime shuts down, which ends this task too.
+                Err(_) => std::future::pending().await,
+            },
+        }
+    }
+
+    /// Replaces the picture of the links with a dump, through a fresh subscription opened
+    /// before it. The old subscription's queue may hold notifications older than the dump,
+    /// which applied after it would bring back what the dump no longer shows (a stale name of a
+    /// renamed link, a link since deleted); every notification of the new one is at most as old
+    /// as the dump, so applying them in order ends where the links are.
     async fn rescan(&mut self) {
-        if self.subscription.is_none() {
-            match Subscription::open() {
-                Ok(subscription) => self.subscription = Some(subscription),
-                Err(error) => warn!(
-                    "{error:#}; interfaces are followed by reading them every {}s until it works",
-                    RESCAN_INTERVAL.as_secs()
-                ),
-            }
+        self.subscription = None;
+        match Subscription::open() {
+            Ok(subscription) => self.subscription = Some(subscription),
+            Err(error) => warn!(
+                "{error:#}; interfaces are followed by reading them every {}s until it works",
+                RESCAN_INTERVAL.as_secs()
+            ),
         }
         match dump_links().await {
             Ok(links) => self.links = links,
@@ -490,17 +683,23 @@ impl Interfaces {
         }
     }
 
-    /// Brings the pinned links in line with the picture of the links.
-    fn sync(&mut self, dataplane: &mut Dataplane) {
-        for action in plan(&self.links, &self.attached, &self.failed, &self.patterns) {
+    /// Brings the pinned links in line with the picture of the links. A detach or pin move that
+    /// fails keeps its pin in `attached`, so that the next full re-read tries it again.
+    fn sync(&mut self, pins: &mut impl Pins) {
+        for action in plan(&self.links, &self.attached, &self.failures, &self.patterns) {
             match action {
-                Action::Attach { name, ifindex } => self.attach_one(dataplane, name, ifindex),
+                Action::Attach { name, ifindex } => {
+                    // A detach that failed earlier in this sync: see `Failures::hold`.
+                    if !self.failures.hold(&name, ifindex) {
+                        self.attach_one(pins, name, ifindex);
+                    }
+                }
                 Action::Detach { name, ifindex, now } => {
-                    self.attached.remove(&name);
-                    if let Err(error) = unpin(&dataplane.pin_dir, &name, ifindex) {
-                        warn!(interface = name, "detaching the XDP program: {error:#}");
+                    if let Err(error) = pins.unpin(&name, ifindex) {
+                        self.detach_failed(&name, ifindex, &error);
                         continue;
                     }
+                    self.attached.remove(&name);
                     match now {
                         None => info!(
                             interface = name,
@@ -512,54 +711,56 @@ impl Interfaces {
                         ),
                     }
                 }
-                Action::Rename { from, to, ifindex } => {
-                    self.attached.remove(&from);
-                    let links_dir = dataplane.pin_dir.join(LINKS_SUBDIR);
-                    match fs::rename(links_dir.join(&from), links_dir.join(&to)) {
-                        Ok(()) => {
-                            info!(
-                                interface = to,
-                                from, ifindex, "interface renamed: its XDP link follows"
-                            );
-                            self.attached.insert(to, ifindex);
-                        }
-                        Err(error) => {
-                            warn!(
-                                interface = to,
-                                from, "moving the pinned XDP link: {error}; attaching afresh"
-                            );
-                            match unpin(&dataplane.pin_dir, &from, ifindex) {
-                                Ok(()) => self.attach_one(dataplane, to, ifindex),
-                                Err(error) => {
-                                    warn!(interface = from, "detaching the XDP program: {error:#}")
-                                }
+                Action::Rename { from, to, ifindex } => match pins.move_pin(&from, &to) {
+                    Ok(()) => {
+                        info!(
+                            interface = to,
+                            from, ifindex, "interface renamed: its XDP link follows"
+                        );
+                        self.attached.remove(&from);
+                        self.attached.insert(to, ifindex);
+                    }
+                    // Whatever the error, EEXIST included (a pin at `to` this follower does not
+                    // know of): the old pin goes, and the attach afresh meets the one at `to`,
+                    // which `Dataplane::attach` reuses only if it holds this interface.
+                    Err(error) => {
+                        warn!(
+                            interface = to,
+                            from, "moving the pinned XDP link: {error}; attaching afresh"
+                        );
+                        match pins.unpin(&from, ifindex) {
+                            Ok(()) => {
+                                self.attached.remove(&from);
+                                self.attach_one(pins, to, ifindex);
                             }
+                            Err(error) => self.detach_failed(&from, ifindex, &error),
                         }
                     }
-                }
+                },
             }
         }
     }
 
-    fn attach_one(&mut self, dataplane: &mut Dataplane, name: String, ifindex: u32) {
+    fn detach_failed(&mut self, name: &str, ifindex: u32, error: &anyhow::Error) {
+        warn!(
+            interface = name,
+            "detaching the XDP program: {error:#}; trying again in {}s",
+            RESCAN_INTERVAL.as_secs()
+        );
+        self.failures.detaches.insert(name.to_owned(), ifindex);
+    }
+
+    fn attach_one(&mut self, pins: &mut impl Pins, name: String, ifindex: u32) {
         // A notification read late may describe a link deleted or renamed since; the
         // notifications that followed it will say what became of it.
-        if system::interface_index(&name).ok() != Some(ifindex) {
+        if pins.index_of(&name) != Some(ifindex) {
             debug!(interface = name, ifindex, "no longer there; not attaching");
             self.links.remove(&ifindex);
             return;
         }
-        match dataplane.attach(&name, self.veth_redirect) {
+        match pins.attach(&name) {
             Ok(ifindex) => {
-                self.failed.remove(&name);
-                if self.set_sysctls {
-                    if let Err(error) = allow_local_sources(&name) {
-                        warn!(interface = name, "{error:#}");
-                    }
-                    if let Some(warning) = system::rp_filter_warning(&name) {
-                        warn!("{warning}");
-                    }
-                }
+                self.failures.attaches.remove(&name);
                 self.attached.insert(name, ifindex);
             }
             Err(error) => {
@@ -568,33 +769,51 @@ impl Interfaces {
                     "{error:#}; trying again in {}s",
                     RESCAN_INTERVAL.as_secs()
                 );
-                self.failed.insert(name, ifindex);
+                self.failures.attaches.insert(name, ifindex);
             }
         }
     }
 }
 
-/// [`unpin_link`], where a pin already gone is fine: `lb reset` or a person removed it.
-fn unpin(pin_dir: &Path, name: &str, ifindex: u32) -> anyhow::Result<()> {
-    match unpin_link(pin_dir, name, Some(ifindex)) {
-        Err(error)
-            if error
-                .downcast_ref::<io::Error>()
-                .is_some_and(|error| error.kind() == io::ErrorKind::NotFound) =>
-        {
-            Ok(())
+/// Waits for the follower task to end, which it only does when stopped or when it panics; a
+/// panic's message goes to `on_panic`.
+async fn supervise(follower: JoinHandle<Infallible>, on_panic: impl FnOnce(String)) {
+    match follower.await {
+        Ok(never) => match never {},
+        Err(error) => {
+            if let Ok(panic) = error.try_into_panic() {
+                on_panic(panic_message(&*panic));
+            }
         }
-        result => result,
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "(no message)".to_owned()
     }
 }
 
 /// The task following link notifications; stopped when dropped.
 pub struct Following {
-    _task: AbortOnDrop,
+    follower: AbortHandle,
+    _supervisor: AbortOnDrop,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn patterns(items: &[&str]) -> Patterns {
@@ -692,14 +911,14 @@ mod tests {
         let patterns = patterns(&["eth0", "veth*"]);
         let now = links(&[(1, "lo"), (2, "eth0"), (3, "veth1"), (4, "docker0")]);
         assert_eq!(
-            plan(&now, &attached(&[]), &BTreeMap::new(), &patterns),
+            plan(&now, &attached(&[]), &Failures::default(), &patterns),
             [attach("eth0", 2), attach("veth1", 3)]
         );
         assert!(
             plan(
                 &now,
                 &attached(&[("eth0", 2), ("veth1", 3)]),
-                &BTreeMap::new(),
+                &Failures::default(),
                 &patterns
             )
             .is_empty()
@@ -713,7 +932,7 @@ mod tests {
             plan(
                 &links(&[(3, "veth1")]),
                 &attached(&[("veth1", 3), ("veth2", 4)]),
-                &BTreeMap::new(),
+                &Failures::default(),
                 &patterns
             ),
             [detach("veth2", 4, None)]
@@ -727,7 +946,7 @@ mod tests {
             plan(
                 &links(&[(9, "veth1")]),
                 &attached(&[("veth1", 3)]),
-                &BTreeMap::new(),
+                &Failures::default(),
                 &patterns(&["veth*"])
             ),
             [detach("veth1", 3, None), attach("veth1", 9)]
@@ -737,7 +956,7 @@ mod tests {
     #[test]
     fn renames_move_the_pin_or_detach() {
         let patterns = patterns(&["veth*"]);
-        let none = BTreeMap::new();
+        let none = Failures::default();
         assert_eq!(
             plan(
                 &links(&[(3, "veth9")]),
@@ -784,11 +1003,305 @@ mod tests {
     #[test]
     fn a_failed_attach_waits_unless_the_interface_changed() {
         let patterns = patterns(&["veth*"]);
-        let failed = attached(&[("veth1", 3)]);
+        let failed = Failures {
+            attaches: attached(&[("veth1", 3)]),
+            ..Failures::default()
+        };
         assert!(plan(&links(&[(3, "veth1")]), &attached(&[]), &failed, &patterns).is_empty());
         assert_eq!(
             plan(&links(&[(5, "veth1")]), &attached(&[]), &failed, &patterns),
             [attach("veth1", 5)]
         );
+    }
+
+    #[test]
+    fn a_failed_detach_waits_with_its_name_and_interface() {
+        let patterns = patterns(&["veth*"]);
+        let failures = Failures {
+            detaches: attached(&[("veth1", 3)]),
+            ..Failures::default()
+        };
+        // Renamed out of the globs, and its old name taken by a new interface: neither the
+        // detach nor the new interface's attach (which would meet the stale pin) happens until
+        // the failures are forgotten.
+        let now = links(&[(3, "eth9"), (7, "veth1")]);
+        let pinned = attached(&[("veth1", 3)]);
+        assert!(plan(&now, &pinned, &failures, &patterns).is_empty());
+        assert_eq!(
+            plan(&now, &pinned, &Failures::default(), &patterns),
+            [detach("veth1", 3, Some("eth9")), attach("veth1", 7)]
+        );
+        // Renamed within the globs: its new name is not attached afresh either, the interface
+        // still holds the link pinned under its old name.
+        let renamed = links(&[(3, "veth9")]);
+        assert!(plan(&renamed, &pinned, &failures, &patterns).is_empty());
+        // Other interfaces go on.
+        assert_eq!(
+            plan(
+                &links(&[(3, "eth9"), (4, "veth4")]),
+                &pinned,
+                &failures,
+                &patterns
+            ),
+            [attach("veth4", 4)]
+        );
+    }
+
+    #[test]
+    fn start_up_fails_on_a_sysctl_only_for_interfaces_named_exactly() {
+        let patterns = patterns(&["eth0", "veth*"]);
+        let gone = |interface: &str| -> anyhow::Result<()> {
+            bail!("writing /proc/sys/net/ipv4/conf/{interface}/accept_local: No such file")
+        };
+        let mut set = Vec::new();
+        let result = allow_local_sources_on(
+            &patterns,
+            &["veth1".to_owned(), "veth2".to_owned()],
+            |interface| {
+                set.push(interface.to_owned());
+                if interface == "veth1" {
+                    gone(interface)
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        // A pod's veth deleted between its attach and the write: the others still get it.
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(set, ["veth1", "veth2"]);
+        assert!(allow_local_sources_on(&patterns, &["eth0".to_owned()], gone).is_err());
+    }
+
+    /// Interfaces, pins and links as [`Pins`] sees them, with unpins that fail on demand.
+    #[derive(Default)]
+    struct FakePins {
+        /// Interface names and indexes now.
+        interfaces: BTreeMap<String, u32>,
+        /// Pin names and the index of the interface their link holds.
+        pins: BTreeMap<String, u32>,
+        /// Pins whose unpin fails.
+        stuck: BTreeSet<String>,
+        unpins: Vec<(String, u32)>,
+    }
+
+    impl Pins for FakePins {
+        fn index_of(&self, name: &str) -> Option<u32> {
+            self.interfaces.get(name).copied()
+        }
+
+        fn attach(&mut self, name: &str) -> anyhow::Result<u32> {
+            let ifindex = self.index_of(name).context("no such interface")?;
+            if self
+                .pins
+                .iter()
+                .any(|(pin, &held)| held == ifindex && pin != name)
+            {
+                bail!("{name} already runs an XDP program");
+            }
+            // A pin of the name for another interface is replaced (Dataplane::attach).
+            self.pins.insert(name.to_owned(), ifindex);
+            Ok(ifindex)
+        }
+
+        fn unpin(&mut self, name: &str, ifindex: u32) -> anyhow::Result<()> {
+            self.unpins.push((name.to_owned(), ifindex));
+            if self.stuck.contains(name) {
+                bail!("removing {name}: Device or resource busy");
+            }
+            self.pins.remove(name);
+            Ok(())
+        }
+
+        fn move_pin(&mut self, from: &str, to: &str) -> io::Result<()> {
+            if self.pins.contains_key(to) {
+                return Err(io::Error::from_raw_os_error(libc::EEXIST));
+            }
+            let ifindex = self.pins.remove(from).ok_or(io::ErrorKind::NotFound)?;
+            self.pins.insert(to.to_owned(), ifindex);
+            Ok(())
+        }
+    }
+
+    fn following(items: &[&str], now: Links, pinned: BTreeMap<String, u32>) -> Interfaces {
+        Interfaces {
+            patterns: patterns(items),
+            veth_redirect: VethRedirect::Never,
+            subscription: None,
+            links: now,
+            attached: pinned,
+            failures: Failures::default(),
+            set_sysctls: false,
+        }
+    }
+
+    #[test]
+    fn a_failed_detach_stays_pinned_and_is_tried_again_at_the_next_full_read() {
+        let mut kernel = FakePins {
+            interfaces: attached(&[("eth9", 3)]),
+            pins: attached(&[("veth1", 3)]),
+            stuck: BTreeSet::from(["veth1".to_owned()]),
+            ..FakePins::default()
+        };
+        let mut interfaces =
+            following(&["veth*"], links(&[(3, "eth9")]), attached(&[("veth1", 3)]));
+        interfaces.sync(&mut kernel);
+        assert_eq!(interfaces.attached, attached(&[("veth1", 3)]));
+        // A notification meanwhile: a new interface under the old name waits with the retry.
+        kernel.interfaces.insert("veth1".to_owned(), 7);
+        interfaces.links.insert(7, link("veth1"));
+        interfaces.sync(&mut kernel);
+        assert_eq!(kernel.unpins, [("veth1".to_owned(), 3)]);
+        assert_eq!(kernel.pins, attached(&[("veth1", 3)]));
+        // The periodic full read.
+        kernel.stuck.clear();
+        interfaces.failures.clear();
+        interfaces.sync(&mut kernel);
+        assert_eq!(
+            kernel.unpins,
+            [("veth1".to_owned(), 3), ("veth1".to_owned(), 3)]
+        );
+        assert_eq!(kernel.pins, attached(&[("veth1", 7)]));
+        assert_eq!(interfaces.attached, attached(&[("veth1", 7)]));
+    }
+
+    #[test]
+    fn a_pin_that_cannot_move_is_detached_and_attached_afresh_or_kept_for_a_retry() {
+        // A pin left at the new name (not this follower's): the move refuses to replace it.
+        let mut kernel = FakePins {
+            interfaces: attached(&[("veth9", 3)]),
+            pins: attached(&[("veth1", 3), ("veth9", 8)]),
+            stuck: BTreeSet::from(["veth1".to_owned()]),
+            ..FakePins::default()
+        };
+        let mut interfaces = following(
+            &["veth*"],
+            links(&[(3, "veth9")]),
+            attached(&[("veth1", 3)]),
+        );
+        interfaces.sync(&mut kernel);
+        // Nor could the old pin go: it stays, to be tried again.
+        assert_eq!(interfaces.attached, attached(&[("veth1", 3)]));
+        assert_eq!(kernel.pins, attached(&[("veth1", 3), ("veth9", 8)]));
+        kernel.stuck.clear();
+        interfaces.failures.clear();
+        interfaces.sync(&mut kernel);
+        assert_eq!(interfaces.attached, attached(&[("veth9", 3)]));
+        assert_eq!(kernel.pins, attached(&[("veth9", 3)]));
+        // Without a pin in the way, the pin moves.
+        kernel.interfaces = attached(&[("veth5", 3)]);
+        interfaces.links = links(&[(3, "veth5")]);
+        interfaces.sync(&mut kernel);
+        assert_eq!(interfaces.attached, attached(&[("veth5", 3)]));
+        assert_eq!(kernel.pins, attached(&[("veth5", 3)]));
+        assert_eq!(
+            kernel.unpins,
+            [("veth1".to_owned(), 3), ("veth1".to_owned(), 3)]
+        );
+    }
+
+    #[test]
+    fn a_pin_never_moves_over_another() {
+        let dir = std::env::temp_dir().join(format!("lb-move-pin-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("a scratch directory");
+        let (from, to, free) = (dir.join("veth1"), dir.join("veth9"), dir.join("veth5"));
+        fs::write(&from, "veth1").expect("writing");
+        fs::write(&to, "veth9").expect("writing");
+        let refused = move_pin(&from, &to);
+        assert_eq!(
+            refused.map_err(|error| error.raw_os_error()),
+            Err(Some(libc::EEXIST))
+        );
+        assert_eq!(fs::read_to_string(&to).expect("reading"), "veth9");
+        move_pin(&from, &free).expect("moving to a free name");
+        assert_eq!(fs::read_to_string(&free).expect("reading"), "veth1");
+        assert!(!from.exists());
+        fs::remove_dir_all(&dir).expect("cleaning up");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_follower_is_reported_a_stopped_one_is_not() {
+        let mut reported = Vec::new();
+        let follower = tokio::spawn(async { panic!("follower broke") });
+        supervise(follower, |message| reported.push(message)).await;
+        assert_eq!(reported, ["follower broke"]);
+
+        let follower = tokio::spawn(std::future::pending::<Infallible>());
+        follower.abort();
+        supervise(follower, |message| reported.push(message)).await;
+        assert_eq!(reported, ["follower broke"]);
+    }
+
+    /// How long a test waits for a link notification the kernel sends at once.
+    const NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Runs `body` on a thread in a network namespace of its own (commands it starts run there
+    /// too); `None`, without running it, when this process may not make one.
+    fn in_own_netns<T: Send>(body: impl FnOnce() -> T + Send) -> Option<T> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: moves only this thread into a new network namespace.
+                    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                        return None;
+                    }
+                    Some(body())
+                })
+                .join()
+                .expect("the test thread panicked (see above)")
+        })
+    }
+
+    fn ip(args: &[&str]) {
+        let status = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .expect("running ip");
+        assert!(status.success(), "ip {args:?}");
+    }
+
+    #[test]
+    fn a_rescan_drops_the_notifications_older_than_its_dump() {
+        let ran = in_own_netns(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let mut interfaces = following(&["x*"], Links::new(), BTreeMap::new());
+                interfaces.subscription = Some(Subscription::open().expect("subscribing"));
+                // Queued, unread, when the links are read again.
+                ip(&["link", "add", "x1", "type", "veth", "peer", "name", "y1"]);
+                ip(&["link", "set", "x1", "name", "x2"]);
+                interfaces.rescan().await;
+                let names: Vec<&str> = interfaces
+                    .links
+                    .values()
+                    .map(|link| link.name.as_str())
+                    .collect();
+                assert!(names.contains(&"x2") && !names.contains(&"x1"), "{names:?}");
+                // Everything notified until the next change is no older than the dump.
+                ip(&["link", "set", "x2", "name", "x3"]);
+                let subscription = interfaces.subscription.as_mut().expect("subscribed again");
+                loop {
+                    let notice = timeout(NOTICE_TIMEOUT, subscription.next())
+                        .await
+                        .expect("the rename to x3 notified");
+                    match notice {
+                        Notice::Link(_, link) if link.name == "x3" => break,
+                        Notice::Link(_, link) => {
+                            assert!(
+                                !["x1", "x2"].contains(&link.name.as_str()),
+                                "a notification older than the dump: {link:?}"
+                            );
+                        }
+                        Notice::Closed => panic!("the subscription closed"),
+                        Notice::Gone(_) | Notice::Lost | Notice::Other => {}
+                    }
+                }
+            });
+        });
+        if ran.is_none() {
+            eprintln!("skipped: making a network namespace needs CAP_SYS_ADMIN");
+        }
     }
 }

@@ -211,31 +211,8 @@ impl Dataplane {
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating {}", links_dir.display()))?;
         let link_pin = links_dir.join(interface);
-        let replaced = if link_pin.exists() {
-            match replace_in_pinned_link(self.program()?, &link_pin) {
-                Ok(()) => true,
-                // The kernel cut the link from its interface when that was deleted: this one
-                // was re-created under the same name (a pod's veth), which is no fault.
-                Err(error) if system::errno_in(&*error) == Some(libc::ENOLINK) => {
-                    info!(
-                        interface,
-                        "the pinned XDP link was for a deleted interface of this name; attaching \
-                         afresh"
-                    );
-                    fs::remove_file(&link_pin)
-                        .with_context(|| format!("removing {}", link_pin.display()))?;
-                    false
-                }
-                Err(error) => {
-                    warn!(interface, %error, "pinned XDP link unusable; attaching afresh");
-                    fs::remove_file(&link_pin)
-                        .with_context(|| format!("removing {}", link_pin.display()))?;
-                    false
-                }
-            }
-        } else {
-            false
-        };
+        let replaced =
+            link_pin.exists() && self.reuse_pinned_link(interface, ifindex, &link_pin)?;
         if !replaced {
             let program = self.program()?;
             let link_id = program
@@ -286,6 +263,62 @@ impl Dataplane {
             }
         );
         Ok(ifindex)
+    }
+
+    /// Swaps the program into the link pinned for `interface` at `link_pin` when that link holds
+    /// the interface (index `ifindex`); otherwise unpins it, so that a fresh attach takes its
+    /// place. Whether it swapped.
+    fn reuse_pinned_link(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        link_pin: &Path,
+    ) -> anyhow::Result<bool> {
+        let unusable = match PinnedFor::read(link_pin, ifindex) {
+            PinnedFor::Other(other) => {
+                // Swapping the program into it would serve `other` and leave this interface
+                // without the program; the name's pin is stale (its detach failed, or someone
+                // moved it).
+                warn!(
+                    interface,
+                    ifindex,
+                    other,
+                    "the XDP link pinned under this name holds another interface; unpinning it \
+                     and attaching afresh"
+                );
+                unpin_link(&self.pin_dir, interface, Some(other))?;
+                return Ok(false);
+            }
+            PinnedFor::Deleted => None,
+            PinnedFor::NotXdp => Some(anyhow::anyhow!("it holds no XDP link")),
+            holder @ (PinnedFor::This | PinnedFor::Unknown(_)) => {
+                if let PinnedFor::Unknown(error) = holder {
+                    // As before this check existed: the swap says whether the link is usable.
+                    warn!(
+                        interface,
+                        "{error:#}; cannot tell which interface the pinned XDP link holds, \
+                         swapping the program into it"
+                    );
+                }
+                match replace_in_pinned_link(self.program()?, link_pin) {
+                    Ok(()) => return Ok(true),
+                    // Deleted between the look and the swap.
+                    Err(error) if system::errno_in(&*error) == Some(libc::ENOLINK) => None,
+                    Err(error) => Some(error),
+                }
+            }
+        };
+        match unusable {
+            // The kernel cut the link from its interface when that was deleted: this one was
+            // re-created under the same name (a pod's veth), which is no fault.
+            None => info!(
+                interface,
+                "the pinned XDP link was for a deleted interface of this name; attaching afresh"
+            ),
+            Some(error) => warn!(interface, %error, "pinned XDP link unusable; attaching afresh"),
+        }
+        fs::remove_file(link_pin).with_context(|| format!("removing {}", link_pin.display()))?;
+        Ok(false)
     }
 
     /// Gives the program the node-wide settings.
@@ -355,14 +388,57 @@ impl Dataplane {
         test_run_xdp(self.program()?, packet, ingress_ifindex, repeat)
     }
 
-    /// Detaches the program from interfaces attached by an earlier agent but no longer wanted.
+    /// Detaches the program from interfaces attached by an earlier agent but no longer wanted,
+    /// and unpins links pinned under a wanted name that hold another interface (a detach that
+    /// failed, a pin moved by hand). Attaching that name would swap the program into the other
+    /// interface's link, and attaching the other interface would find it taken.
     pub fn detach_others(&mut self, keep: &[String]) -> anyhow::Result<()> {
         for interface in attached_interfaces(&self.pin_dir)? {
             if !keep.contains(&interface) {
                 detach(&self.pin_dir, &interface)?;
+                continue;
+            }
+            let Ok(ifindex) = system::interface_index(&interface) else {
+                continue;
+            };
+            let link_pin = self.pin_dir.join(LINKS_SUBDIR).join(&interface);
+            if let PinnedFor::Other(other) = PinnedFor::read(&link_pin, ifindex) {
+                warn!(
+                    interface,
+                    ifindex,
+                    other,
+                    "the XDP link pinned under this name holds another interface; unpinned"
+                );
+                unpin_link(&self.pin_dir, &interface, Some(other))?;
             }
         }
         Ok(())
+    }
+}
+
+/// Which interface a pinned XDP link holds, as seen from the interface `ifindex` of its name.
+enum PinnedFor {
+    /// That interface: the program can be swapped into the link.
+    This,
+    /// None any more: the kernel cut the link from its interface when that was deleted.
+    Deleted,
+    /// Another interface, by index, still there.
+    Other(u32),
+    /// The pinned object is no XDP link.
+    NotXdp,
+    /// The kernel's answer could not be read.
+    Unknown(anyhow::Error),
+}
+
+impl PinnedFor {
+    fn read(link_pin: &Path, ifindex: u32) -> Self {
+        match system::pinned_xdp_link_ifindex(link_pin) {
+            Ok(Some(pinned)) if pinned == ifindex => Self::This,
+            Ok(Some(0)) => Self::Deleted,
+            Ok(Some(other)) => Self::Other(other),
+            Ok(None) => Self::NotXdp,
+            Err(error) => Self::Unknown(error),
+        }
     }
 }
 
@@ -441,9 +517,17 @@ pub fn detach(pin_dir: &Path, interface: &str) -> anyhow::Result<()> {
 /// Unpins the XDP link pinned for `interface`, which detaches the program from the interface,
 /// and forgets the interface `ifindex` in the program's maps. The index is the caller's to give:
 /// once an interface is deleted or renamed, its old name no longer leads to it.
+///
+/// A pin already gone is still reported (`NotFound`), after the maps are cleaned all the same: a
+/// retried unpin whose map cleanup failed the first time finds the pin gone.
 pub fn unpin_link(pin_dir: &Path, interface: &str, ifindex: Option<u32>) -> anyhow::Result<()> {
     let link_pin = pin_dir.join(LINKS_SUBDIR).join(interface);
-    fs::remove_file(&link_pin).with_context(|| format!("removing {}", link_pin.display()))?;
+    let removed = fs::remove_file(&link_pin);
+    if let Err(error) = &removed
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        return removed.with_context(|| format!("removing {}", link_pin.display()));
+    }
     if let Some(ifindex) = ifindex
         && let Ok(mut tx_ports) = maps::open_tx_ports(pin_dir)
     {
@@ -453,7 +537,7 @@ pub fn unpin_link(pin_dir: &Path, interface: &str, ifindex: Option<u32>) -> anyh
             absent_is_fine(ifaces.remove(&ifindex))?;
         }
     }
-    Ok(())
+    removed.with_context(|| format!("removing {}", link_pin.display()))
 }
 
 /// Detaches the socket hooks by unpinning their links.

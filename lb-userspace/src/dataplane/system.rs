@@ -5,6 +5,7 @@ use std::{
     error::Error as StdError,
     ffi::CString,
     fs, io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::{Path, PathBuf},
 };
 
@@ -102,6 +103,80 @@ pub fn interface_index(name: &str) -> anyhow::Result<u32> {
         );
     }
     Ok(index)
+}
+
+/// `BPF_OBJ_GET` (linux/bpf.h, `enum bpf_cmd`): opens a pinned BPF object.
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// The part of `union bpf_attr` that `BPF_OBJ_GET` reads; the kernel takes the rest as zero.
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// A file descriptor of the BPF object pinned at `path`.
+fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+    // Links only open read-write (flags 0).
+    let attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_OBJ_GET attribute whose path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: the kernel just returned this descriptor, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The interface the XDP link pinned at `path` is attached to: `Some(0)` once the kernel cut it
+/// from a deleted interface, `None` when the object pinned there is no XDP link. aya 0.14 keeps
+/// the link's `ifindex` to itself, so it is read from the link's fdinfo.
+pub fn pinned_xdp_link_ifindex(path: &Path) -> anyhow::Result<Option<u32>> {
+    let fd = open_pinned(path).with_context(|| format!("opening {}", path.display()))?;
+    let fdinfo_path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let fdinfo =
+        fs::read_to_string(&fdinfo_path).with_context(|| format!("reading {fdinfo_path}"))?;
+    xdp_link_ifindex(&fdinfo).with_context(|| {
+        format!(
+            "{} is an XDP link without an ifindex in its fdinfo",
+            path.display()
+        )
+    })
+}
+
+/// The `ifindex` of an XDP link's fdinfo (`link_type:\txdp`, ..., `ifindex:\t3`); `Ok(None)` for
+/// the fdinfo of anything else (a map, a program, a link of another type).
+fn xdp_link_ifindex(fdinfo: &str) -> anyhow::Result<Option<u32>> {
+    let field = |key: &str| {
+        fdinfo.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            (name == key).then(|| value.trim())
+        })
+    };
+    if field("link_type") != Some("xdp") {
+        return Ok(None);
+    }
+    let ifindex = field("ifindex").context("no ifindex")?;
+    Ok(Some(
+        ifindex
+            .parse()
+            .with_context(|| format!("ifindex {ifindex:?}"))?,
+    ))
 }
 
 /// The first OS error code in `error`'s chain.
@@ -350,5 +425,20 @@ mod tests {
         assert!(snat_kernel_warning("6.18.2-arch1-1").is_none());
         assert!(snat_kernel_warning("7.0").is_none());
         assert!(snat_kernel_warning("weird").is_none());
+    }
+
+    #[test]
+    fn the_interface_of_an_xdp_link_is_read_from_its_fdinfo() {
+        let xdp = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nlink_type:\txdp\n\
+                   link_id:\t7\nprog_tag:\t3b185187f1855c4c\nprog_id:\t42\nifindex:\t3\n";
+        assert_eq!(xdp_link_ifindex(xdp).expect("an XDP link"), Some(3));
+        // Cut from its deleted interface.
+        let cut = xdp.replace("ifindex:\t3", "ifindex:\t0");
+        assert_eq!(xdp_link_ifindex(&cut).expect("an XDP link"), Some(0));
+        let tcx = xdp.replace("link_type:\txdp", "link_type:\ttcx");
+        assert_eq!(xdp_link_ifindex(&tcx).expect("a tcx link"), None);
+        let map = "pos:\t0\nflags:\t02000002\nmap_type:\t1\nkey_size:\t4\nmax_entries:\t3\n";
+        assert_eq!(xdp_link_ifindex(map).expect("a map"), None);
+        assert!(xdp_link_ifindex("link_type:\txdp\nprog_id:\t42\n").is_err());
     }
 }

@@ -87,6 +87,8 @@ struct Shared {
     list_delay: Mutex<Duration>,
     /// The next watch event sent anywhere is cut in half and its connection closed.
     cut_next_event: AtomicBool,
+    /// Collection paths answered with 403 Forbidden, as for a role without the permission.
+    forbidden: Mutex<Vec<String>>,
 }
 
 /// The running fixture; stopped on drop.
@@ -114,6 +116,7 @@ impl ApiServer {
             watches: AtomicU64::new(0),
             list_delay: Mutex::new(Duration::ZERO),
             cut_next_event: AtomicBool::new(false),
+            forbidden: Mutex::new(Vec::new()),
         });
         let mut server = Self {
             shared,
@@ -215,6 +218,16 @@ impl ApiServer {
     /// connection without ending its response, as a network failing mid-stream does.
     pub fn cut_next_event(&self) {
         self.shared.cut_next_event.store(true, Ordering::SeqCst);
+    }
+
+    /// Answers every request for objects of `K` with 403 Forbidden, as the API server does when
+    /// the client's role does not allow it.
+    pub fn forbid<K: Resource>(&self) {
+        self.shared
+            .forbidden
+            .lock()
+            .expect("forbidden lock")
+            .push(collection_path::<K>());
     }
 
     /// Stops serving: every connection closes and the port refuses connections.
@@ -413,6 +426,18 @@ fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
             &format!("no collection at {path}"),
         );
     };
+    if shared
+        .forbidden
+        .lock()
+        .expect("forbidden lock")
+        .contains(&path)
+    {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("the agent's role may not list {path}"),
+        );
+    }
     let filter = Filter {
         labels: parse_selector(query.get("labelSelector").map_or("", String::as_str)),
         fields: parse_selector(query.get("fieldSelector").map_or("", String::as_str)),
