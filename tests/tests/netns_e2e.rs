@@ -380,8 +380,18 @@ fn complete_checksums_take_the_redirect_path_and_the_stack_until_neighbours_reso
     // so the kernel stack took them and resolved the neighbours.
     assert!(delta(&before, &after, "stack_no_neighbour") > 0);
     assert!(delta(&before, &after, "stack_service") > 0);
-    assert_eq!(delta(&before, &after, "stack_partial_checksum"), 0);
+    // On a veth a partial checksum is recognised by value, so a complete one that happens to
+    // equal the pseudo-header sum reads as partial (2^-16 per packet; see Limitations): one such
+    // packet in a run is that chance, a misreading would mark every packet of some flows.
+    let partial = delta(&before, &after, "stack_partial_checksum");
+    assert!(
+        partial <= CHECKSUM_LOOKALIKES,
+        "{partial} packets read as partial"
+    );
 }
+
+/// Complete checksums a run may read as partial by chance (each packet: 2^-16).
+const CHECKSUM_LOOKALIKES: u64 = 1;
 
 #[test]
 fn without_veth_redirects_complete_checksums_take_the_stack() {
