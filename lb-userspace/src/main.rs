@@ -4,11 +4,14 @@ use std::{
     io::IsTerminal as _, ops::RangeInclusive, path::PathBuf, process::ExitCode, time::Duration,
 };
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb::{
     agent::{AgentOptions, Source, run},
     dataplane::{self, VethRedirect, maps::Capacities},
-    inspect::{counters, format_table, service_rows, services_table},
+    inspect::{
+        conntrack::{BackendFilter, FlowFilter, flow_rows, flows_table, flush},
+        counters, format_table, service_rows, services_table,
+    },
     node::{Ipv4Cidr, NodePortAddresses, dataplane_config, host_name, parse_port_range},
 };
 
@@ -43,10 +46,6 @@ enum Output {
 }
 
 #[derive(Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start-up; boxing the agent's flags would only obscure clap's derive"
-)]
 enum Command {
     /// Attach the XDP program and program the maps from the Kubernetes API (in-cluster, or
     /// `--kubeconfig`) or from a directory of manifests, following changes until stopped. The
@@ -140,11 +139,57 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// List the flows the dataplane tracks: client, frontend, backend, source NAT, state, age
+    /// (from the pinned conntrack map; works while the agent is down).
+    ///
+    /// Example: lb conntrack --service default/web --backend 10.1.1.2
+    ///
+    /// Example: lb conntrack flush --service default/web
+    Conntrack {
+        #[command(subcommand)]
+        action: Option<ConntrackAction>,
+        #[command(flatten)]
+        filter: FlowSelection,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Detach the XDP program from every interface and delete the pinned maps. Stop the agent
     /// first. Traffic to Services stops being translated.
     ///
     /// Example: lb reset --pin-dir /sys/fs/bpf/lb
     Reset,
+}
+
+/// Which flows `lb conntrack` is about.
+#[derive(Args, Clone, Debug)]
+struct FlowSelection {
+    /// Only the flows of this Service (NAMESPACE/NAME).
+    #[arg(long)]
+    service: Option<String>,
+    /// Only the flows given this backend (IP or IP:PORT).
+    #[arg(long)]
+    backend: Option<BackendFilter>,
+}
+
+impl From<FlowSelection> for FlowFilter {
+    fn from(selection: FlowSelection) -> Self {
+        Self {
+            service: selection.service,
+            backend: selection.backend,
+        }
+    }
+}
+
+#[derive(Subcommand, Clone, Debug)]
+enum ConntrackAction {
+    /// Forget the selected flows (both directions), as `conntrack -D` does: their next packet
+    /// starts a new flow, which usually breaks a TCP connection. A selection is required.
+    ///
+    /// Example: lb conntrack flush --backend 10.1.1.2:8080
+    Flush {
+        #[command(flatten)]
+        filter: FlowSelection,
+    },
 }
 
 fn main() -> ExitCode {
@@ -249,6 +294,26 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     print!("{}", format_table(&["COUNTER", "PACKETS"], &rows));
                 }
                 Output::Json => println!("{}", serde_json::to_string_pretty(&counters)?),
+            }
+            Ok(())
+        }
+        Command::Conntrack {
+            action: Some(ConntrackAction::Flush { filter }),
+            ..
+        } => {
+            let flushed = flush(&cli.pin_dir, &filter.into())?;
+            println!("flushed {flushed} flows");
+            Ok(())
+        }
+        Command::Conntrack {
+            action: None,
+            filter,
+            output,
+        } => {
+            let rows = flow_rows(&cli.pin_dir, &filter.into())?;
+            match output {
+                Output::Table => print!("{}", flows_table(&rows)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
             }
             Ok(())
         }

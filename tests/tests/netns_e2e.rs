@@ -1703,6 +1703,21 @@ fn a_backend_reaching_its_own_service_is_answered_by_itself_with_the_node_as_sou
     assert!(snat_ports.contains(&udp.client.port()), "{udp:?}");
     let moved = moved(&before, &cluster.counters());
     assert_eq!(moved.get("flow_snat"), Some(&2), "{moved:?}");
+    // `lb conntrack` shows each flow's source NAT address and port, as the backend saw them.
+    let rows = conntrack_rows(&cluster, &[]);
+    for (client, seen_as) in [
+        (connection.local_addr().expect("local"), reply.client),
+        (socket.local_addr().expect("local"), udp.client),
+    ] {
+        assert!(
+            rows.iter().any(|row| row["client"] == client.to_string()
+                && row["source"] == seen_as.to_string()
+                && row["backend"]
+                    .as_str()
+                    .is_some_and(|backend| backend.starts_with(&format!("{}:", backend_addr(0))))),
+            "{client} seen as {seen_as}: {rows:#?}"
+        );
+    }
 }
 
 #[test]
@@ -1733,4 +1748,103 @@ fn health_endpoints_say_live_and_ready_on_the_node() {
             .expect("client namespace")
             .is_err()
     );
+}
+
+/// `lb conntrack -o json` with `args`, as JSON rows.
+fn conntrack_rows(cluster: &Cluster, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["conntrack", "-o", "json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&cluster.lb(&all)).expect("conntrack JSON")
+}
+
+#[test]
+fn conntrack_lists_each_flow_with_its_backend_and_flushes_the_selected_ones() {
+    if !require_root("conntrack_lists_each_flow_with_its_backend_and_flushes_the_selected_ones") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    assert!(conntrack_rows(&cluster, &[]).is_empty());
+    // Three TCP connections held open and one UDP exchange: four flows, each with the backend
+    // its client was answered by.
+    let mut expected = BTreeMap::new();
+    let mut connections = Vec::new();
+    for _ in 0..3 {
+        let mut connection = Connection::open(cluster.client(), TCP_FRONTEND).expect("connect");
+        let reply = connection.request().expect("request");
+        let backend = backend_addr(backend_index(&reply).expect("backend"));
+        let client = connection.local_addr().expect("local address").to_string();
+        expected.insert((client, "TCP"), format!("{backend}:{BACKEND_TCP_PORT}"));
+        connections.push(connection);
+    }
+    let socket = udp_socket(cluster.client(), UDP_FRONTEND, UdpChecksum::Computed).expect("udp");
+    let reply = udp_request(&socket).expect("udp reply");
+    let udp_backend = backend_addr(backend_index(&reply).expect("backend"));
+    expected.insert(
+        (socket.local_addr().expect("local").to_string(), "UDP"),
+        format!("{udp_backend}:{BACKEND_UDP_PORT}"),
+    );
+
+    let rows = conntrack_rows(&cluster, &[]);
+    let listed: BTreeMap<(String, &str), String> = rows
+        .iter()
+        .map(|row| {
+            assert_eq!(row["service"], "e2e/echo", "{row}");
+            assert_eq!(row["source"], row["client"], "no source NAT here: {row}");
+            let frontend = if row["protocol"] == "TCP" {
+                TCP_FRONTEND
+            } else {
+                UDP_FRONTEND
+            };
+            assert_eq!(row["frontend"], frontend.to_string(), "{row}");
+            let state = row["state"].as_str().expect("state");
+            assert!(["established", "replied"].contains(&state), "{row}");
+            let protocol = if row["protocol"] == "TCP" {
+                "TCP"
+            } else {
+                "UDP"
+            };
+            (
+                (row["client"].as_str().expect("client").to_owned(), protocol),
+                row["backend"].as_str().expect("backend").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, expected);
+    let table = cluster.lb(&["conntrack"]);
+    assert!(table.starts_with("SERVICE"), "{table}");
+    assert_eq!(table.lines().count(), 1 + expected.len(), "{table}");
+
+    // Filters: by backend, and by a Service that has no flows.
+    let first_backend = expected.values().next().expect("a flow").clone();
+    let by_backend = conntrack_rows(&cluster, &["--backend", &first_backend]);
+    assert_eq!(
+        by_backend.len(),
+        expected.values().filter(|b| **b == first_backend).count()
+    );
+    assert!(conntrack_rows(&cluster, &["--service", "e2e/other"]).is_empty());
+
+    // A flush needs a selection, then forgets exactly the selected flows (both entries: the
+    // rows are gone, and nothing of them is left to list).
+    assert!(lb(&cluster.lb, &cluster.pin_dir, &["conntrack", "flush"]).is_err());
+    let out = cluster.lb(&["conntrack", "flush", "--backend", &first_backend]);
+    assert_eq!(out.trim(), format!("flushed {} flows", by_backend.len()));
+    let left = conntrack_rows(&cluster, &[]);
+    assert_eq!(left.len(), expected.len() - by_backend.len());
+    assert!(
+        left.iter()
+            .all(|row| row["backend"] != first_backend.as_str())
+    );
+    let out = cluster.lb(&["conntrack", "flush", "--service", "e2e/echo"]);
+    assert_eq!(out.trim(), format!("flushed {} flows", left.len()));
+    assert!(conntrack_rows(&cluster, &[]).is_empty());
+    // Reply entries went with their flows: the map itself is empty.
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(cluster.pin_dir.join("LB_CONNTRACK"))
+        .output()
+        .expect("bpftool");
+    assert!(dump.status.success(), "{dump:?}");
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_slice(&dump.stdout).expect("bpftool JSON");
+    assert!(entries.is_empty(), "{entries:?}");
 }

@@ -1,6 +1,8 @@
 //! Inspection commands. They read the pinned maps directly, like bpftool, so they answer while
 //! the agent is down; human tables by default, JSON for scripts.
 
+pub mod conntrack;
+
 use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::MapError;
