@@ -29,6 +29,7 @@ use crate::{
     desired::{Note, desired_state},
     health::{self, Health},
     manifests::{ManifestError, Snapshot, load_dir},
+    metrics::Metrics,
     node::{self, NodeConfig, NodePortAddresses},
     reconcile::{Reconciler, Summary},
 };
@@ -74,6 +75,8 @@ pub struct AgentOptions {
     pub socket_cgroup: Option<PathBuf>,
     /// Where `/healthz` and `/readyz` are served.
     pub health_address: std::net::SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_address: std::net::SocketAddr,
 }
 
 /// The file in the state directory holding the last good objects.
@@ -143,6 +146,7 @@ pub(crate) fn program(
     desired: &crate::desired::DesiredState,
     notes: Vec<Note>,
     last_notes: &mut Vec<Note>,
+    (metrics, started): (&Metrics, std::time::Instant),
 ) {
     if notes != *last_notes {
         for note in &notes {
@@ -152,6 +156,7 @@ pub(crate) fn program(
     }
     let summary = reconciler.reconcile(desired, maps);
     report(&summary, reconciler);
+    metrics.observe_sync(started.elapsed(), &summary);
 }
 
 /// Logs what a reconciliation did: its errors, and its counts when it wrote anything.
@@ -173,7 +178,14 @@ pub(crate) fn report(summary: &Summary, reconciler: &Reconciler) {
 }
 
 impl ManifestSource {
-    fn sync(&mut self, reconciler: &mut Reconciler, maps: &mut ServiceMaps, node: NodeConfig) {
+    fn sync(
+        &mut self,
+        reconciler: &mut Reconciler,
+        maps: &mut ServiceMaps,
+        node: NodeConfig,
+        metrics: &Metrics,
+    ) {
+        let started = std::time::Instant::now();
         self.node = node;
         let load = match load_dir(&self.dir, &self.snapshot) {
             Ok(load) => load,
@@ -198,7 +210,14 @@ impl ManifestSource {
             self.snapshot.slices.values().map(|sourced| &sourced.object),
             &self.node,
         );
-        program(reconciler, maps, &desired, notes, &mut self.last_notes);
+        program(
+            reconciler,
+            maps,
+            &desired,
+            notes,
+            &mut self.last_notes,
+            (metrics, started),
+        );
     }
 }
 
@@ -313,6 +332,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         "health: http://{}/healthz and /readyz",
         options.health_address
     );
+    let metrics = Metrics::new(options.pin_dir.clone());
+    health::serve_http(
+        options.metrics_address,
+        "the metrics (--metrics-address)",
+        Arc::clone(&metrics).answer(),
+    )
+    .await?;
+    info!("metrics: http://{}/metrics", options.metrics_address);
     match &options.source {
         Source::Manifests(dir) => {
             watch_manifests(
@@ -321,7 +348,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 &mut reconciler,
                 &mut maps,
                 &mut stop,
-                &health,
+                (&health, &metrics),
             )
             .await?;
         }
@@ -332,7 +359,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 &mut reconciler,
                 &mut maps,
                 &mut stop,
-                &health,
+                (&health, &metrics),
             )
             .await?;
         }
@@ -374,7 +401,7 @@ async fn watch_manifests(
     reconciler: &mut Reconciler,
     maps: &mut ServiceMaps,
     stop: &mut Stop,
-    health: &Health,
+    (health, metrics): (&Health, &Metrics),
 ) -> anyhow::Result<()> {
     let (events, mut changes) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -388,7 +415,7 @@ async fn watch_manifests(
 
     let mut source = ManifestSource::new(dir.to_owned(), &options.state_dir)?;
     let node = read_node(options, &source.node);
-    source.sync(reconciler, maps, node);
+    source.sync(reconciler, maps, node, metrics);
     health.set_ready();
     info!(
         frontends = reconciler.frontend_count(),
@@ -421,6 +448,6 @@ async fn watch_manifests(
             _ = stop.requested() => return Ok(()),
         }
         let node = read_node(options, &source.node);
-        source.sync(reconciler, maps, node);
+        source.sync(reconciler, maps, node, metrics);
     }
 }

@@ -66,8 +66,8 @@ impl Health {
         )
     }
 
-    fn answer(&self, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        let status = match (request.method(), request.uri().path()) {
+    fn answer(&self, method: &Method, path: &str) -> Reply {
+        let status = match (method, path) {
             (&Method::GET | &Method::HEAD, "/healthz") => StatusCode::OK,
             (&Method::GET | &Method::HEAD, "/readyz") if self.ready.load(Ordering::Relaxed) => {
                 StatusCode::OK
@@ -75,35 +75,77 @@ impl Health {
             (&Method::GET | &Method::HEAD, "/readyz") => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::NOT_FOUND,
         };
-        Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(self.body())))
-            .expect("a valid response")
+        Reply {
+            status,
+            content_type: JSON,
+            body: self.body(),
+        }
     }
 }
 
-/// Binds `address` and serves the endpoints from a background task of the current runtime.
+/// The content type of the health endpoints' bodies.
+const JSON: &str = "application/json";
+
+/// An answer of one of the agent's HTTP endpoints.
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+/// What answers a request (method, path) on one of the agent's local HTTP servers. It may block
+/// (reading maps): it runs on a blocking thread, not on the agent's event loop.
+pub type Answer = Arc<dyn Fn(&Method, &str) -> Reply + Send + Sync>;
+
+/// Binds `address` and serves the health endpoints from a background task of the current
+/// runtime.
 pub async fn serve(address: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
+    serve_http(
+        address,
+        "the health endpoints (--health-address)",
+        Arc::new(move |method, path| health.answer(method, path)),
+    )
+    .await
+}
+
+/// Binds `address` and answers each request with `answer`, from a background task of the
+/// current runtime; `what` names the server in errors.
+pub async fn serve_http(address: SocketAddr, what: &str, answer: Answer) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
-        .with_context(|| format!("binding the health endpoints to {address} (--health-address)"))?;
+        .with_context(|| format!("binding {what} to {address}"))?;
     tokio::spawn(async move {
         loop {
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
-            let health = Arc::clone(&health);
+            let answer = Arc::clone(&answer);
             tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let response = health.answer(&request);
-                    async move { Ok::<_, Infallible>(response) }
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let answer = Arc::clone(&answer);
+                    let method = request.method().clone();
+                    let path = request.uri().path().to_owned();
+                    async move {
+                        let reply = tokio::task::spawn_blocking(move || answer(&method, &path))
+                            .await
+                            .unwrap_or_else(|error| Reply {
+                                status: StatusCode::INTERNAL_SERVER_ERROR,
+                                content_type: "text/plain",
+                                body: format!("{error}\n"),
+                            });
+                        let response = Response::builder()
+                            .status(reply.status)
+                            .header("content-type", reply.content_type)
+                            .body(Full::new(Bytes::from(reply.body)))
+                            .expect("a valid response");
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 if let Err(error) = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
-                    debug!("health request from {peer}: {error}");
+                    debug!("request from {peer}: {error}");
                 }
             });
         }

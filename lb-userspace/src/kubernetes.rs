@@ -36,6 +36,7 @@ use crate::{
     desired::index::{Index, ObjectKey, object_key},
     health::Health,
     manifests::DEFAULT_NAMESPACE,
+    metrics::Metrics,
     node::NodeConfig,
     reconcile::Reconciler,
 };
@@ -366,7 +367,7 @@ pub(crate) async fn run(
     reconciler: &mut Reconciler,
     maps: &mut ServiceMaps,
     stop: &mut Stop,
-    health: &Health,
+    (health, metrics): (&Health, &Metrics),
 ) -> anyhow::Result<()> {
     let (client, server) = client(kubeconfig).await?;
     let node_name = options.node_name.as_str();
@@ -456,6 +457,7 @@ pub(crate) async fn run(
         if !(changed && services.listed && slices.listed && node_known) {
             continue;
         }
+        let started = std::time::Instant::now();
         let changes = index.flush();
         for notes in changes.notes.values() {
             for note in notes {
@@ -468,6 +470,7 @@ pub(crate) async fn run(
             reconciler.reconcile_changes(&changes, maps)
         };
         report(&summary, reconciler);
+        metrics.observe_sync(started.elapsed(), &summary);
         if !summary.errors.is_empty() {
             retry = Some(Instant::now() + RETRY_AFTER_ERRORS);
         }

@@ -7,7 +7,7 @@
 //! - [`reconcile`] writes the difference into the maps, make-before-break;
 //! - [`dataplane`] loads and attaches the XDP program and opens the pinned maps;
 //! - [`inspect`] reads the pinned maps back for the CLI;
-//! - [`agent`] ties them together in `lb agent`, with [`health`] endpoints.
+//! - [`agent`] ties them together in `lb agent`, with [`health`] endpoints and [`metrics`].
 
 pub mod agent;
 pub mod dataplane;
@@ -16,5 +16,6 @@ pub mod health;
 pub mod inspect;
 pub mod kubernetes;
 pub mod manifests;
+pub mod metrics;
 pub mod node;
 pub mod reconcile;

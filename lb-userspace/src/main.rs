@@ -46,6 +46,10 @@ enum Output {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing the agent's flags would only obscure clap's derive"
+)]
 enum Command {
     /// Attach the XDP program and program the maps from the Kubernetes API (in-cluster, or
     /// `--kubeconfig`) or from a directory of manifests, following changes until stopped. The
@@ -124,6 +128,10 @@ enum Command {
         /// over HTTP.
         #[arg(long, default_value = lb::health::DEFAULT_HEALTH_ADDRESS)]
         health_address: std::net::SocketAddr,
+        /// Where to serve Prometheus metrics (`GET /metrics`, OpenMetrics text): datapath
+        /// counters, map occupancy against capacity, programming latency, write errors.
+        #[arg(long, default_value = lb::metrics::DEFAULT_METRICS_ADDRESS)]
+        metrics_address: std::net::SocketAddr,
     },
     /// List the Service frontends and endpoints the dataplane holds (from the pinned maps).
     ///
@@ -229,6 +237,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             socket_cgroup,
             no_socket_hooks,
             health_address,
+            metrics_address,
         } => {
             let dataplane = dataplane_config(&service_cidr, reject_rate)?;
             let socket_cgroup = if no_socket_hooks {
@@ -273,6 +282,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 dataplane,
                 socket_cgroup,
                 health_address,
+                metrics_address,
             }))
         }
         Command::Services { output } => {

@@ -288,10 +288,18 @@ pub const HEALTH_ADDRESS: &str = "127.0.0.1:10256";
 
 /// `GET path` from the agent's health endpoints in `node`: the status code and the body.
 pub fn health(node: &Netns, path: &str) -> anyhow::Result<(u16, String)> {
+    http_get(node, HEALTH_ADDRESS, path)
+}
+
+/// The agent's metrics in its network namespace (its default `--metrics-address`).
+pub const METRICS_ADDRESS: &str = "127.0.0.1:10249";
+
+/// `GET path` from `address` in `node` (HTTP/1.0): the status code and the body.
+pub fn http_get(node: &Netns, address: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let mut stream = node
-        .run(|| std::net::TcpStream::connect(HEALTH_ADDRESS))?
-        .with_context(|| format!("connecting to the health endpoints at {HEALTH_ADDRESS}"))?;
+        .run(|| std::net::TcpStream::connect(address))?
+        .with_context(|| format!("connecting to the agent at {address}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: lb\r\n\r\n")?;
     let mut response = String::new();

@@ -283,10 +283,15 @@ fn random_world(rng: &mut Rng, links: Vec<Link>) -> World {
     };
     frontends[0].backends = vec![resolved(2, 0), resolved(3, 0)];
     frontends[0].affinity_timeout_s = AFFINITY_TIMEOUT_S;
+    // Open to every client: source ranges admitting nobody would leave affinity unreached.
+    frontends[0].source_ranges = None;
     frontends[1].backends.clear();
     frontends[1].drop_when_empty = false;
     frontends[2].backends.clear();
     frontends[2].drop_when_empty = true;
+    for frontend in &mut frontends[1..=2] {
+        frontend.source_ranges = None;
+    }
     frontends[3].addr = Ipv4Addr::new(203, 0, 113, 13);
     frontends[3].source_ranges = Some(vec![(Ipv4Addr::new(10, 0, 0, 0), 29)]);
     frontends[3].backends = vec![resolved(4, 3)];

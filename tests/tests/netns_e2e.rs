@@ -1848,3 +1848,76 @@ fn conntrack_lists_each_flow_with_its_backend_and_flushes_the_selected_ones() {
         serde_json::from_slice(&dump.stdout).expect("bpftool JSON");
     assert!(entries.is_empty(), "{entries:?}");
 }
+
+/// The value of the OpenMetrics sample `name{labels}` in `text`.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+#[test]
+fn metrics_count_the_traffic_sent_and_the_maps_entries() {
+    if !require_root("metrics_count_the_traffic_sent_and_the_maps_entries") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    let node = &cluster.topology.node;
+    let scrape = || {
+        let (status, text) =
+            lb_tests::agent::http_get(node, lb_tests::agent::METRICS_ADDRESS, "/metrics")
+                .expect("metrics endpoint");
+        assert_eq!(status, 200, "{text}");
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+        text
+    };
+    let before = scrape();
+    // The manifests were programmed once, with writes: one observation.
+    assert!(sample(&before, "lb_sync_duration_seconds_count") >= 1.0);
+    assert!(sample(&before, "lb_sync_errors_total") == 0.0);
+    // Two frontends (TCP and UDP) and their ClusterIP.
+    assert!(sample(&before, "lb_map_entries{map=\"LB_SERVICES\"}") == 2.0);
+    assert!(sample(&before, "lb_map_entries{map=\"LB_CLUSTER_IPS\"}") == 1.0);
+    assert!(sample(&before, "lb_map_capacity{map=\"LB_CONNTRACK\"}") > 0.0);
+
+    // Three connections and one UDP exchange: four new flows, two conntrack entries each.
+    let flows_before = sample(
+        &before,
+        "lb_datapath_packets_total{counter=\"flow_created\"}",
+    );
+    let mut connections = Vec::new();
+    for _ in 0..3 {
+        let mut connection = Connection::open(cluster.client(), TCP_FRONTEND).expect("connect");
+        connection.request().expect("request");
+        connections.push(connection);
+    }
+    let socket = udp_socket(cluster.client(), UDP_FRONTEND, UdpChecksum::Computed).expect("udp");
+    udp_request(&socket).expect("udp reply");
+    let after = scrape();
+    assert_eq!(
+        sample(
+            &after,
+            "lb_datapath_packets_total{counter=\"flow_created\"}"
+        ) - flows_before,
+        4.0
+    );
+    // Every metric is one of the datapath counters lb stats shows.
+    let counters = cluster.counters();
+    assert_eq!(
+        sample(
+            &after,
+            "lb_datapath_packets_total{counter=\"flow_created\"}"
+        ),
+        counters["flow_created"] as f64
+    );
+    assert_eq!(
+        sample(&after, "lb_map_entries{map=\"LB_CONNTRACK\"}"),
+        8.0,
+        "{after}"
+    );
+    let (status, _) = lb_tests::agent::http_get(node, lb_tests::agent::METRICS_ADDRESS, "/")
+        .expect("metrics endpoint");
+    assert_eq!(status, 404);
+}

@@ -425,3 +425,89 @@ fn source_range_key(service_id: u32, range: Ipv4Cidr) -> Key<SourceRangeKey> {
         },
     )
 }
+
+/// How full one pinned map is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Occupancy {
+    pub name: &'static str,
+    pub entries: u64,
+    pub capacity: u32,
+}
+
+/// `BPF_MAP_GET_NEXT_KEY`: the `bpf(2)` command walking a map's keys.
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// The part of `union bpf_attr` that `BPF_MAP_GET_NEXT_KEY` reads.
+#[repr(C)]
+struct NextKeyAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+}
+
+/// The number of keys `map` holds, walked with `BPF_MAP_GET_NEXT_KEY` whatever their type
+/// (the typed handles need the key type; this serves every map alike).
+fn count_keys(map: &MapData, key_size: u32) -> anyhow::Result<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = u32::try_from(map.fd().as_fd().as_raw_fd())?;
+    let size = usize::try_from(key_size)?;
+    let mut current = vec![0_u8; size];
+    let mut next = vec![0_u8; size];
+    let mut count = 0;
+    let mut first = true;
+    loop {
+        let attr = NextKeyAttr {
+            map_fd: fd,
+            _pad: 0,
+            // A null key asks for the first key.
+            key: if first { 0 } else { current.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        // SAFETY: `attr` points at buffers of the map's key size that outlive the call.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &raw const attr,
+                size_of::<NextKeyAttr>(),
+            )
+        };
+        if result != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(count);
+            }
+            return Err(error).context("walking a map's keys");
+        }
+        count += 1;
+        first = false;
+        std::mem::swap(&mut current, &mut next);
+    }
+}
+
+/// Entries against capacity of every pinned map whose entries come and go (hash and LRU maps,
+/// tries); arrays hold all their entries by construction and are left out. A map full of live
+/// entries refuses new Services, or (LRU) forgets flows early.
+pub fn occupancy(pin_dir: &Path) -> anyhow::Result<Vec<Occupancy>> {
+    let mut all = Vec::new();
+    for layout in LAYOUTS {
+        if matches!(
+            layout.kind,
+            MapType::Array | MapType::PerCpuArray | MapType::DevMapHash
+        ) {
+            continue;
+        }
+        let path = pin_dir.join(layout.name);
+        let map = MapData::from_pin(&path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let info = map.info()?;
+        all.push(Occupancy {
+            name: layout.name,
+            entries: count_keys(&map, info.key_size())
+                .with_context(|| format!("counting the entries of {}", layout.name))?,
+            capacity: info.max_entries(),
+        });
+    }
+    Ok(all)
+}

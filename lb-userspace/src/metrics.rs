@@ -1,0 +1,177 @@
+//! The agent's Prometheus metrics (OpenMetrics text at `GET /metrics` on `--metrics-address`,
+//! 127.0.0.1:10249 by default: kube-proxy's metrics port, free on a node that runs lb instead).
+//!
+//! - `lb_datapath_packets_total{counter}`: every datapath counter of `LB_STATS` (verdicts, drop
+//!   and reject reasons, events), summed over CPUs, read from the pinned map at each scrape;
+//! - `lb_map_entries{map}` / `lb_map_capacity{map}`: how full each map with a variable number
+//!   of entries is (a full `LB_SERVICES` refuses Services; a full `LB_CONNTRACK` forgets flows
+//!   early), counted at each scrape;
+//! - `lb_sync_duration_seconds`: from a change seen (a watch event, a manifest change, a resync)
+//!   to its map writes done, for every programming pass that wrote something;
+//! - `lb_sync_errors_total`: map writes that failed (each is retried).
+//!
+//! Scrapes read the maps with system calls, so they are answered off the agent's event loop.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use hyper::{Method, StatusCode};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, text::encode},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tracing::debug;
+
+use crate::{
+    dataplane::maps::{occupancy, read_counters},
+    health::{Answer, Reply},
+    reconcile::Summary,
+};
+
+/// The default `--metrics-address`.
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:10249";
+
+/// The content type of OpenMetrics text, which Prometheus scrapes.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `lb_sync_duration_seconds` buckets: 100 µs doubling up to about 6.5 s.
+const SYNC_BUCKET_START_S: f64 = 0.000_1;
+const SYNC_BUCKET_FACTOR: f64 = 2.0;
+const SYNC_BUCKET_COUNT: u16 = 17;
+
+/// The agent's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sync_duration: Histogram,
+    sync_errors: Counter,
+}
+
+impl Metrics {
+    /// Metrics of the dataplane pinned in `pin_dir`.
+    pub fn new(pin_dir: PathBuf) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let sync_duration = Histogram::new(exponential_buckets(
+            SYNC_BUCKET_START_S,
+            SYNC_BUCKET_FACTOR,
+            SYNC_BUCKET_COUNT,
+        ));
+        registry.register(
+            "lb_sync_duration_seconds",
+            "From a change seen (watch event, manifest change, resync) to its map writes done",
+            sync_duration.clone(),
+        );
+        let sync_errors = Counter::default();
+        registry.register(
+            "lb_sync_errors",
+            "Map writes that failed (each is retried)",
+            sync_errors.clone(),
+        );
+        registry.register_collector(Box::new(Datapath { pin_dir }));
+        Arc::new(Self {
+            registry,
+            sync_duration,
+            sync_errors,
+        })
+    }
+
+    /// Records one programming pass that took `took`.
+    pub fn observe_sync(&self, took: Duration, summary: &Summary) {
+        if summary.writes > 0 {
+            self.sync_duration.observe(took.as_secs_f64());
+        }
+        self.sync_errors
+            .inc_by(u64::try_from(summary.errors.len()).unwrap_or(u64::MAX));
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+
+    /// Answers `GET /metrics`.
+    pub fn answer(self: Arc<Self>) -> Answer {
+        Arc::new(move |method, path| match (method, path) {
+            (&Method::GET | &Method::HEAD, "/metrics") => match self.render() {
+                Ok(body) => Reply {
+                    status: StatusCode::OK,
+                    content_type: OPENMETRICS,
+                    body,
+                },
+                Err(error) => Reply {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    content_type: "text/plain",
+                    body: format!("encoding the metrics: {error}\n"),
+                },
+            },
+            _ => Reply {
+                status: StatusCode::NOT_FOUND,
+                content_type: "text/plain",
+                body: "not found: the metrics are at /metrics\n".to_owned(),
+            },
+        })
+    }
+}
+
+/// The metrics read from the pinned maps at each scrape.
+#[derive(Debug)]
+struct Datapath {
+    pin_dir: PathBuf,
+}
+
+impl Collector for Datapath {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        // A map that cannot be read leaves its metrics out of this scrape (the absence shows on
+        // a dashboard) rather than failing the others.
+        match read_counters(&self.pin_dir) {
+            Ok(counters) => {
+                let mut family = encoder.encode_descriptor(
+                    "lb_datapath_packets",
+                    "Packets and events of the XDP program by counter (verdicts, drop and reject \
+                     reasons, events), summed over CPUs.",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (counter, value) in counters {
+                    ConstCounter::new(value)
+                        .encode(family.encode_family(&[("counter", counter.name())])?)?;
+                }
+            }
+            Err(error) => debug!("metrics: reading the counters: {error:#}"),
+        }
+        match occupancy(&self.pin_dir) {
+            Ok(maps) => {
+                let mut entries = encoder.encode_descriptor(
+                    "lb_map_entries",
+                    "Entries of each map whose entries come and go.",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for map in &maps {
+                    ConstGauge::new(i64::try_from(map.entries).unwrap_or(i64::MAX))
+                        .encode(entries.encode_family(&[("map", map.name)])?)?;
+                }
+                let mut capacity = encoder.encode_descriptor(
+                    "lb_map_capacity",
+                    "The most entries each of those maps holds.",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for map in &maps {
+                    ConstGauge::new(i64::from(map.capacity))
+                        .encode(capacity.encode_family(&[("map", map.name)])?)?;
+                }
+            }
+            Err(error) => debug!("metrics: counting the maps' entries: {error:#}"),
+        }
+        Ok(())
+    }
+}
