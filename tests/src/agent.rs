@@ -283,6 +283,17 @@ pub fn endpoints_in(
         .unwrap_or_default()
 }
 
+/// Tears down what a test harness ran: stops `agent` if it runs, then detaches and unpins the
+/// dataplane of `pin_dir` (`lb reset`) and removes the scratch directory `workdir`. Errors are
+/// ignored: this runs on drop, after a test failed too.
+pub fn tear_down(agent: Option<Agent>, lb_path: &Path, pin_dir: &Path, workdir: &Path) {
+    if let Some(mut agent) = agent {
+        agent.stop();
+    }
+    let _ = lb(lb_path, pin_dir, &["reset"]);
+    let _ = std::fs::remove_dir_all(workdir);
+}
+
 /// The agent's health endpoints in its network namespace (its default `--health-address`).
 pub const HEALTH_ADDRESS: &str = "127.0.0.1:10256";
 

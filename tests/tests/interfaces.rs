@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail};
 use lb::dataplane::{Dataplane, VethRedirect, maps::Capacities, system::pinned_xdp_link_ifindex};
 use lb_common::limits::LINKS_SUBDIR;
 use lb_tests::{
-    agent::{Agent, AgentOptions, REDIRECT_VETH, lb, lb_binary, pin_dir, wait_until},
+    agent::{Agent, AgentOptions, REDIRECT_VETH, lb_binary, pin_dir, tear_down, wait_until},
     echo::{self, Connection, EXAMPLE_MANIFEST, TCP_FRONTEND, backend_index},
     leftovers::{self, remove_test_leftovers_once},
     netns::{Netns, unique_prefix, veth},
@@ -259,11 +259,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(mut agent) = self.agent.take() {
-            agent.stop();
-        }
-        let _ = lb(&self.lb, &self.pin_dir, &["reset"]);
-        let _ = std::fs::remove_dir_all(&self.workdir);
+        tear_down(self.agent.take(), &self.lb, &self.pin_dir, &self.workdir);
     }
 }
 

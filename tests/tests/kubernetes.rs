@@ -19,7 +19,7 @@ use k8s_openapi::api::{
 use lb_tests::{
     agent::{
         Agent, AgentOptions, KUBECONFIG, REDIRECT_VETH, endpoints_in, health, lb, lb_binary,
-        pin_dir, wait_until,
+        pin_dir, tear_down, wait_until,
     },
     echo::{
         self, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLUSTER_IP, Connection, TCP_FRONTEND, TCP_PORT,
@@ -183,6 +183,21 @@ impl Cluster {
         std::fs::read_to_string(self.workdir.join("agent.log")).unwrap_or_default()
     }
 
+    /// Whether the maps hold exactly `backends` for the echo Service's TCP frontend within
+    /// `within`.
+    fn endpoints_become(&self, backends: &[usize], within: Duration) -> bool {
+        let expected: Vec<String> = backends.iter().map(|index| endpoint(*index)).collect();
+        wait_until(within, || self.tcp_endpoints() == expected)
+    }
+
+    /// A connection through the ClusterIP, and the backend it was given.
+    fn pinned_connection(&self) -> (Connection, usize) {
+        let mut connection =
+            Connection::open(&self.topology.client, TCP_FRONTEND).expect("connect");
+        let backend = backend_of(&mut connection);
+        (connection, backend)
+    }
+
     /// How many of `CONNECTIONS` connections through the ClusterIP each backend took.
     fn spread(&self) -> BTreeMap<usize, usize> {
         let mut taken = BTreeMap::new();
@@ -200,12 +215,13 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(mut agent) = self.agent.take() {
-            agent.stop();
-        }
-        let _ = lb(&self.lb, &self.pin_dir, &["reset"]);
-        let _ = std::fs::remove_dir_all(&self.workdir);
+        tear_down(self.agent.take(), &self.lb, &self.pin_dir, &self.workdir);
     }
+}
+
+/// The backend answering a request on `connection`.
+fn backend_of(connection: &mut Connection) -> usize {
+    backend_index(&connection.request().expect("a request on the connection")).expect("backend")
 }
 
 /// `addr:port` as `lb services` prints an endpoint.
@@ -229,8 +245,7 @@ fn services_and_slices_from_the_api_server_reach_the_maps_and_carry_traffic() {
     // A slice change arrives through the watch.
     cluster.api.apply(&echo_slice(&[0, 2]));
     assert!(
-        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints()
-            == vec![endpoint(0), endpoint(2)]),
+        cluster.endpoints_become(&[0, 2], APPLY_TIMEOUT),
         "the slice change did not reach the maps: {:?}\n{}",
         cluster.tcp_endpoints(),
         cluster.agent_log()
@@ -247,8 +262,7 @@ fn services_and_slices_from_the_api_server_reach_the_maps_and_carry_traffic() {
     // A later change proves the watch got past the ignored Service.
     cluster.api.apply(&echo_slice(&[1]));
     assert!(
-        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints()
-            == vec![endpoint(1)]),
+        cluster.endpoints_become(&[1], APPLY_TIMEOUT),
         "the second slice change did not reach the maps: {:?}",
         cluster.tcp_endpoints()
     );
@@ -320,8 +334,7 @@ fn a_relist_after_410_gone_writes_nothing_and_keeps_live_flows() {
     assert_eq!(after_reply.backend, before_reply.backend);
     cluster.api.apply(&echo_slice(&[1, 2]));
     assert!(
-        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints()
-            == vec![endpoint(1), endpoint(2)]),
+        cluster.endpoints_become(&[1, 2], APPLY_TIMEOUT),
         "a change after the re-list did not arrive: {:?}",
         cluster.tcp_endpoints()
     );
@@ -336,8 +349,7 @@ fn the_agent_rides_out_an_api_server_outage_and_catches_up() {
         return;
     }
     let mut cluster = Cluster::start().expect("cluster");
-    let mut connection = Connection::open(&cluster.topology.client, TCP_FRONTEND).expect("connect");
-    let pinned = backend_index(&connection.request().expect("request")).expect("backend");
+    let (mut connection, pinned) = cluster.pinned_connection();
 
     cluster.api.stop();
     // While the API server is away the dataplane stays as it is: live flows and new ones.
@@ -370,8 +382,7 @@ fn the_agent_rides_out_an_api_server_outage_and_catches_up() {
         .restart(&cluster.topology.node)
         .expect("restarting the API server");
     assert!(
-        wait_until(Duration::from_secs(120), || cluster.tcp_endpoints()
-            == vec![endpoint(pinned)]),
+        cluster.endpoints_become(&[pinned], Duration::from_secs(120)),
         "the agent did not catch up after the outage: {:?}\n{}",
         cluster.tcp_endpoints(),
         cluster.agent_log()
@@ -483,8 +494,7 @@ fn topology_hints_follow_the_zone_of_this_node_s_node_object() {
 
     // An open connection to a zone-1 endpoint keeps it when the node moves to zone-2, while
     // new ones go to zone-2's endpoint.
-    let mut connection = Connection::open(&cluster.topology.client, TCP_FRONTEND).expect("connect");
-    let pinned = backend_index(&connection.request().expect("request")).expect("backend");
+    let (mut connection, pinned) = cluster.pinned_connection();
     cluster.api.apply(&this_node(Some("zone-2")));
     assert!(
         wait_until(APPLY_TIMEOUT, || cluster.spread().len() == 1),
@@ -495,10 +505,7 @@ fn topology_hints_follow_the_zone_of_this_node_s_node_object() {
         cluster.spread().keys().copied().collect::<Vec<_>>(),
         vec![2]
     );
-    assert_eq!(
-        backend_index(&connection.request().expect("the open connection")).expect("backend"),
-        pinned
-    );
+    assert_eq!(backend_of(&mut connection), pinned);
 
     // Without the zone label, the hints no longer apply: every endpoint.
     cluster.api.apply(&this_node(None));
@@ -527,8 +534,7 @@ fn slow_lists_and_a_watch_cut_mid_event_still_converge() {
         cluster.tcp_endpoints(),
         vec![endpoint(0), endpoint(1), endpoint(2)]
     );
-    let mut connection = Connection::open(&cluster.topology.client, TCP_FRONTEND).expect("connect");
-    let pinned = backend_index(&connection.request().expect("request")).expect("backend");
+    let (mut connection, pinned) = cluster.pinned_connection();
     let keep: Vec<usize> = (0..3).filter(|index| *index != (pinned + 1) % 3).collect();
 
     // The slice change is cut after half its bytes and the connections drop: the agent must not
@@ -537,10 +543,8 @@ fn slow_lists_and_a_watch_cut_mid_event_still_converge() {
     let lists_before = cluster.api.lists();
     cluster.api.cut_next_event();
     cluster.api.apply(&echo_slice(&keep));
-    let expected: Vec<String> = keep.iter().map(|index| endpoint(*index)).collect();
     assert!(
-        wait_until(Duration::from_secs(60), || cluster.tcp_endpoints()
-            == expected),
+        cluster.endpoints_become(&keep, Duration::from_secs(60)),
         "the cut change never arrived: {:?}\n{}",
         cluster.tcp_endpoints(),
         cluster.agent_log()
@@ -552,15 +556,11 @@ fn slow_lists_and_a_watch_cut_mid_event_still_converge() {
     // It resumed the watch from the last whole event it had, without listing everything again.
     assert_eq!(cluster.api.lists(), lists_before);
     // The open connection kept its backend (it is still in the slice).
-    assert_eq!(
-        backend_index(&connection.request().expect("the open connection")).expect("backend"),
-        pinned
-    );
+    assert_eq!(backend_of(&mut connection), pinned);
     // And the watch goes on.
     cluster.api.apply(&echo_slice(&[pinned]));
     assert!(
-        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints()
-            == vec![endpoint(pinned)]),
+        cluster.endpoints_become(&[pinned], APPLY_TIMEOUT),
         "a later change did not arrive: {:?}",
         cluster.tcp_endpoints()
     );
@@ -573,8 +573,7 @@ fn a_restarted_agent_takes_over_the_pinned_maps_without_a_write() {
     }
     let mut cluster = Cluster::start().expect("cluster");
     let maps_before = cluster.services_json();
-    let mut connection = Connection::open(&cluster.topology.client, TCP_FRONTEND).expect("connect");
-    let pinned = backend_index(&connection.request().expect("request")).expect("backend");
+    let (mut connection, pinned) = cluster.pinned_connection();
 
     // An upgrade: the agent stops, and a new one starts on the pinned maps.
     if let Some(mut agent) = cluster.agent.take() {
@@ -591,15 +590,11 @@ fn a_restarted_agent_takes_over_the_pinned_maps_without_a_write() {
         "the new agent rewrote unchanged entries:\n{log}"
     );
     assert_eq!(cluster.services_json(), maps_before);
-    assert_eq!(
-        backend_index(&connection.request().expect("the open connection")).expect("backend"),
-        pinned
-    );
+    assert_eq!(backend_of(&mut connection), pinned);
     // And it follows changes.
     cluster.api.apply(&echo_slice(&[pinned]));
     assert!(
-        wait_until(APPLY_TIMEOUT, || cluster.tcp_endpoints()
-            == vec![endpoint(pinned)]),
+        cluster.endpoints_become(&[pinned], APPLY_TIMEOUT),
         "{:?}",
         cluster.tcp_endpoints()
     );
@@ -624,8 +619,7 @@ fn objects_deleted_while_the_agent_was_cut_off_go_at_the_re_list() {
         .restart(&cluster.topology.node)
         .expect("restarting the API server");
     assert!(
-        wait_until(Duration::from_secs(60), || cluster.tcp_endpoints()
-            == vec![endpoint(1)]),
+        cluster.endpoints_become(&[1], Duration::from_secs(60)),
         "the re-list did not drop the deleted slice: {:?}\n{}",
         cluster.tcp_endpoints(),
         cluster.agent_log()

@@ -14,7 +14,10 @@ use std::{
 };
 
 use lb_tests::{
-    agent::{Agent, AgentOptions, REDIRECT_VETH, endpoints_in, lb, lb_binary, pin_dir, wait_until},
+    agent::{
+        Agent, AgentOptions, REDIRECT_VETH, endpoints_in, lb, lb_binary, pin_dir, tear_down,
+        wait_until,
+    },
     capture::{CapturedUdp, UdpCapture},
     echo::{
         self, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLUSTER_IP, Connection, IO_TIMEOUT, TCP_FRONTEND,
@@ -222,11 +225,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(mut agent) = self.agent.take() {
-            agent.stop();
-        }
-        let _ = lb(&self.lb, &self.pin_dir, &["reset"]);
-        let _ = std::fs::remove_dir_all(&self.workdir);
+        tear_down(self.agent.take(), &self.lb, &self.pin_dir, &self.workdir);
     }
 }
 

@@ -116,16 +116,6 @@ impl Index {
         &self.node
     }
 
-    /// The Service `id`, if known.
-    pub fn service(&self, id: &ServiceId) -> Option<&Service> {
-        self.services.get(id)
-    }
-
-    /// The EndpointSlice `key`, if known.
-    pub fn slice(&self, key: &ObjectKey) -> Option<&EndpointSlice> {
-        self.slices.get(key)
-    }
-
     /// Every Service's identity.
     pub fn service_ids(&self) -> impl Iterator<Item = &ServiceId> {
         self.services.keys()
