@@ -234,6 +234,9 @@ impl ApiServer {
     pub fn stop(&mut self) {
         if let Some(accept) = self.accept.take() {
             accept.abort();
+            // The listener closes only once the aborted task is dropped: wait for it, so that
+            // the port refuses at once and a restart can bind it again.
+            let _ = self.runtime.block_on(accept);
         }
         self.end_watches();
     }
