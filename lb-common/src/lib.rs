@@ -12,6 +12,7 @@
 pub mod checksum;
 pub mod config;
 pub mod conntrack;
+pub mod explain;
 pub mod iface;
 pub mod limits;
 pub mod net;

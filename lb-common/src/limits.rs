@@ -40,6 +40,10 @@ pub const MAP_FRAGMENTS: &str = "LB_FRAGMENTS";
 /// Map: session affinity, client and frontend -> last backend. See
 /// [`crate::service::AffinityKey`].
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
+/// Map: traffic of each Service frontend. See [`crate::stats::ServiceTraffic`].
+pub const MAP_SERVICE_TRAFFIC: &str = "LB_SVC_TRAFFIC";
+/// Map: traffic of each backend. See [`crate::stats::Traffic`].
+pub const MAP_BACKEND_TRAFFIC: &str = "LB_BE_TRAFFIC";
 
 /// Service frontends (one per Service address, port and protocol). 100,000 Services of a few
 /// ports each fit, which is beyond what the Kubernetes scalability SLOs test (10,000).

@@ -180,6 +180,67 @@ counters! {
 /// Number of entries in `LB_STATS`.
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
 
+/// Bits in `explain::Trace::events`: one per counter.
+pub const EVENT_BITS: u32 = u64::BITS;
+const _: () = assert!(
+    COUNTER_COUNT <= EVENT_BITS,
+    "a trace has one event bit per counter"
+);
+
+impl Counter {
+    /// The counter with index `index`, if there is one.
+    pub fn from_index(index: u32) -> Option<Counter> {
+        Counter::ALL.get(index as usize).copied()
+    }
+}
+
+/// Traffic through one backend (value of `LB_BE_TRAFFIC`, an array indexed by backend id), or
+/// the translated part of a frontend's (inside [`ServiceTraffic`]). Shared by every CPU: the
+/// program adds with atomic instructions, so the memory does not grow with the CPU count (a
+/// per-CPU array of every possible backend would cost tens of MiB per CPU). Userspace zeroes an
+/// id's entry when it frees the id, so a reused id starts from zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Traffic {
+    /// Packets translated towards the backend (client to Service).
+    pub packets: u64,
+    /// Their bytes, IPv4 header included (as iptables counts), Ethernet excluded.
+    pub bytes: u64,
+    /// Replies from the backend translated back to the client.
+    pub reply_packets: u64,
+    /// Their bytes, IPv4 header included.
+    pub reply_bytes: u64,
+    /// New flows given to the backend (recorded in conntrack).
+    pub flows: u64,
+}
+
+/// Value of `LB_SVC_TRAFFIC`, an array indexed by service id (`ServiceValue::service_id`): the
+/// traffic of one frontend. Kept apart from the backends' so that a frontend's counters never go
+/// backwards when one of its endpoints leaves. Shared by every CPU, added to atomically, zeroed
+/// by userspace when it frees the id, like [`Traffic`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ServiceTraffic {
+    /// What was translated, both ways.
+    pub traffic: Traffic,
+    /// Packets to the frontend that were not translated: dropped or rejected (no endpoint, a
+    /// `Local` policy with none here, outside the source ranges, no source NAT port...). The
+    /// reasons are the node-wide drop and reject counters.
+    pub refused: u64,
+}
+
+const _: () = {
+    assert!(size_of::<Traffic>() == 40);
+    assert!(size_of::<ServiceTraffic>() == 48);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `#[repr(C)]` and `bytemuck::Pod` (no padding, any bit pattern valid).
+    unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::ServiceTraffic {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,7 @@ use lb_common::{checksum::replace_u16, net::IPPROTO_ICMP, stats::Counter};
 use crate::{
     maps::{LB_TX_PORTS, xdp_tx_works},
     parse::{Packet, Piece},
-    stats::{Verdict, count},
+    stats::{Verdict, event},
 };
 
 /// Which way the rewritten packet travels; selects the verdict counters.
@@ -59,10 +59,10 @@ impl Direction {
         Verdict { action, counter }
     }
 
-    /// Hands the packet to the kernel stack, recording why.
+    /// Hands `packet` to the kernel stack, recording why.
     #[inline(always)]
-    pub fn to_stack(self, reason: Counter) -> Verdict {
-        count(reason);
+    pub fn to_stack(self, packet: &Packet, reason: Counter) -> Verdict {
+        event(packet, reason);
         self.verdict(xdp_action::XDP_PASS)
     }
 }
@@ -127,11 +127,14 @@ fn route(
     direction: Direction,
 ) -> Result<Verdict, u16> {
     if packet.tagged {
-        return Ok(direction.to_stack(if partial {
-            Counter::StackPartialChecksum
-        } else {
-            Counter::StackVlan
-        }));
+        return Ok(direction.to_stack(
+            packet,
+            if partial {
+                Counter::StackPartialChecksum
+            } else {
+                Counter::StackVlan
+            },
+        ));
     }
     let ip = packet.ip;
     let ingress = ctx.ingress_ifindex() as u32;
@@ -185,24 +188,26 @@ fn route(
         {
             return Err(mtu);
         }
-        return Ok(direction.to_stack(Counter::StackPartialChecksum));
+        return Ok(direction.to_stack(packet, Counter::StackPartialChecksum));
     }
     match result {
         BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Ok(direction.to_stack(Counter::StackNoNeighbour)),
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            return Ok(direction.to_stack(packet, Counter::StackNoNeighbour));
+        }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             if let Some(mtu) = too_big() {
                 return Err(mtu);
             }
             // The kernel fragments it (ICMP errors are small; the stack handles the rest).
-            return Ok(direction.to_stack(Counter::StackFragNeeded));
+            return Ok(direction.to_stack(packet, Counter::StackFragNeeded));
         }
-        _ => return Ok(direction.to_stack(Counter::StackNoRoute)),
+        _ => return Ok(direction.to_stack(packet, Counter::StackNoRoute)),
     }
 
     let ttl = unsafe { (*ip).ttl };
     if ttl < MIN_FORWARD_TTL {
-        return Ok(direction.to_stack(Counter::StackTtlExceeded));
+        return Ok(direction.to_stack(packet, Counter::StackTtlExceeded));
     }
     let egress = params.ifindex;
     let action = if egress == ingress && xdp_tx_works(ingress) {
@@ -212,7 +217,7 @@ fn route(
         // edits below still make it out. A missing entry falls back to XDP_PASS untouched.
         match LB_TX_PORTS.redirect(egress, xdp_action::XDP_PASS as u64) {
             Ok(action) => action,
-            Err(_) => return Ok(direction.to_stack(Counter::StackNotTxPort)),
+            Err(_) => return Ok(direction.to_stack(packet, Counter::StackNotTxPort)),
         }
     };
 

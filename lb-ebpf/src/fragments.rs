@@ -25,7 +25,7 @@ use crate::{
     nat::Rewrite,
     parse::{Packet, Piece},
     select::Endpoint,
-    stats::{Drop, Verdict, count},
+    stats::{Drop, Verdict, count, event},
 };
 
 #[inline(always)]
@@ -60,7 +60,7 @@ pub fn refuse(packet: &Packet) {
 
 #[inline(always)]
 fn record(packet: &Packet, kind: u8, src_addr: u32, dst_addr: u32) {
-    if packet.piece != Piece::First {
+    if packet.piece != Piece::First || packet.notes.explain {
         return;
     }
     let value = FragmentValue {
@@ -112,10 +112,10 @@ pub fn follow(ctx: &XdpContext, packet: &Packet) -> Result<Verdict, Drop> {
     } else {
         Direction::Service
     };
-    count(Counter::FragmentTranslated);
+    event(packet, Counter::FragmentTranslated);
     Ok(match forward(ctx, packet, false, direction) {
         Forwarded::Verdict(verdict) => verdict,
         // A fragment may not carry DF; the kernel sorts out one that does.
-        Forwarded::TooBig { .. } => direction.to_stack(Counter::StackFragNeeded),
+        Forwarded::TooBig { .. } => direction.to_stack(packet, Counter::StackFragNeeded),
     })
 }

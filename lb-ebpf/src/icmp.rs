@@ -35,7 +35,7 @@ use crate::{
     maps::LB_CONNTRACK,
     nat::Side,
     parse::{ICMP_CHECK_OFFSET, IcmpError, header_at},
-    stats::{Drop, Verdict, count},
+    stats::{Drop, Verdict, event},
 };
 
 /// Offsets of the checksum in the quoted UDP and TCP headers.
@@ -82,11 +82,11 @@ pub fn translate(ctx: &XdpContext, error: &IcmpError) -> Result<Verdict, Drop> {
         rewrite_quote(ctx, error, outer_side, state.snat_addr, state.snat_port)?;
         rewrite_outer(error, quoted_side, state.snat_addr);
     }
-    count(Counter::IcmpErrorTranslated);
+    event(&error.outer, Counter::IcmpErrorTranslated);
     Ok(match forward(ctx, &error.outer, false, direction) {
         Forwarded::Verdict(verdict) => verdict,
         // Never for ICMP (`forward` leaves those to the kernel), but the kernel is the answer.
-        Forwarded::TooBig { .. } => direction.to_stack(Counter::StackFragNeeded),
+        Forwarded::TooBig { .. } => direction.to_stack(&error.outer, Counter::StackFragNeeded),
     })
 }
 

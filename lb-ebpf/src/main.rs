@@ -9,7 +9,14 @@
 //! service CIDR is dropped. Every exit path bumps exactly one verdict counter in [`stats`].
 #![no_std]
 #![no_main]
+// Atomic adds for the traffic counters (see `stats::add`).
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "core::intrinsics::atomic_xadd is the only atomic add the BPF target offers"
+)]
 
+mod explain;
 mod forward;
 mod fragments;
 mod icmp;
@@ -23,26 +30,43 @@ mod stats;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
-    service::{SERVICE_DROP_WHEN_EMPTY, SERVICE_SOURCE_RANGES, ServiceKey},
+    explain::{STEP_FRONTEND, STEP_REPLY, STEP_SOURCE_ALLOWED},
+    service::{SERVICE_DROP_WHEN_EMPTY, SERVICE_SOURCE_RANGES, ServiceKey, ServiceValue},
     stats::{Counter, CounterKind},
 };
 
 use crate::{
+    explain::Notes,
     forward::{Direction, Forwarded},
     nat::Rewrite,
     parse::{Packet, Parsed},
     reject::Unreachable,
-    stats::{Drop, Verdict},
+    stats::{Drop, Verdict, Way},
 };
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    stats::finish(process(&ctx))
+    let notes = Notes::new(explain::requested(&ctx));
+    let result = process(&ctx, &notes);
+    if notes.explain {
+        explain::finish(&ctx, &notes, result)
+    } else {
+        stats::finish(result)
+    }
+}
+
+/// Whether `result` left the packet untranslated: dropped or answered with an ICMP error.
+#[inline(always)]
+fn is_refusal(result: &Result<Verdict, Drop>) -> bool {
+    match result {
+        Err(_) => true,
+        Ok(verdict) => verdict.counter.kind() == CounterKind::Reject,
+    }
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
-    let packet = match parse::parse(ctx)? {
+fn process(ctx: &XdpContext, notes: &Notes) -> Result<Verdict, Drop> {
+    let packet = match parse::parse(ctx, notes)? {
         Parsed::Packet(packet) => packet,
         Parsed::IcmpError(error) => return icmp::translate(ctx, &error),
         Parsed::NotIpv4 => return Ok(Verdict::pass(Counter::PassNotIpv4)),
@@ -52,11 +76,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Drop> {
 
     let result = to_service_or_reply(ctx, &packet);
     // A refused first fragment takes its later fragments with it.
-    let refused = match &result {
-        Err(_) => true,
-        Ok(verdict) => verdict.counter.kind() == CounterKind::Reject,
-    };
-    if refused {
+    if is_refusal(&result) {
         fragments::refuse(&packet);
     }
     result
@@ -72,26 +92,20 @@ fn to_service_or_reply(ctx: &XdpContext, packet: &Packet) -> Result<Verdict, Dro
         _pad: 0,
     };
     if let Some(service) = maps::lookup_service(&frontend) {
-        // Every packet, not only a flow's first: a range withdrawn cuts its flows too.
-        if service.flags & SERVICE_SOURCE_RANGES != 0
-            && !maps::source_allowed(service.service_id, packet.src_addr)
-        {
-            return Err(Drop::SourceRange);
+        packet.notes.step(STEP_FRONTEND);
+        packet.notes.service(service.service_id);
+        let result = to_service(ctx, packet, &frontend, &service);
+        if is_refusal(&result) {
+            stats::refused(packet, service.service_id);
         }
-        let Some(flow) = select::select_backend(ctx, packet, &frontend, &service)? else {
-            if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
-                return Err(Drop::NoLocalEndpoint);
-            }
-            return reject::reject(ctx, packet, Counter::RejectNoEndpoints);
-        };
-        let rewrite = Rewrite {
-            src: flow.snat,
-            dst: Some(flow.backend),
-        };
-        return send(ctx, packet, Direction::Service, &rewrite);
+        return result;
     }
 
     if let Some(reply) = select::lookup_reply(packet) {
+        packet.notes.step(STEP_REPLY);
+        packet.notes.service(reply.service_id);
+        packet.notes.backend(reply.backend_id);
+        stats::traffic(packet, reply.service_id, reply.backend_id, Way::Reply);
         let rewrite = Rewrite {
             src: Some(reply.service),
             dst: reply.client,
@@ -106,6 +120,36 @@ fn to_service_or_reply(ctx: &XdpContext, packet: &Packet) -> Result<Verdict, Dro
         return Err(Drop::UnallocatedServiceIp);
     }
     Ok(Verdict::pass(Counter::PassNoService))
+}
+
+/// A packet to the frontend `frontend`, whose value is `service`.
+#[inline(always)]
+fn to_service(
+    ctx: &XdpContext,
+    packet: &Packet,
+    frontend: &ServiceKey,
+    service: &ServiceValue,
+) -> Result<Verdict, Drop> {
+    // Every packet, not only a flow's first: a range withdrawn cuts its flows too.
+    if service.flags & SERVICE_SOURCE_RANGES != 0 {
+        if !maps::source_allowed(service.service_id, packet.src_addr) {
+            return Err(Drop::SourceRange);
+        }
+        packet.notes.step(STEP_SOURCE_ALLOWED);
+    }
+    let Some(flow) = select::select_backend(ctx, packet, frontend, service)? else {
+        if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+            return Err(Drop::NoLocalEndpoint);
+        }
+        return reject::reject(ctx, packet, Counter::RejectNoEndpoints);
+    };
+    packet.notes.backend(flow.backend_id);
+    stats::traffic(packet, service.service_id, flow.backend_id, Way::ToBackend);
+    let rewrite = Rewrite {
+        src: flow.snat,
+        dst: Some(flow.backend),
+    };
+    send(ctx, packet, Direction::Service, &rewrite)
 }
 
 /// Translates `packet` by `rewrite` and forwards it; one too big for its next hop (DF set) gets

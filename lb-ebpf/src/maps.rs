@@ -20,7 +20,7 @@ use lb_common::{
         AffinityKey, AffinityValue, Backend, SOURCE_RANGE_KEY_BITS, ServiceInfo, ServiceKey,
         ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SourceRangeKey,
     },
-    stats::COUNTER_COUNT,
+    stats::{COUNTER_COUNT, ServiceTraffic, Traffic},
 };
 
 /// Maps written only by userspace allocate on insert: memory follows the cluster's size rather
@@ -87,6 +87,17 @@ pub static LB_SOCK_REVNAT: LruHashMap<
 /// Counters: `Counter` index -> packets, per CPU. The program writes; userspace sums the CPUs.
 #[btf_map]
 pub static LB_STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// Traffic of each frontend: service id -> `ServiceTraffic` (packets and bytes both ways, new
+/// flows, refusals). Shared by every CPU (atomic adds). The program writes; userspace reads, and
+/// zeroes an id's entry when it frees the id.
+#[btf_map]
+pub static LB_SVC_TRAFFIC: Array<ServiceTraffic, { MAX_SERVICES as usize }> = Array::new();
+
+/// Traffic of each backend: backend id -> `Traffic`. Shared by every CPU (atomic adds). The
+/// program writes; userspace reads, and zeroes an id's entry when it frees the id.
+#[btf_map]
+pub static LB_BE_TRAFFIC: Array<Traffic, { MAX_BACKENDS as usize }> = Array::new();
 
 /// Interfaces the program may redirect to: ifindex -> ifindex. Userspace writes the interfaces
 /// it attached to; a FIB result outside this set goes to the kernel stack instead.

@@ -19,7 +19,7 @@ use lb_common::net::{
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::stats::Drop;
+use crate::{explain::Notes, stats::Drop};
 
 #[repr(C, packed(2))]
 pub struct EthHdr {
@@ -105,7 +105,12 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// A parsed IPv4 TCP or UDP packet that is not a fragment.
-pub struct Packet {
+///
+/// `repr(C)`: with the fields in Rust's order of choice, the compiler merged the `Parsed`
+/// discriminant with neighbouring bytes into shifted pointer words, which the verifier refuses
+/// (pointer arithmetic with `>>=`).
+#[repr(C)]
+pub struct Packet<'n> {
     /// The Ethernet header (rewritten with the next hop's addresses on redirect).
     pub eth: *mut EthHdr,
     /// The IPv4 header, options excluded from the struct but included in the bounds check.
@@ -133,6 +138,16 @@ pub struct Packet {
     pub piece: Piece,
     /// The IPv4 identification, as in the packet (what ties fragments together).
     pub ip_id: u16,
+    /// What the program decided about it so far, and whether it is an explain run.
+    pub notes: &'n Notes,
+}
+
+impl Packet<'_> {
+    /// The IPv4 datagram's length: header, options and L4.
+    #[inline(always)]
+    pub fn ip_len(&self) -> usize {
+        self.l4_offset - self.l3_offset + self.l4_len as usize
+    }
 }
 
 /// Where a packet stands in its IPv4 datagram.
@@ -155,8 +170,8 @@ pub enum Piece {
 /// ports zero); the quoted IPv4 header is bounds-checked whole (20 bytes; its options are
 /// counted in `inner_l4_offset`), and `QUOTED_L4_BYTES` of the quoted TCP or UDP header lie
 /// inside both the frame and the outer datagram.
-pub struct IcmpError {
-    pub outer: Packet,
+pub struct IcmpError<'n> {
+    pub outer: Packet<'n>,
     /// The quoted IPv4 header.
     pub inner_ip: *mut Ipv4Hdr,
     /// Offset in the frame of the quoted TCP or UDP header.
@@ -188,17 +203,17 @@ pub const QUOTED_L4_BYTES: usize = 8;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 
 /// What `parse` found.
-pub enum Parsed {
+pub enum Parsed<'n> {
     /// Another EtherType (ARP, IPv6, ...): passed untouched.
     NotIpv4,
     /// IPv4 carrying neither TCP nor UDP, nor an ICMP error about them: passed untouched.
     NotTcpUdp,
     /// An ICMP error about a TCP or UDP packet.
-    IcmpError(IcmpError),
+    IcmpError(IcmpError<'n>),
     /// A later fragment of a TCP or UDP datagram (see `Piece::Later`).
-    LaterFragment(Packet),
+    LaterFragment(Packet<'n>),
     /// A TCP or UDP packet to consider.
-    Packet(Packet),
+    Packet(Packet<'n>),
 }
 
 /// A pointer to a `T` at `offset`, if the frame holds all of it.
@@ -217,7 +232,7 @@ fn is_vlan(ether_type: u16) -> bool {
 }
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
+pub fn parse<'n>(ctx: &XdpContext, notes: &'n Notes) -> Result<Parsed<'n>, Drop> {
     let eth: *mut EthHdr = header_at(ctx, 0)?;
     let mut ether_type = unsafe { (*eth).ether_type };
     let mut l3_offset = ETH_HLEN;
@@ -275,6 +290,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
             l4_offset,
             piece: Piece::Whole,
             ip_id: unsafe { (*ip).id },
+            notes,
         };
         return Ok(parse_icmp_error(ctx, outer, l3_offset + tot_len));
     }
@@ -303,6 +319,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
             l4_offset,
             piece: Piece::Later,
             ip_id: unsafe { (*ip).id },
+            notes,
         }));
     };
 
@@ -343,6 +360,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
         l4_offset,
         piece,
         ip_id: unsafe { (*ip).id },
+        notes,
     }))
 }
 
@@ -350,7 +368,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Drop> {
 /// errors about other protocols or later fragments, quotes too short to name the ports): those
 /// are the kernel's business.
 #[inline(always)]
-fn parse_icmp_error(ctx: &XdpContext, outer: Packet, end: usize) -> Parsed {
+fn parse_icmp_error<'n>(ctx: &XdpContext, outer: Packet<'n>, end: usize) -> Parsed<'n> {
     let kind = unsafe { *outer.l4 };
     if kind != ICMP_DEST_UNREACHABLE && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETER_PROBLEM
     {

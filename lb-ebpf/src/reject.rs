@@ -36,7 +36,7 @@ use crate::{
         EthHdr, ICMP_DEST_UNREACHABLE, IPV4_MIN_HLEN, Ipv4Hdr, MAX_VLAN_TAGS, Packet, VLAN_HLEN,
         header_at,
     },
-    stats::{Drop, Verdict, count},
+    stats::{Drop, Verdict, event},
 };
 
 /// An ICMP destination unreachable header (RFC 792).
@@ -110,7 +110,8 @@ pub fn answer(
     {
         return Err(Drop::RejectNotUnicast);
     }
-    if matches!(message, Unreachable::Port) && !within_budget() {
+    // An explain run spends none of the budget.
+    if matches!(message, Unreachable::Port) && !packet.notes.explain && !within_budget() {
         return Err(Drop::RejectRateLimited);
     }
 
@@ -133,7 +134,7 @@ pub fn answer(
         match LB_TX_PORTS.redirect(ingress, xdp_action::XDP_PASS as u64) {
             Ok(xdp_action::XDP_REDIRECT) => (xdp_action::XDP_REDIRECT, true),
             _ => {
-                count(Counter::RejectViaStack);
+                event(packet, Counter::RejectViaStack);
                 (xdp_action::XDP_PASS, false)
             }
         }

@@ -35,6 +35,7 @@ use lb_common::{
         DIRECTION_ORIGINAL, DIRECTION_REPLY, FlowKey, FlowState, REFRESH_INTERVAL_NS, SEEN_FIN,
         SEEN_REPLY, SEEN_RST, SNAT_PORTS, is_expired,
     },
+    explain::{STEP_RANDOM, STEP_STALE_ENTRY, STEP_TRACKED},
     service::{
         AffinityKey, AffinityValue, BACKEND_DRAINING, BACKEND_REMOTE, Backend, NS_PER_SECOND,
         SERVICE_SNAT_REMOTE, ServiceKey, ServiceValue, SlotKey,
@@ -46,7 +47,7 @@ use crate::{
     forward::source_towards,
     maps::{LB_AFFINITY, LB_CONNTRACK, LB_SLOTS, lookup_backend, lookup_service},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::{Drop, count},
+    stats::{self, Drop, count, event},
 };
 
 /// An address and port to rewrite one side of a packet to (network byte order).
@@ -61,6 +62,8 @@ pub struct Endpoint {
 pub struct Translation {
     pub backend: Endpoint,
     pub snat: Option<Endpoint>,
+    /// The backend's `LB_BACKENDS` id.
+    pub backend_id: u32,
 }
 
 /// How a backend's reply is translated: its source becomes the Service again, and after source NAT
@@ -68,6 +71,9 @@ pub struct Translation {
 pub struct Reply {
     pub service: Endpoint,
     pub client: Option<Endpoint>,
+    /// The frontend's service id and the backend's id, for the traffic counters.
+    pub service_id: u32,
+    pub backend_id: u32,
 }
 
 /// `-EEXIST`: another CPU recorded the same new flow first.
@@ -213,6 +219,8 @@ fn pick(packet: &Packet, service: &ServiceValue, now: u64) -> Result<Option<(u32
     if backend_count == 0 {
         return Ok(None);
     }
+    packet.notes.step(STEP_RANDOM);
+    packet.notes.candidates(backend_count);
     let first = unsafe { bpf_get_prandom_u32() } % backend_count;
     for attempt in 0..COLLISION_ATTEMPTS {
         if attempt >= backend_count {
@@ -230,7 +238,7 @@ fn pick(packet: &Packet, service: &ServiceValue, now: u64) -> Result<Option<(u32
         let backend = lookup_backend(backend_id).ok_or(Drop::BackendMissing)?;
         if !collides(packet, service, &backend, now) {
             if attempt > 0 {
-                count(Counter::FlowCollisionAvoided);
+                event(packet, Counter::FlowCollisionAvoided);
             }
             return Ok(Some((backend_id, backend)));
         }
@@ -283,7 +291,7 @@ fn remember(packet: &Packet, service: &ServiceValue, backend_id: u32, now: u64) 
         .insert(affinity_key(packet, service), value, BPF_ANY as u64)
         .is_err()
     {
-        count(Counter::AffinityInsertFailed);
+        event(packet, Counter::AffinityInsertFailed);
     }
 }
 
@@ -381,6 +389,7 @@ fn reply_held(packet: &Packet, current: &FlowState, peer: &FlowKey) -> bool {
 #[inline(always)]
 fn translation(state: &FlowState) -> Translation {
     Translation {
+        backend_id: state.backend_id,
         backend: Endpoint {
             addr: state.nat_addr,
             port: state.nat_port,
@@ -415,22 +424,29 @@ pub fn select_backend(
                 sent_from(packet, &current),
             );
             if still_pinned(state, packet, now) {
+                // An explain run takes a source NAT port as still held: it may claim nothing.
+                if packet.notes.explain {
+                    packet.notes.step(STEP_TRACKED);
+                    return Ok(Some(translation(&current)));
+                }
                 if current.snat_addr == 0 || reply_held(packet, &current, &peer) {
+                    packet.notes.step(STEP_TRACKED);
                     touch(state, &peer, packet.tcp_flags, false, now);
                     return Ok(Some(translation(&current)));
                 }
                 // Its port went to another flow: the flow starts again on a port of its own.
-            } else {
+            } else if !packet.notes.explain {
                 // The old backend's reply entry would otherwise translate stray packets from it.
                 remove_reply(packet, &peer, current.snat_addr != 0);
             }
         }
+        packet.notes.step(STEP_STALE_ENTRY);
         replacing = true;
     }
 
     let picked = match remembered(packet, service, now) {
         Some(backend) => {
-            count(Counter::AffinityHit);
+            event(packet, Counter::AffinityHit);
             Some(backend)
         }
         None => match pick(packet, service, now) {
@@ -473,7 +489,21 @@ pub fn select_backend(
         reply.snat_addr = packet.src_addr;
         reply.snat_port = packet.src_port;
         state.snat_addr = addr;
-        state.snat_port = claim_snat_port(packet, &backend, addr, &reply, now)?;
+        // An explain run claims no port: the translation shows port 0.
+        if !packet.notes.explain {
+            state.snat_port = claim_snat_port(packet, &backend, addr, &reply, now)?;
+        }
+    }
+    if packet.notes.explain {
+        // What recording the flow would have counted, and nothing recorded.
+        if replacing {
+            event(packet, Counter::FlowReselected);
+        }
+        if snat {
+            event(packet, Counter::FlowSnat);
+        }
+        event(packet, Counter::FlowCreated);
+        return Ok(Some(translation(&state)));
     }
     let reply_key = reply_key(
         packet.proto,
@@ -522,6 +552,7 @@ pub fn select_backend(
         count(Counter::FlowSnat);
     }
     count(Counter::FlowCreated);
+    stats::new_flow(packet, backend.service_id, backend_id);
     Ok(Some(translation(&state)))
 }
 
@@ -563,6 +594,9 @@ pub fn lookup_reply(packet: &Packet) -> Option<Reply> {
         let current = *state;
         let reopened = packet.tcp_flags & TCP_SYN != 0 && is_closed(current.tcp_flags);
         if reopened || is_expired(&current, packet.proto, now) {
+            if packet.notes.explain {
+                return None;
+            }
             let _ = LB_CONNTRACK.remove(key);
             if current.snat_addr != 0 {
                 forget_original(packet, &current);
@@ -582,13 +616,17 @@ pub fn lookup_reply(packet: &Packet) -> Option<Reply> {
             packet.proto,
             DIRECTION_ORIGINAL,
         );
-        touch(state, &original, packet.tcp_flags, true, now);
+        if !packet.notes.explain {
+            touch(state, &original, packet.tcp_flags, true, now);
+        }
         Some(Reply {
             service: Endpoint {
                 addr: current.nat_addr,
                 port: current.nat_port,
             },
             client,
+            service_id: current.service_id,
+            backend_id: current.backend_id,
         })
     }
 }

@@ -1,10 +1,15 @@
 //! Verdicts, drop reasons and the per-CPU counters: the single place where a result becomes an
 //! XDP action, so that no exit path goes uncounted.
 
-use aya_ebpf::bindings::xdp_action;
-use lb_common::stats::Counter;
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use crate::maps::LB_STATS;
+use aya_ebpf::bindings::xdp_action;
+use lb_common::stats::{Counter, Traffic};
+
+use crate::{
+    maps::{LB_BE_TRAFFIC, LB_STATS, LB_SVC_TRAFFIC},
+    parse::Packet,
+};
 
 /// Why a packet is dropped. Every variant has its own counter.
 #[derive(Clone, Copy)]
@@ -38,7 +43,7 @@ pub enum Drop {
 }
 
 impl Drop {
-    const fn counter(self) -> Counter {
+    pub const fn counter(self) -> Counter {
         match self {
             Drop::Malformed => Counter::DropMalformed,
             Drop::NoLocalEndpoint => Counter::DropNoLocalEndpoint,
@@ -80,6 +85,106 @@ pub fn count(counter: Counter) {
     if let Some(value) = LB_STATS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot; XDP runs with preemption disabled, so nothing else writes it now.
         unsafe { *value += 1 };
+    }
+}
+
+/// Records the event `counter` for `packet`: counted, or only noted in an explain run.
+#[inline(always)]
+pub fn event(packet: &Packet, counter: Counter) {
+    packet.notes.event(counter);
+    if !packet.notes.explain {
+        count(counter);
+    }
+}
+
+/// Adds `value` to a counter other CPUs add to as well.
+///
+/// # Safety
+/// `counter` points at a live map value.
+#[inline(always)]
+unsafe fn add(counter: *mut u64, value: u64) {
+    // `AtomicU64::fetch_add` does not exist on this target (no compare-and-swap), but an
+    // atomic add does: the intrinsic becomes one `lock add` instruction.
+    // SAFETY: the caller's pointer, valid and aligned (map values are 8-byte aligned).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, value) };
+}
+
+/// Which way a translated packet went, for the traffic counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// Towards a backend.
+    ToBackend,
+    /// A backend's reply.
+    Reply,
+}
+
+/// Adds `packet` to the traffic of `traffic` in direction `way`.
+///
+/// # Safety
+/// `traffic` points at a live map value.
+#[inline(always)]
+unsafe fn add_packet(traffic: *mut Traffic, way: Way, bytes: u64) {
+    unsafe {
+        match way {
+            Way::ToBackend => {
+                add(&raw mut (*traffic).packets, 1);
+                add(&raw mut (*traffic).bytes, bytes);
+            }
+            Way::Reply => {
+                add(&raw mut (*traffic).reply_packets, 1);
+                add(&raw mut (*traffic).reply_bytes, bytes);
+            }
+        }
+    }
+}
+
+/// Counts a translated `packet` of frontend `service_id` through backend `backend_id`; nothing in
+/// an explain run.
+#[inline(always)]
+pub fn traffic(packet: &Packet, service_id: u32, backend_id: u32, way: Way) {
+    if packet.notes.explain {
+        return;
+    }
+    let bytes = packet.ip_len() as u64;
+    // SAFETY: map values, for as long as the program runs.
+    unsafe {
+        if let Some(service) = LB_SVC_TRAFFIC.get_ptr_mut(service_id) {
+            add_packet(&raw mut (*service).traffic, way, bytes);
+        }
+        if let Some(backend) = LB_BE_TRAFFIC.get_ptr_mut(backend_id) {
+            add_packet(backend, way, bytes);
+        }
+    }
+}
+
+/// Counts a new flow of frontend `service_id` given to backend `backend_id`; nothing in an explain
+/// run.
+#[inline(always)]
+pub fn new_flow(packet: &Packet, service_id: u32, backend_id: u32) {
+    if packet.notes.explain {
+        return;
+    }
+    // SAFETY: map values, for as long as the program runs.
+    unsafe {
+        if let Some(service) = LB_SVC_TRAFFIC.get_ptr_mut(service_id) {
+            add(&raw mut (*service).traffic.flows, 1);
+        }
+        if let Some(backend) = LB_BE_TRAFFIC.get_ptr_mut(backend_id) {
+            add(&raw mut (*backend).flows, 1);
+        }
+    }
+}
+
+/// Counts a packet to frontend `service_id` that was dropped or rejected; nothing in an explain
+/// run.
+#[inline(always)]
+pub fn refused(packet: &Packet, service_id: u32) {
+    if packet.notes.explain {
+        return;
+    }
+    if let Some(service) = LB_SVC_TRAFFIC.get_ptr_mut(service_id) {
+        // SAFETY: a map value, for as long as the program runs.
+        unsafe { add(&raw mut (*service).refused, 1) };
     }
 }
 

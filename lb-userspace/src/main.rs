@@ -10,7 +10,9 @@ use lb::{
     dataplane::{self, VethRedirect, maps::Capacities},
     inspect::{
         conntrack::{BackendFilter, FlowFilter, flow_rows, flows_table, flush},
-        counters, format_table, service_rows, services_table,
+        explain::{Client, Destination, Request, explain, explanation_text},
+        service_rows, services_table,
+        traffic::{rates, rates_table, read_stats, stats_table},
     },
     node::{Ipv4Cidr, NodePortAddresses, dataplane_config, host_name, parse_port_range},
 };
@@ -140,10 +142,50 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Show the datapath's counters (packets by verdict, drop reason and event).
+    /// Show the traffic of every Service frontend (packets and bytes both ways, new flows,
+    /// refused packets) and the datapath's counters (packets by verdict, drop reason and event);
+    /// with --watch, what moved per second.
     ///
     /// Example: lb stats
+    ///
+    /// Example: lb stats --watch --interval 5
     Stats {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        /// Print rates every --interval seconds until interrupted (or --count times).
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between two readings of --watch.
+        #[arg(long, default_value_t = 1.0, requires = "watch")]
+        interval: f64,
+        /// Stop --watch after this many reports.
+        #[arg(long, requires = "watch")]
+        count: Option<u32>,
+    },
+    /// Run the live program on a synthesized packet (BPF_PROG_TEST_RUN, against the live maps)
+    /// and say what it decides: the Service and port matched, the policy branch (tracked flow,
+    /// affinity, random choice, source ranges), the candidates, the backend, the packet as sent
+    /// on, and the verdict or drop reason. Nothing live changes: no conntrack or affinity entry
+    /// is created and no counter moves.
+    ///
+    /// Example: lb explain --from 10.0.0.2 --to 10.96.0.10:80/tcp
+    ///
+    /// Example: lb explain --from 10.0.0.2:40000 --to 192.168.1.10:30080/udp --iface eth0
+    Explain {
+        /// The client: IP, or IP:PORT to explain an existing flow (default port 60999).
+        #[arg(long)]
+        from: Client,
+        /// The destination: IP:PORT/PROTO, PROTO tcp (default) or udp.
+        #[arg(long)]
+        to: Destination,
+        /// The interface the packet arrives on (default: the attached one on the client's subnet,
+        /// else the first attached one).
+        #[arg(long)]
+        iface: Option<String>,
+        /// A TCP packet of an established connection (ACK) rather than a connection's first
+        /// (SYN): a SYN on a closed tuple starts a new flow.
+        #[arg(long)]
+        established: bool,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -293,17 +335,64 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stats { output } => {
-            let counters = counters(&cli.pin_dir)?;
+        Command::Stats {
+            output,
+            watch: false,
+            ..
+        } => {
+            let stats = read_stats(&cli.pin_dir)?;
             match output {
-                Output::Table => {
-                    let rows: Vec<Vec<String>> = counters
-                        .iter()
-                        .map(|(name, value)| vec![(*name).to_owned(), value.to_string()])
-                        .collect();
-                    print!("{}", format_table(&["COUNTER", "PACKETS"], &rows));
+                Output::Table => print!("{}", stats_table(&stats)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
+            }
+            Ok(())
+        }
+        Command::Stats {
+            output,
+            watch: true,
+            interval,
+            count,
+        } => {
+            let interval = Duration::try_from_secs_f64(interval)
+                .ok()
+                .filter(|interval| !interval.is_zero())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--interval {interval}: need a positive number of seconds")
+                })?;
+            let mut before = read_stats(&cli.pin_dir)?;
+            let mut taken = std::time::Instant::now();
+            for _ in 0..count.unwrap_or(u32::MAX) {
+                std::thread::sleep(interval);
+                let after = read_stats(&cli.pin_dir)?;
+                let now = std::time::Instant::now();
+                let rates = rates(&before, &after, now - taken);
+                match output {
+                    Output::Table => println!("{}", rates_table(&rates)),
+                    Output::Json => println!("{}", serde_json::to_string(&rates)?),
                 }
-                Output::Json => println!("{}", serde_json::to_string_pretty(&counters)?),
+                (before, taken) = (after, now);
+            }
+            Ok(())
+        }
+        Command::Explain {
+            from,
+            to,
+            iface,
+            established,
+            output,
+        } => {
+            let explanation = explain(
+                &cli.pin_dir,
+                &Request {
+                    from: from.0,
+                    to,
+                    interface: iface,
+                    established,
+                },
+            )?;
+            match output {
+                Output::Table => print!("{}", explanation_text(&explanation)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
             }
             Ok(())
         }

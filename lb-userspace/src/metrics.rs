@@ -8,7 +8,12 @@
 //!   early), counted at each scrape;
 //! - `lb_sync_duration_seconds`: from a change seen (a watch event, a manifest change, a resync)
 //!   to its map writes done, for every programming pass that wrote something;
-//! - `lb_sync_errors_total`: map writes that failed (each is retried).
+//! - `lb_sync_errors_total`: map writes that failed (each is retried);
+//! - `lb_service_packets_total`, `lb_service_bytes_total{direction}`,
+//!   `lb_service_flows_total`, `lb_service_refused_packets_total`: each frontend's traffic
+//!   (`LB_SVC_TRAFFIC`), labelled by namespace, service, port name and frontend;
+//! - `lb_endpoint_packets_total`, `lb_endpoint_bytes_total{direction}`, `lb_endpoint_flows_total`:
+//!   the same per endpoint of each frontend (`LB_BE_TRAFFIC`; endpoints taking new flows).
 //!
 //! Scrapes read the maps with system calls, so they are answered off the agent's event loop.
 
@@ -31,6 +36,7 @@ use tracing::debug;
 use crate::{
     dataplane::maps::{occupancy, read_counters},
     health::{Answer, Reply},
+    inspect::traffic::{FrontendTraffic, TrafficCounts, frontend_traffic},
     reconcile::Summary,
 };
 
@@ -172,6 +178,132 @@ impl Collector for Datapath {
             }
             Err(error) => debug!("metrics: counting the maps' entries: {error:#}"),
         }
+        match frontend_traffic(&self.pin_dir) {
+            Ok(frontends) => encode_traffic(&mut encoder, &frontends)?,
+            Err(error) => debug!("metrics: reading the traffic counters: {error:#}"),
+        }
         Ok(())
     }
+}
+
+/// `direction` label values.
+const TO_BACKEND: &str = "to_backend";
+const REPLY: &str = "reply";
+
+/// Label names and values of one series.
+type Labels<'a> = Vec<(&'a str, &'a str)>;
+
+/// Encodes one counter family, a value per label set.
+fn encode_counters<'a>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (Labels<'a>, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in values {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// The per-frontend and per-endpoint traffic families.
+fn encode_traffic(
+    encoder: &mut DescriptorEncoder<'_>,
+    frontends: &[FrontendTraffic],
+) -> Result<(), std::fmt::Error> {
+    let frontend_labels: Vec<(Labels<'_>, &FrontendTraffic, String)> = frontends
+        .iter()
+        .map(|row| {
+            (
+                vec![
+                    ("namespace", row.namespace.as_str()),
+                    ("service", row.name.as_str()),
+                    ("port", row.port_name.as_str()),
+                ],
+                row,
+                format!("{}/{}", row.frontend, row.protocol),
+            )
+        })
+        .collect();
+    let labelled = |direction: Option<&'static str>| {
+        frontend_labels.iter().map(move |(labels, row, frontend)| {
+            let mut labels = labels.clone();
+            labels.push(("frontend", frontend.as_str()));
+            if let Some(direction) = direction {
+                labels.push(("direction", direction));
+            }
+            (labels, *row)
+        })
+    };
+    let pick = |field: fn(&TrafficCounts) -> u64, direction| {
+        labelled(direction).map(move |(labels, row)| (labels, field(&row.traffic)))
+    };
+    encode_counters(
+        encoder,
+        "lb_service_packets",
+        "Packets of each Service frontend translated, towards its endpoints or back from them.",
+        pick(|traffic| traffic.packets, Some(TO_BACKEND))
+            .chain(pick(|traffic| traffic.reply_packets, Some(REPLY))),
+    )?;
+    encode_counters(
+        encoder,
+        "lb_service_bytes",
+        "Bytes (IPv4 and up) of those packets.",
+        pick(|traffic| traffic.bytes, Some(TO_BACKEND))
+            .chain(pick(|traffic| traffic.reply_bytes, Some(REPLY))),
+    )?;
+    encode_counters(
+        encoder,
+        "lb_service_flows",
+        "New flows of each Service frontend.",
+        pick(|traffic| traffic.flows, None),
+    )?;
+    encode_counters(
+        encoder,
+        "lb_service_refused_packets",
+        "Packets to each Service frontend dropped or rejected (reasons: lb_datapath_packets).",
+        labelled(None).map(|(labels, row)| (labels, row.refused)),
+    )?;
+
+    let endpoints: Vec<(Labels<'_>, TrafficCounts)> = frontend_labels
+        .iter()
+        .flat_map(|(labels, row, frontend)| {
+            row.endpoints.iter().map(move |endpoint| {
+                let mut labels = labels.clone();
+                labels.push(("frontend", frontend.as_str()));
+                labels.push(("endpoint", endpoint.endpoint.as_str()));
+                (labels, endpoint.traffic)
+            })
+        })
+        .collect();
+    let per_endpoint = |field: fn(&TrafficCounts) -> u64, direction: Option<&'static str>| {
+        endpoints.iter().map(move |(labels, traffic)| {
+            let mut labels = labels.clone();
+            if let Some(direction) = direction {
+                labels.push(("direction", direction));
+            }
+            (labels, field(traffic))
+        })
+    };
+    encode_counters(
+        encoder,
+        "lb_endpoint_packets",
+        "Packets translated towards each endpoint of each frontend, or back from it.",
+        per_endpoint(|traffic| traffic.packets, Some(TO_BACKEND))
+            .chain(per_endpoint(|traffic| traffic.reply_packets, Some(REPLY))),
+    )?;
+    encode_counters(
+        encoder,
+        "lb_endpoint_bytes",
+        "Bytes (IPv4 and up) of those packets.",
+        per_endpoint(|traffic| traffic.bytes, Some(TO_BACKEND))
+            .chain(per_endpoint(|traffic| traffic.reply_bytes, Some(REPLY))),
+    )?;
+    encode_counters(
+        encoder,
+        "lb_endpoint_flows",
+        "New flows given to each endpoint of each frontend.",
+        per_endpoint(|traffic| traffic.flows, None),
+    )
 }

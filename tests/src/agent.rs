@@ -85,7 +85,21 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
 
 /// Runs `lb --pin-dir <pin_dir> args...` (in the current namespace) and returns its stdout.
 pub fn lb(lb: &Path, pin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(lb)
+    lb_with(Command::new(lb), lb, pin_dir, args)
+}
+
+/// [`lb`] run inside `node`, for the commands that look at its interfaces (`lb explain`).
+pub fn lb_in(node: &Netns, lb: &Path, pin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    lb_with(node.command(lb)?, lb, pin_dir, args)
+}
+
+fn lb_with(
+    mut command: Command,
+    lb: &Path,
+    pin_dir: &Path,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let output = command
         .arg("--pin-dir")
         .arg(pin_dir)
         .args(args)

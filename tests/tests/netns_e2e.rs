@@ -15,7 +15,7 @@ use std::{
 
 use lb_tests::{
     agent::{
-        Agent, AgentOptions, REDIRECT_VETH, endpoints_in, lb, lb_binary, pin_dir, tear_down,
+        Agent, AgentOptions, REDIRECT_VETH, endpoints_in, lb, lb_binary, lb_in, pin_dir, tear_down,
         wait_until,
     },
     capture::{CapturedUdp, UdpCapture},
@@ -196,7 +196,9 @@ impl Cluster {
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {
-        serde_json::from_str(&self.lb(&["stats", "-o", "json"])).expect("stats JSON")
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.lb(&["stats", "-o", "json"])).expect("stats JSON");
+        serde_json::from_value(stats["counters"].clone()).expect("counters")
     }
 
     fn client(&self) -> &Netns {
@@ -215,6 +217,37 @@ impl Cluster {
     /// Endpoints the pinned maps hold for `frontend` (empty when they do not hold it).
     fn endpoints(&self, frontend: SocketAddr, protocol: &str) -> Vec<String> {
         endpoints_in(&self.lb(&["services", "-o", "json"]), frontend, protocol)
+    }
+
+    /// The traffic `lb stats` reports for every frontend.
+    fn traffic(&self) -> Vec<serde_json::Value> {
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.lb(&["stats", "-o", "json"])).expect("stats JSON");
+        serde_json::from_value(stats["services"].clone()).expect("services")
+    }
+
+    /// `lb explain ARGS -o json`, run in the node (where the interfaces are).
+    fn explain(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = [&["explain"][..], args, &["-o", "json"]].concat();
+        args.retain(|arg| !arg.is_empty());
+        let text = lb_in(&self.topology.node, &self.lb, &self.pin_dir, &args).expect("lb explain");
+        serde_json::from_str(&text).expect("explain JSON")
+    }
+
+    /// The flows `lb conntrack` lists, as (client, frontend, backend) triples: what an explain
+    /// run must leave as it found.
+    fn flows(&self) -> Vec<(String, String, String)> {
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&self.lb(&["conntrack", "-o", "json"])).expect("conntrack JSON");
+        let mut flows: Vec<_> = rows
+            .iter()
+            .map(|row| {
+                let field = |name: &str| row[name].to_string();
+                (field("client"), field("frontend"), field("backend"))
+            })
+            .collect();
+        flows.sort();
+        flows
     }
 
     /// Endpoints of the echo Service's TCP frontend.
@@ -1330,6 +1363,131 @@ fn load_balancer_source_ranges_admit_their_clients_and_drop_the_others() {
     connection.request().expect("ClusterIP answer");
 }
 
+/// An address no Service holds, outside the service CIDR.
+const NOT_A_SERVICE: &str = "10.250.0.1:80/tcp";
+
+/// Whether `value`, a JSON array of strings, holds `wanted`.
+fn lists(value: &serde_json::Value, wanted: &str) -> bool {
+    value
+        .as_array()
+        .is_some_and(|items| items.iter().any(|item| item == wanted))
+}
+
+/// Counters an explain run must not move (background traffic such as IPv6 router solicitations
+/// moves others).
+const EXPLAIN_QUIET_COUNTERS: [&str; 8] = [
+    "flow_created",
+    "redirect_service",
+    "tx_service",
+    "stack_service",
+    "reject_undefined_port",
+    "reject_no_endpoints",
+    "pass_no_service",
+    "affinity_hit",
+];
+
+#[test]
+fn explain_agrees_with_real_packets_and_changes_nothing() {
+    if !require_root("explain_agrees_with_real_packets_and_changes_nothing") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    let mut connection = Connection::open(cluster.client(), TCP_FRONTEND).expect("connect");
+    let real = backend_index(&tcp_reply(&mut connection)).expect("backend");
+    let client = connection.local_addr().expect("client address").to_string();
+    let tcp = format!("{TCP_FRONTEND}/tcp");
+    let flows = cluster.flows();
+    let counters = cluster.counters();
+    let traffic = cluster.traffic();
+
+    // The open connection's next packet goes where its packets went.
+    let tracked = cluster.explain(&["--from", &client, "--to", &tcp, "--established"]);
+    let real_endpoint = format!("{}:{BACKEND_TCP_PORT}", backend_addr(real));
+    assert_eq!(tracked["backend"], real_endpoint.as_str(), "{tracked:#}");
+    assert!(
+        lists(&tracked["steps"], "followed the flow's conntrack entry"),
+        "{tracked:#}"
+    );
+    assert_eq!(
+        tracked["rewritten"],
+        format!("TCP {client} -> {real_endpoint}").as_str(),
+        "{tracked:#}"
+    );
+    assert!(
+        tracked["frontend"]["service"]
+            .as_str()
+            .is_some_and(|service| service.ends_with("/echo:http")),
+        "{tracked:#}"
+    );
+
+    // A new flow: a random one of the three endpoints, which would be recorded.
+    let fresh = cluster.explain(&["--from", &CLIENT_ADDR.to_string(), "--to", &tcp]);
+    let candidates: Vec<String> = fresh["frontend"]["candidates"]
+        .as_array()
+        .expect("candidates")
+        .iter()
+        .map(|candidate| candidate["endpoint"].as_str().expect("endpoint").to_owned())
+        .collect();
+    assert_eq!(candidates.len(), BACKENDS, "{fresh:#}");
+    let chosen = fresh["backend"].as_str().expect("a backend");
+    assert!(
+        candidates.iter().any(|candidate| candidate == chosen),
+        "{fresh:#}"
+    );
+    assert!(lists(&fresh["events"], "flow_created"), "{fresh:#}");
+    assert!(
+        lists(&fresh["steps"], "random choice among the slots"),
+        "{fresh:#}"
+    );
+    let udp = cluster.explain(&[
+        "--from",
+        &CLIENT_ADDR.to_string(),
+        "--to",
+        &format!("{UDP_FRONTEND}/udp"),
+    ]);
+    assert!(
+        udp["rewritten"]
+            .as_str()
+            .expect("rewritten")
+            .starts_with("UDP "),
+        "{udp:#}"
+    );
+
+    // Refusals and strangers, with their reasons.
+    let undefined = cluster.explain(&[
+        "--from",
+        &CLIENT_ADDR.to_string(),
+        "--to",
+        &format!("{CLUSTER_IP}:{UNDEFINED_PORT}/tcp"),
+    ]);
+    assert_eq!(
+        undefined["verdict"], "reject_undefined_port",
+        "{undefined:#}"
+    );
+    assert!(
+        undefined["rewritten"]
+            .as_str()
+            .is_some_and(|text| text.starts_with("ICMP type 3 code 3")),
+        "{undefined:#}"
+    );
+    let stranger = cluster.explain(&["--from", &CLIENT_ADDR.to_string(), "--to", NOT_A_SERVICE]);
+    assert_eq!(stranger["verdict"], "pass_no_service", "{stranger:#}");
+    assert_eq!(stranger["action"], "XDP_PASS", "{stranger:#}");
+
+    // Nothing live moved: no flow, no counter, no traffic.
+    assert_eq!(cluster.flows(), flows);
+    let after = cluster.counters();
+    for counter in EXPLAIN_QUIET_COUNTERS {
+        assert_eq!(delta(&counters, &after, counter), 0, "{counter}");
+    }
+    assert_eq!(cluster.traffic(), traffic, "traffic moved");
+    // And the real connection still goes where it went.
+    assert_eq!(
+        backend_index(&tcp_reply(&mut connection)).expect("backend"),
+        real
+    );
+}
+
 /// A port no backend listens on.
 const CLOSED_BACKEND_PORT: u16 = 5399;
 
@@ -1919,4 +2077,133 @@ fn metrics_count_the_traffic_sent_and_the_maps_entries() {
     let (status, _) = lb_tests::agent::http_get(node, lb_tests::agent::METRICS_ADDRESS, "/")
         .expect("metrics endpoint");
     assert_eq!(status, 404);
+}
+
+/// UDP sockets and datagrams each for the traffic test: every datagram is one packet each way.
+const TRAFFIC_SOCKETS: usize = 3;
+const TRAFFIC_DATAGRAMS: usize = 4;
+/// IPv4 and UDP headers and the 4-byte "ping" of `udp_request`.
+const PING_IP_BYTES: u64 = 20 + 8 + 4;
+
+/// The traffic row `lb stats` shows for `frontend`/`protocol`.
+fn traffic_of<'a>(
+    rows: &'a [serde_json::Value],
+    frontend: SocketAddr,
+    protocol: &str,
+) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|row| row["frontend"] == frontend.to_string().as_str() && row["protocol"] == protocol)
+        .unwrap_or_else(|| panic!("no traffic row for {frontend}/{protocol}: {rows:#?}"))
+}
+
+fn count(row: &serde_json::Value, field: &str) -> u64 {
+    row[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {row}"))
+}
+
+#[test]
+fn stats_count_each_frontend_s_and_endpoint_s_traffic() {
+    if !require_root("stats_count_each_frontend_s_and_endpoint_s_traffic") {
+        return;
+    }
+    let cluster = Cluster::start(Setup::default()).expect("cluster");
+    let before = cluster.traffic();
+    let row = traffic_of(&before, UDP_FRONTEND, "UDP");
+    assert_eq!(count(row, "packets"), 0, "{row}");
+
+    // Watch while sending: the rates name the UDP frontend.
+    let watch = std::process::Command::new(&cluster.lb)
+        .arg("--pin-dir")
+        .arg(&cluster.pin_dir)
+        .args([
+            "stats",
+            "--watch",
+            "--interval",
+            "2",
+            "--count",
+            "1",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("lb stats --watch");
+    let mut answered = [0u64; BACKENDS];
+    for _ in 0..TRAFFIC_SOCKETS {
+        let socket =
+            udp_socket(cluster.client(), UDP_FRONTEND, UdpChecksum::Computed).expect("udp");
+        for _ in 0..TRAFFIC_DATAGRAMS {
+            answered[backend_index(&udp_reply(&socket)).expect("backend")] += 1;
+        }
+    }
+    let sent = (TRAFFIC_SOCKETS * TRAFFIC_DATAGRAMS) as u64;
+
+    let after = cluster.traffic();
+    let row = traffic_of(&after, UDP_FRONTEND, "UDP");
+    assert_eq!(count(row, "packets"), sent, "{row:#}");
+    assert_eq!(count(row, "bytes"), sent * PING_IP_BYTES, "{row:#}");
+    assert_eq!(count(row, "reply_packets"), sent, "{row:#}");
+    assert!(count(row, "reply_bytes") > sent * PING_IP_BYTES, "{row:#}");
+    assert_eq!(count(row, "flows"), TRAFFIC_SOCKETS as u64, "{row:#}");
+    assert_eq!(count(row, "refused"), 0, "{row:#}");
+    // Each endpoint counted exactly the datagrams it answered.
+    for (index, answered) in answered.iter().enumerate() {
+        let endpoint = format!("{}:{BACKEND_UDP_PORT}", backend_addr(index));
+        let counted = row["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .find(|candidate| candidate["endpoint"] == endpoint.as_str())
+            .unwrap_or_else(|| panic!("no endpoint {endpoint}: {row:#}"));
+        assert_eq!(count(counted, "packets"), *answered, "{counted}");
+        assert_eq!(count(counted, "reply_packets"), *answered, "{counted}");
+    }
+    // The TCP frontend saw none of it.
+    assert_eq!(count(traffic_of(&after, TCP_FRONTEND, "TCP"), "packets"), 0);
+
+    // The metrics say the same.
+    let (status, text) = lb_tests::agent::http_get(
+        &cluster.topology.node,
+        lb_tests::agent::METRICS_ADDRESS,
+        "/metrics",
+    )
+    .expect("metrics");
+    assert_eq!(status, 200);
+    let labels = |extra: &str| {
+        format!(
+            "namespace=\"{}\",service=\"echo\",port=\"dns\",frontend=\"{UDP_FRONTEND}/UDP\"{extra}",
+            row["namespace"].as_str().expect("namespace")
+        )
+    };
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "lb_service_packets_total{{{}}}",
+                labels(",direction=\"to_backend\"")
+            )
+        ),
+        sent as f64,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &format!("lb_service_flows_total{{{}}}", labels(""))),
+        TRAFFIC_SOCKETS as f64
+    );
+
+    // One report of rates, naming the UDP frontend.
+    let output = watch.wait_with_output().expect("lb stats --watch");
+    assert!(output.status.success());
+    let rates: serde_json::Value = serde_json::from_slice(&output.stdout).expect("rates JSON");
+    let moved = rates["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|row| row["frontend"] == UDP_FRONTEND.to_string().as_str())
+        .unwrap_or_else(|| panic!("the UDP frontend did not move: {rates:#}"));
+    assert!(
+        moved["packets_per_s"].as_f64().expect("rate") > 0.0,
+        "{rates:#}"
+    );
 }

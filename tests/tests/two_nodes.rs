@@ -174,10 +174,11 @@ impl Cluster {
     /// How many of `CONNECTIONS` connections from the client to `target` each backend answered,
     /// checking that every backend saw the client's own address.
     fn counters(&self, node: usize) -> BTreeMap<String, u64> {
-        serde_json::from_str(
+        let stats: serde_json::Value = serde_json::from_str(
             &lb(&self.lb, &self.pins[node], &["stats", "-o", "json"]).expect("lb stats"),
         )
-        .expect("stats JSON")
+        .expect("stats JSON");
+        serde_json::from_value(stats["counters"].clone()).expect("counters")
     }
 
     /// Waits until every node has programmed `port` on its own address.

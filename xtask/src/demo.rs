@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use lb_tests::{
-    agent::{Agent, AgentOptions, REDIRECT_VETH, lb, pin_dir},
+    agent::{Agent, AgentOptions, REDIRECT_VETH, lb, lb_in, pin_dir},
     echo::{self, CLUSTER_IP, Connection, TCP_FRONTEND, UDP_FRONTEND, backend_index},
     leftovers,
     netns::{self, unique_prefix},
@@ -156,12 +156,28 @@ fn demo(lb_path: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
 
     println!("xtask: $ lb services");
     print!("{}", lb(lb_path, &pin_dir, &["services"])?);
-    println!("\nxtask: $ lb stats   (non-zero counters)");
+    println!("\nxtask: $ lb stats   (zero counters left out)");
     for line in lb(lb_path, &pin_dir, &["stats"])?.lines() {
         if !line.ends_with(" 0") {
             println!("{line}");
         }
     }
+    println!("\nxtask: $ lb explain --from {CLIENT_ADDR} --to {TCP_FRONTEND}/tcp");
+    print!(
+        "{}",
+        lb_in(
+            &topology.node,
+            lb_path,
+            &pin_dir,
+            &[
+                "explain",
+                "--from",
+                &CLIENT_ADDR.to_string(),
+                "--to",
+                &format!("{TCP_FRONTEND}/tcp")
+            ],
+        )?
+    );
 
     println!("\nxtask: tearing down");
     agent.stop();

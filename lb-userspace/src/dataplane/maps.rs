@@ -13,11 +13,11 @@ use lb_common::{
     conntrack::{FlowKey, FlowState, FragmentKey, FragmentValue},
     iface::IfaceConfig,
     limits::{
-        CONNTRACK_ENTRIES_PER_FLOW, MAP_AFFINITY, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG,
-        MAP_CONNTRACK, MAP_FRAGMENTS, MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES,
-        MAP_SLOTS, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS, MAX_AFFINITY,
-        MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS,
-        MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+        CONNTRACK_ENTRIES_PER_FLOW, MAP_AFFINITY, MAP_BACKEND_TRAFFIC, MAP_BACKENDS,
+        MAP_CLUSTER_IPS, MAP_CONFIG, MAP_CONNTRACK, MAP_FRAGMENTS, MAP_IFACES, MAP_REJECT_RATE,
+        MAP_SERVICE_INFO, MAP_SERVICE_TRAFFIC, MAP_SERVICES, MAP_SLOTS, MAP_SOCK_REVNAT,
+        MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
+        MAX_FRAGMENTS, MAX_INTERFACES, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
     },
     net::{addr_from_wire, addr_to_wire},
     service::{
@@ -25,7 +25,7 @@ use lb_common::{
         SOURCE_RANGE_ID_BITS, ServiceInfo, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
         SockRevNatValue, SourceRangeKey,
     },
-    stats::{COUNTER_COUNT, Counter},
+    stats::{COUNTER_COUNT, Counter, ServiceTraffic, Traffic},
 };
 
 use crate::node::Ipv4Cidr;
@@ -103,7 +103,7 @@ impl Capacities {
 }
 
 /// Number of maps in the object.
-pub const MAP_COUNT: usize = 15;
+pub const MAP_COUNT: usize = 17;
 
 /// Every map of the object as this build defines it, with the default [`Capacities`].
 pub const LAYOUTS: [Layout; MAP_COUNT] = [
@@ -212,6 +212,20 @@ pub const LAYOUTS: [Layout; MAP_COUNT] = [
         size_of::<AffinityValue>(),
         MAX_AFFINITY,
     ),
+    layout(
+        MAP_SERVICE_TRAFFIC,
+        MapType::Array,
+        size_of::<u32>(),
+        size_of::<ServiceTraffic>(),
+        MAX_SERVICES,
+    ),
+    layout(
+        MAP_BACKEND_TRAFFIC,
+        MapType::Array,
+        size_of::<u32>(),
+        size_of::<Traffic>(),
+        MAX_BACKENDS,
+    ),
 ];
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -252,6 +266,10 @@ pub struct ServiceMaps {
     pub cluster_ips: HashMap<MapData, u32, u32>,
     /// `LB_SRC_RANGES`.
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    /// `LB_SVC_TRAFFIC`: zeroed with the id it counts for.
+    pub service_traffic: Array<MapData, ServiceTraffic>,
+    /// `LB_BE_TRAFFIC`: zeroed with the id it counts for.
+    pub backend_traffic: Array<MapData, Traffic>,
 }
 
 impl ServiceMaps {
@@ -264,6 +282,8 @@ impl ServiceMaps {
             info: open(pin_dir, MAP_SERVICE_INFO)?.try_into()?,
             cluster_ips: open(pin_dir, MAP_CLUSTER_IPS)?.try_into()?,
             source_ranges: open(pin_dir, MAP_SOURCE_RANGES)?.try_into()?,
+            service_traffic: open(pin_dir, MAP_SERVICE_TRAFFIC)?.try_into()?,
+            backend_traffic: open(pin_dir, MAP_BACKEND_TRAFFIC)?.try_into()?,
         })
     }
 }
@@ -335,7 +355,9 @@ impl crate::reconcile::ServiceStore for ServiceMaps {
         Ok(self.backends.set(id, backend, 0)?)
     }
     fn clear_backend(&mut self, id: u32) -> anyhow::Result<()> {
-        Ok(self.backends.set(id, Backend::default(), 0)?)
+        self.backends.set(id, Backend::default(), 0)?;
+        // The id's next backend starts from zero.
+        Ok(self.backend_traffic.set(id, Traffic::default(), 0)?)
     }
     fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()> {
         Ok(self.slots.insert(key, backend_id, 0)?)
@@ -353,7 +375,12 @@ impl crate::reconcile::ServiceStore for ServiceMaps {
         Ok(self.info.insert(service_id, info, 0)?)
     }
     fn delete_info(&mut self, service_id: u32) -> anyhow::Result<()> {
-        absent_is_fine(self.info.remove(&service_id))
+        absent_is_fine(self.info.remove(&service_id))?;
+        // Deleting the info frees the id (see `Garbage::Info`): its next frontend starts from
+        // zero.
+        Ok(self
+            .service_traffic
+            .set(service_id, ServiceTraffic::default(), 0)?)
     }
     fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>> {
         Ok(self.services.iter().collect::<Result<_, _>>()?)

@@ -30,11 +30,7 @@ use aya::{
 use lb_common::{
     config::DataplaneConfig,
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
-    limits::{
-        LINKS_SUBDIR, MAP_AFFINITY, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONFIG, MAP_CONNTRACK,
-        MAP_FRAGMENTS, MAP_IFACES, MAP_REJECT_RATE, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
-        MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAP_TX_PORTS,
-    },
+    limits::{LINKS_SUBDIR, MAP_CONNTRACK},
 };
 use tracing::{info, warn};
 
@@ -66,34 +62,26 @@ pub const SOCKET_PROGRAMS: [&str; 4] = [
 pub const SOCKET_LINKS_SUBDIR: &str = "socket-links";
 
 /// Every map of the object; each is pinned at `<pin dir>/<name>`.
-pub const ALL_MAPS: [&str; maps::MAP_COUNT] = [
-    MAP_SERVICES,
-    MAP_SLOTS,
-    MAP_BACKENDS,
-    MAP_SERVICE_INFO,
-    MAP_CONNTRACK,
-    MAP_STATS,
-    MAP_TX_PORTS,
-    MAP_IFACES,
-    MAP_CLUSTER_IPS,
-    MAP_CONFIG,
-    MAP_REJECT_RATE,
-    MAP_SOURCE_RANGES,
-    MAP_AFFINITY,
-    MAP_FRAGMENTS,
-    MAP_SOCK_REVNAT,
-];
+pub const ALL_MAPS: [&str; maps::MAP_COUNT] = {
+    let mut names = [""; maps::MAP_COUNT];
+    let mut index = 0;
+    while index < maps::MAP_COUNT {
+        names[index] = maps::LAYOUTS[index].name;
+        index += 1;
+    }
+    names
+};
 
 /// `struct xdp_md`, the context `BPF_PROG_TEST_RUN` takes for XDP programs.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
+pub(crate) struct XdpMd {
+    pub(crate) data: u32,
+    pub(crate) data_end: u32,
+    pub(crate) data_meta: u32,
+    pub(crate) ingress_ifindex: u32,
+    pub(crate) rx_queue_index: u32,
+    pub(crate) egress_ifindex: u32,
 }
 
 /// The outcome of [`Dataplane::test_run`].

@@ -12,6 +12,8 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use lb_common::conntrack::SNAT_PORTS;
 
+use crate::dataplane::XdpMd;
+
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where bpffs is conventionally mounted.
@@ -177,6 +179,112 @@ fn xdp_link_ifindex(fdinfo: &str) -> anyhow::Result<Option<u32>> {
             .parse()
             .with_context(|| format!("ifindex {ifindex:?}"))?,
     ))
+}
+
+/// The id of the program running in the link pinned at `path`, from the link's fdinfo
+/// (`prog_id:\t42`).
+pub fn pinned_link_program_id(path: &Path) -> anyhow::Result<u32> {
+    let fd = open_pinned(path).with_context(|| format!("opening {}", path.display()))?;
+    let fdinfo_path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let fdinfo =
+        fs::read_to_string(&fdinfo_path).with_context(|| format!("reading {fdinfo_path}"))?;
+    let id = fdinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("prog_id:"))
+        .with_context(|| format!("{} is not a BPF link (no prog_id)", path.display()))?;
+    id.trim()
+        .parse()
+        .with_context(|| format!("prog_id {id:?} in {fdinfo_path}"))
+}
+
+/// `BPF_PROG_TEST_RUN` and `BPF_PROG_GET_FD_BY_ID` (linux/bpf.h, `enum bpf_cmd`).
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+
+/// The part of `union bpf_attr` that `BPF_PROG_GET_FD_BY_ID` reads.
+#[repr(C)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// The part of `union bpf_attr` that `BPF_PROG_TEST_RUN` reads and writes (`attr.test`).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid attribute of `command` whose pointers outlive the call.
+    let result = unsafe { libc::syscall(libc::SYS_bpf, command, attr as *mut T, size_of::<T>()) };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(result)
+}
+
+/// A file descriptor of the loaded program with id `id`.
+pub fn program_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = GetFdByIdAttr {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    let fd = RawFd::try_from(bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?).map_err(io::Error::other)?;
+    // SAFETY: the kernel just returned this descriptor, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// One `BPF_PROG_TEST_RUN` of the XDP program `program` on `data`, whose first `meta_len` bytes
+/// are XDP metadata, as if it arrived on `ingress_ifindex` (0: loopback). Returns the XDP action
+/// and the metadata and frame the program left, which must fit in `out_capacity` bytes.
+pub fn test_run_xdp_with_metadata(
+    program: &OwnedFd,
+    data: &[u8],
+    meta_len: u32,
+    ingress_ifindex: u32,
+    out_capacity: usize,
+) -> anyhow::Result<(u32, Vec<u8>)> {
+    let mut output = vec![0u8; out_capacity];
+    let context = XdpMd {
+        data: meta_len,
+        data_end: u32::try_from(data.len())?,
+        data_meta: 0,
+        ingress_ifindex,
+        rx_queue_index: 0,
+        egress_ifindex: 0,
+    };
+    let mut attr = TestRunAttr {
+        prog_fd: u32::try_from(program.as_raw_fd())?,
+        data_size_in: u32::try_from(data.len())?,
+        data_size_out: u32::try_from(output.len())?,
+        data_in: data.as_ptr() as u64,
+        data_out: output.as_mut_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: u32::try_from(size_of::<XdpMd>())?,
+        ctx_in: &context as *const XdpMd as u64,
+        ..TestRunAttr::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
+    output.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, output))
 }
 
 /// The first OS error code in `error`'s chain.

@@ -2,6 +2,8 @@
 //! the agent is down; human tables by default, JSON for scripts.
 
 pub mod conntrack;
+pub mod explain;
+pub mod traffic;
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -40,6 +42,42 @@ fn text(bytes: &[u8]) -> String {
 }
 
 const UNKNOWN_NAME: &str = "<unnamed>";
+
+/// Which Service port a frontend belongs to, from `LB_SVC_INFO`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendNames {
+    pub namespace: String,
+    pub name: String,
+    /// "" when unnamed.
+    pub port_name: String,
+}
+
+/// The names `LB_SVC_INFO` holds for frontend `service_id`; [`UNKNOWN_NAME`] when it holds none.
+pub fn frontend_names(maps: &ServiceMaps, service_id: u32) -> anyhow::Result<FrontendNames> {
+    Ok(match maps.info.get(&service_id, 0) {
+        Ok(info) => FrontendNames {
+            namespace: text(&info.namespace),
+            name: text(&info.name),
+            port_name: text(&info.port_name),
+        },
+        Err(MapError::KeyNotFound) => FrontendNames {
+            namespace: UNKNOWN_NAME.to_owned(),
+            name: UNKNOWN_NAME.to_owned(),
+            port_name: String::new(),
+        },
+        Err(error) => return Err(error.into()),
+    })
+}
+
+/// `namespace/name`, or `namespace/name:port` for a named port: how tables name a frontend's
+/// Service port.
+pub fn service_label(namespace: &str, name: &str, port_name: &str) -> String {
+    if port_name.is_empty() {
+        format!("{namespace}/{name}")
+    } else {
+        format!("{namespace}/{name}:{port_name}")
+    }
+}
 
 /// The Service frontends the pinned maps hold, sorted by namespace, name and frontend.
 pub fn service_rows(pin_dir: &Path) -> anyhow::Result<Vec<ServiceRow>> {
