@@ -528,10 +528,10 @@ impl Stage {
         if self.contender != Contender::Lb {
             return Ok(BTreeMap::new());
         }
-        Ok(lb::inspect::counters(&self.pin_dir)?
+        Ok(lb::dataplane::maps::read_counters(&self.pin_dir)?
             .into_iter()
-            .filter(|(name, _)| name.starts_with("drop_"))
-            .map(|(name, value)| (name.to_owned(), value))
+            .filter(|(counter, _)| counter.kind() == lb_common::stats::CounterKind::Drop)
+            .map(|(counter, value)| (counter.name().to_owned(), value))
             .collect())
     }
 

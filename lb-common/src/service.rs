@@ -107,6 +107,17 @@ pub const BACKEND_DRAINING: u8 = 2;
 /// node's, or is unset; never set when the agent has no node name): external traffic to it gets
 /// source NAT where the frontend says so (`SERVICE_SNAT_REMOTE`).
 pub const BACKEND_REMOTE: u8 = 4;
+/// `Backend::flags`, informational (the datapath never reads it; `lb backends` does): the
+/// endpoint's EndpointSlice condition `ready` (unset counts as ready, as the API documents), so
+/// that the conditions behind a backend's slot or draining state show while the agent is down.
+pub const BACKEND_READY: u8 = 8;
+/// `Backend::flags`, informational like `BACKEND_READY`: the condition `serving` (unset: as
+/// `ready`).
+pub const BACKEND_SERVING: u8 = 16;
+/// `Backend::flags`, informational like `BACKEND_READY`: the condition `terminating`.
+pub const BACKEND_TERMINATING: u8 = 32;
+/// The informational `Backend::flags` bits: the endpoint's conditions.
+pub const BACKEND_CONDITIONS: u8 = BACKEND_READY | BACKEND_SERVING | BACKEND_TERMINATING;
 
 /// Value of `LB_BACKENDS` (an array indexed by backend id). Written by userspace, read by the
 /// datapath. A backend belongs to exactly one Service frontend, so removing an endpoint from one
@@ -134,8 +145,8 @@ pub const NAME_LEN: usize = MAX_LABEL_LEN + 1;
 pub const PORT_NAME_LEN: usize = NAME_LEN;
 
 /// Value of `LB_SVC_INFO` (key: `service_id`). Written by userspace for inspection commands, so
-/// that `lb services` can name what the maps hold even while the agent is down. The datapath never
-/// reads it.
+/// that `lb services` and `lb plan` can describe what the maps hold even while the agent is down
+/// (the objects it came from may be gone or changed since). The datapath never reads it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct ServiceInfo {
@@ -145,6 +156,76 @@ pub struct ServiceInfo {
     pub name: [u8; NAME_LEN],
     /// Service port name (may be empty), NUL-padded UTF-8.
     pub port_name: [u8; PORT_NAME_LEN],
+    /// The Service's `metadata.generation` this frontend was programmed from (0: not set, as in
+    /// a manifest): tells whether the agent has caught up with the latest spec.
+    pub generation: u64,
+    /// Endpoints of the Service port that are ready, across all nodes, when programmed.
+    pub ready: u32,
+    /// Endpoints of the Service port that are serving (ready, or terminating but still able to
+    /// serve), across all nodes.
+    pub serving: u32,
+    /// Endpoints of the Service port that are terminating, across all nodes.
+    pub terminating: u32,
+    /// `SERVICE_TYPE_*`: the Service's `spec.type`, which decides which frontends it has.
+    pub service_type: u8,
+    /// `FRONTEND_*`: which of the Service's addresses this frontend is, which decides the
+    /// traffic policy that applies to it.
+    pub frontend_kind: u8,
+    /// `POLICY_*` of `spec.internalTrafficPolicy` (ClusterIP frontends follow it).
+    pub internal_policy: u8,
+    /// `POLICY_*` of `spec.externalTrafficPolicy` (every other frontend follows it).
+    pub external_policy: u8,
+}
+
+/// `ServiceInfo::service_type`: `ClusterIP` (also the value when `spec.type` is unset).
+pub const SERVICE_TYPE_CLUSTER_IP: u8 = 1;
+/// `ServiceInfo::service_type`: `NodePort`.
+pub const SERVICE_TYPE_NODE_PORT: u8 = 2;
+/// `ServiceInfo::service_type`: `LoadBalancer`.
+pub const SERVICE_TYPE_LOAD_BALANCER: u8 = 3;
+
+/// `ServiceInfo::frontend_kind`: a ClusterIP (internal traffic).
+pub const FRONTEND_CLUSTER_IP: u8 = 1;
+/// `ServiceInfo::frontend_kind`: one of `spec.externalIPs`.
+pub const FRONTEND_EXTERNAL_IP: u8 = 2;
+/// `ServiceInfo::frontend_kind`: a load balancer ingress IP of the Service's status.
+pub const FRONTEND_LOAD_BALANCER_IP: u8 = 3;
+/// `ServiceInfo::frontend_kind`: a nodePort on one of the node's addresses.
+pub const FRONTEND_NODE_PORT: u8 = 4;
+
+/// `ServiceInfo::internal_policy` / `external_policy`: `Cluster` (also the value when unset).
+pub const POLICY_CLUSTER: u8 = 1;
+/// `ServiceInfo::internal_policy` / `external_policy`: `Local`.
+pub const POLICY_LOCAL: u8 = 2;
+
+/// The Kubernetes name of a `SERVICE_TYPE_*` code.
+pub fn service_type_name(code: u8) -> &'static str {
+    match code {
+        SERVICE_TYPE_CLUSTER_IP => "ClusterIP",
+        SERVICE_TYPE_NODE_PORT => "NodePort",
+        SERVICE_TYPE_LOAD_BALANCER => "LoadBalancer",
+        _ => "unknown",
+    }
+}
+
+/// The name of a `FRONTEND_*` code, as `lb services` shows it.
+pub fn frontend_kind_name(code: u8) -> &'static str {
+    match code {
+        FRONTEND_CLUSTER_IP => "ClusterIP",
+        FRONTEND_EXTERNAL_IP => "ExternalIP",
+        FRONTEND_LOAD_BALANCER_IP => "LoadBalancer",
+        FRONTEND_NODE_PORT => "NodePort",
+        _ => "unknown",
+    }
+}
+
+/// The Kubernetes name of a `POLICY_*` code.
+pub fn policy_name(code: u8) -> &'static str {
+    match code {
+        POLICY_CLUSTER => "Cluster",
+        POLICY_LOCAL => "Local",
+        _ => "unknown",
+    }
 }
 
 impl Default for ServiceInfo {
@@ -163,7 +244,9 @@ const _: () = {
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<SlotKey>() == 8);
     assert!(size_of::<Backend>() == 12);
-    assert!(size_of::<ServiceInfo>() == 2 * NAME_LEN + PORT_NAME_LEN);
+    // No padding: the names fill 192 bytes, so the generation is 8-byte aligned and the
+    // counts and codes after it end on a multiple of 8.
+    assert!(size_of::<ServiceInfo>() == 2 * NAME_LEN + PORT_NAME_LEN + 8 + 3 * 4 + 4);
 };
 
 /// Key of `LB_AFFINITY`: a client of one frontend. Written by the datapath.

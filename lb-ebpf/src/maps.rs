@@ -42,7 +42,8 @@ pub static LB_SLOTS: HashMap<SlotKey, u32, { MAX_SLOTS as usize }, USER_WRITTEN>
 #[btf_map]
 pub static LB_BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
-/// Names of Service frontends: service id -> `ServiceInfo`. Userspace writes it for the
+/// What the Service frontends are: service id -> `ServiceInfo` (names, type, policies,
+/// generation, endpoint counts). Userspace writes it for the
 /// inspection commands; the program never reads it.
 #[btf_map]
 pub static LB_SVC_INFO: HashMap<u32, ServiceInfo, { MAX_SERVICES as usize }, USER_WRITTEN> =

@@ -30,7 +30,7 @@ use crate::{
     health::{self, Health},
     manifests::{ManifestError, Snapshot, load_dir},
     metrics::Metrics,
-    node::{self, NodeConfig, NodePortAddresses},
+    node::{self, NodeConfig, NodePortAddresses, NodeSettings, SourceSetting},
     reconcile::{Reconciler, Summary},
 };
 
@@ -80,7 +80,52 @@ pub struct AgentOptions {
 }
 
 /// The file in the state directory holding the last good objects.
-const SNAPSHOT_FILE: &str = "manifests.json";
+pub const SNAPSHOT_FILE: &str = "manifests.json";
+
+/// Keeps the node settings file of the state directory ([`NodeSettings`]) equal to what the
+/// desired state is computed with, so that `lb plan` computes the same.
+pub(crate) struct SettingsRecord {
+    state_dir: PathBuf,
+    source: SourceSetting,
+    saved: Option<NodeSettings>,
+}
+
+impl SettingsRecord {
+    pub(crate) fn new(options: &AgentOptions) -> Self {
+        // Absolute, so that `lb plan` finds the directory from wherever it runs.
+        let absolute = |path: &Path| std::fs::canonicalize(path).unwrap_or(path.to_owned());
+        let source = match &options.source {
+            Source::Manifests(dir) => SourceSetting::Manifests(absolute(dir)),
+            Source::Cluster { kubeconfig } => SourceSetting::Kubernetes {
+                kubeconfig: kubeconfig.as_deref().map(absolute),
+            },
+        };
+        Self {
+            state_dir: options.state_dir.clone(),
+            source,
+            saved: None,
+        }
+    }
+
+    /// Records `node` unless it is what the file already says. A failure is logged: the agent
+    /// serves on, only `lb plan` would need its settings given as flags.
+    pub(crate) fn record(&mut self, node: &NodeConfig) {
+        let settings = NodeSettings::new(self.source.clone(), node);
+        if self.saved.as_ref() == Some(&settings) {
+            return;
+        }
+        let result = std::fs::create_dir_all(&self.state_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| settings.save(&self.state_dir));
+        match result {
+            Ok(()) => self.saved = Some(settings),
+            Err(error) => warn!(
+                "{error:#}; `lb plan` will need the node's settings as flags (--node-name, \
+                 --nodeport-addresses, ...)"
+            ),
+        }
+    }
+}
 
 /// Editors save in several steps (write a temporary file, rename, touch); one sync after they
 /// settle is enough.
@@ -98,6 +143,8 @@ struct ManifestSource {
     last_notes: Vec<Note>,
     /// What the node looked like at the last sync, reported when it changes.
     node: NodeConfig,
+    /// Where `node` is recorded for `lb plan`.
+    settings: SettingsRecord,
 }
 
 /// The node as it is now, logging a change of its NodePort addresses from `previous`.
@@ -202,6 +249,7 @@ impl ManifestSource {
         }
         self.snapshot = load.snapshot;
         self.save_snapshot();
+        self.settings.record(&self.node);
         let (desired, notes) = desired_state(
             self.snapshot
                 .services
@@ -222,7 +270,8 @@ impl ManifestSource {
 }
 
 impl ManifestSource {
-    fn new(dir: PathBuf, state_dir: &Path) -> anyhow::Result<Self> {
+    fn new(dir: PathBuf, options: &AgentOptions) -> anyhow::Result<Self> {
+        let state_dir = &options.state_dir;
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
         let snapshot_file = state_dir.join(SNAPSHOT_FILE);
@@ -252,6 +301,7 @@ impl ManifestSource {
             last_errors: Vec::new(),
             last_notes: Vec::new(),
             node: NodeConfig::default(),
+            settings: SettingsRecord::new(options),
         })
     }
 
@@ -413,7 +463,7 @@ async fn watch_manifests(
         .watch(dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", dir.display()))?;
 
-    let mut source = ManifestSource::new(dir.to_owned(), &options.state_dir)?;
+    let mut source = ManifestSource::new(dir.to_owned(), options)?;
     let node = read_node(options, &source.node);
     source.sync(reconciler, maps, node, metrics);
     health.set_ready();

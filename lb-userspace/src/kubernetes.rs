@@ -31,7 +31,7 @@ use tokio::time::{Instant, interval_at, sleep_until};
 use tracing::{info, warn};
 
 use crate::{
-    agent::{AgentOptions, Stop, read_node, report},
+    agent::{AgentOptions, SettingsRecord, Stop, read_node, report},
     dataplane::maps::ServiceMaps,
     desired::index::{Index, ObjectKey, object_key},
     health::Health,
@@ -102,24 +102,56 @@ const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// The `status.addresses` type of the node's primary addresses.
 const INTERNAL_IP: &str = "InternalIP";
 
+/// What the desired state takes from this node's Node object (`None`: there is none): its zone
+/// label and its IPv4 InternalIPs.
+pub fn node_facts(node: Option<&Node>) -> (Option<String>, Vec<std::net::Ipv4Addr>) {
+    let zone = node
+        .and_then(|node| node.metadata.labels.as_ref())
+        .and_then(|labels| labels.get(ZONE_LABEL))
+        .cloned();
+    let node_ips = node
+        .and_then(|node| node.status.as_ref())
+        .and_then(|status| status.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|address| address.type_ == INTERNAL_IP)
+        .filter_map(|address| address.address.parse().ok())
+        .collect();
+    (zone, node_ips)
+}
+
+/// Lists, once, what the agent watches: the Services and EndpointSlices kube-proxy's selector
+/// admits and the Node named `node_name` (`None` when it does not exist).
+pub async fn list_once(
+    client: &Client,
+    node_name: Option<&str>,
+) -> anyhow::Result<(Vec<Service>, Vec<EndpointSlice>, Option<Node>)> {
+    let params = ListParams::default().labels(PROXY_SELECTOR);
+    let services = Api::<Service>::all(client.clone())
+        .list(&params)
+        .await
+        .context("listing Services")?
+        .items;
+    let slices = Api::<EndpointSlice>::all(client.clone())
+        .list(&params)
+        .await
+        .context("listing EndpointSlices")?
+        .items;
+    let node = match node_name {
+        Some(name) => Api::<Node>::all(client.clone())
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading Node {name}"))?,
+        None => None,
+    };
+    Ok((services, slices, node))
+}
+
 /// This node's Node object, for its zone and addresses: the index keeps only what they say, not
 /// the object.
 impl Indexed for Node {
     fn set(index: &mut Index, _key: ObjectKey, object: Option<Self>) -> bool {
-        let zone = object
-            .as_ref()
-            .and_then(|node| node.metadata.labels.as_ref())
-            .and_then(|labels| labels.get(ZONE_LABEL))
-            .cloned();
-        let node_ips: Vec<std::net::Ipv4Addr> = object
-            .as_ref()
-            .and_then(|node| node.status.as_ref())
-            .and_then(|status| status.addresses.as_ref())
-            .into_iter()
-            .flatten()
-            .filter(|address| address.type_ == INTERNAL_IP)
-            .filter_map(|address| address.address.parse().ok())
-            .collect();
+        let (zone, node_ips) = node_facts(object.as_ref());
         let known = index.node();
         if zone == known.zone && node_ips == known.node_ips {
             return false;
@@ -390,6 +422,7 @@ pub(crate) async fn run(
     let (probed, mut probe_answers) = tokio::sync::mpsc::channel::<Answers>(1);
     let mut probing = false;
     let mut retry: Option<Instant> = None;
+    let mut settings = SettingsRecord::new(options);
     loop {
         // A full reconciliation (every frontend compared) at start-up, at each resync and soon
         // after a failed write; in between, each event programs only what it touches.
@@ -458,6 +491,7 @@ pub(crate) async fn run(
             continue;
         }
         let started = std::time::Instant::now();
+        settings.record(index.node());
         let changes = index.flush();
         for notes in changes.notes.values() {
             for note in notes {

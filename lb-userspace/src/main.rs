@@ -9,13 +9,35 @@ use lb::{
     agent::{AgentOptions, Source, run},
     dataplane::{self, VethRedirect, maps::Capacities},
     inspect::{
+        backends::{backend_rows, backends_table},
         conntrack::{BackendFilter, FlowFilter, flow_rows, flows_table, flush},
         explain::{Client, Destination, Request, explain, explanation_text},
-        service_rows, services_table,
+        plan::{PlanOptions, plan, plan_table},
+        services::{ServiceFilter, service_rows, services_table},
         traffic::{rates, rates_table, read_stats, stats_table},
     },
     node::{Ipv4Cidr, NodePortAddresses, dataplane_config, host_name, parse_port_range},
 };
+
+/// The agent's `--state-dir` default, where `lb plan` finds its node settings.
+const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
+
+/// `lb plan`'s exit status when the maps differ from the objects (0: in sync), as `diff` has it.
+const EXIT_DRIFT: u8 = 1;
+/// `lb plan`'s exit status when it could not compare (as `diff`'s "trouble"), so that a script
+/// tells drift from failure.
+const EXIT_PLAN_FAILED: u8 = 2;
+
+fn parse_addresses(text: &str) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.parse()
+                .map_err(|_| anyhow::anyhow!("{item:?} is not an IPv4 address"))
+        })
+        .collect()
+}
 
 fn parse_cidr(text: &str) -> anyhow::Result<Ipv4Cidr> {
     text.parse()
@@ -48,10 +70,6 @@ enum Output {
 }
 
 #[derive(Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start-up; boxing the agent's flags would only obscure clap's derive"
-)]
 enum Command {
     /// Attach the XDP program and program the maps from the Kubernetes API (in-cluster, or
     /// `--kubeconfig`) or from a directory of manifests, following changes until stopped. The
@@ -79,7 +97,7 @@ enum Command {
         resync_seconds: u64,
         /// Directory where the agent keeps the last good version of every object, so that an
         /// object broken at start-up keeps its entries across a restart.
-        #[arg(long, default_value = "/var/lib/lb")]
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// Also redirect from XDP into veth interfaces. Only safe when every attached veth's
         /// peer has GRO enabled or an XDP program (else the kernel drops the redirected frames);
@@ -135,10 +153,68 @@ enum Command {
         #[arg(long, default_value = lb::metrics::DEFAULT_METRICS_ADDRESS)]
         metrics_address: std::net::SocketAddr,
     },
-    /// List the Service frontends and endpoints the dataplane holds (from the pinned maps).
+    /// List the Service frontends the dataplane holds (from the pinned maps; works while the
+    /// agent is down): Service type, which address the frontend is (ClusterIP, ExternalIP,
+    /// LoadBalancer, NodePort), internal/external traffic policies, the endpoints of the Service
+    /// port that are ready / serving / terminating, the generation programmed, and the
+    /// endpoints new flows go to.
+    ///
+    /// Example: lb services -n default web
     ///
     /// Example: lb services -o json
     Services {
+        /// Only the Services of this namespace.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Only the Service of this name.
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// List a Service's backends as the dataplane holds them, frontend by frontend: backend id,
+    /// slot (or draining: no new flows), the endpoint's conditions, local or remote, and its
+    /// live flows (from the pinned maps and conntrack; works while the agent is down).
+    ///
+    /// Example: lb backends default/web
+    Backends {
+        /// The Service, as NAMESPACE/NAME.
+        service: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Compare what the Service and EndpointSlice objects ask for with what the pinned maps
+    /// hold, per frontend: missing, extra or stale, and why. Exit status 0 in sync, 1 on drift,
+    /// 2 when the comparison failed. The desired state is computed with the agent's own
+    /// function, from the agent's source and node settings as it recorded them in its
+    /// --state-dir; flags override them.
+    ///
+    /// Example: lb plan
+    ///
+    /// Example: lb plan --manifests /etc/lb/manifests -o json
+    Plan {
+        /// Read the objects from this directory of manifests (default: the agent's source).
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Read the objects from the API server of this kubeconfig (default: the agent's
+        /// source).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// The agent's state directory, where it records its node settings.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Override the recorded node name.
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Override the recorded zone (of the node's Node object).
+        #[arg(long)]
+        zone: Option<String>,
+        /// Override the recorded NodePort addresses: the node's addresses themselves, comma
+        /// separated (e.g. 10.0.0.1,192.168.1.5), not prefixes.
+        #[arg(long, value_parser = parse_addresses)]
+        nodeport_addresses: Option<Vec<std::net::Ipv4Addr>>,
+        /// Override the recorded node port range (LOW-HIGH).
+        #[arg(long, value_parser = parse_port_range)]
+        service_node_port_range: Option<RangeInclusive<u16>>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -252,16 +328,21 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    let failure = if matches!(cli.command, Command::Plan { .. }) {
+        ExitCode::from(EXIT_PLAN_FAILED)
+    } else {
+        ExitCode::FAILURE
+    };
     match execute(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("lb: {error:#}");
-            ExitCode::FAILURE
+            failure
         }
     }
 }
 
-fn execute(cli: Cli) -> anyhow::Result<()> {
+fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Agent {
             manifests,
@@ -306,34 +387,80 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 Some(dir) => Source::Manifests(dir),
                 None => Source::Cluster { kubeconfig },
             };
-            runtime.block_on(run(AgentOptions {
-                source,
-                interfaces,
-                pin_dir: cli.pin_dir,
-                resync: Duration::from_secs(resync_seconds.max(1)),
-                state_dir,
-                veth_redirect: if xdp_redirect_veth {
-                    VethRedirect::Allowed
-                } else {
-                    VethRedirect::Never
-                },
-                capacities,
-                nodeport_addresses,
-                node_port_range: service_node_port_range,
-                node_name,
-                dataplane,
-                socket_cgroup,
-                health_address,
-                metrics_address,
-            }))
+            runtime
+                .block_on(run(AgentOptions {
+                    source,
+                    interfaces,
+                    pin_dir: cli.pin_dir,
+                    resync: Duration::from_secs(resync_seconds.max(1)),
+                    state_dir,
+                    veth_redirect: if xdp_redirect_veth {
+                        VethRedirect::Allowed
+                    } else {
+                        VethRedirect::Never
+                    },
+                    capacities,
+                    nodeport_addresses,
+                    node_port_range: service_node_port_range,
+                    node_name,
+                    dataplane,
+                    socket_cgroup,
+                    health_address,
+                    metrics_address,
+                }))
+                .map(|()| ExitCode::SUCCESS)
         }
-        Command::Services { output } => {
-            let rows = service_rows(&cli.pin_dir)?;
+        Command::Services {
+            namespace,
+            name,
+            output,
+        } => {
+            let rows = service_rows(&cli.pin_dir, &ServiceFilter { namespace, name })?;
             match output {
                 Output::Table => print!("{}", services_table(&rows)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backends { service, output } => {
+            let rows = backend_rows(&cli.pin_dir, &service)?;
+            match output {
+                Output::Table => print!("{}", backends_table(&rows)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan {
+            manifests,
+            kubeconfig,
+            state_dir,
+            node_name,
+            zone,
+            nodeport_addresses,
+            service_node_port_range,
+            output,
+        } => {
+            let plan = plan(
+                &cli.pin_dir,
+                &PlanOptions {
+                    state_dir,
+                    manifests,
+                    kubeconfig,
+                    node_name,
+                    zone,
+                    nodeport_addresses,
+                    node_port_range: service_node_port_range,
+                },
+            )?;
+            match output {
+                Output::Table => print!("{}", plan_table(&plan)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+            }
+            Ok(if plan.in_sync {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_DRIFT)
+            })
         }
         Command::Stats {
             output,
@@ -345,7 +472,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 Output::Table => print!("{}", stats_table(&stats)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Stats {
             output,
@@ -372,7 +499,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 }
                 (before, taken) = (after, now);
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Explain {
             from,
@@ -394,7 +521,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 Output::Table => print!("{}", explanation_text(&explanation)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Conntrack {
             action: Some(ConntrackAction::Flush { filter }),
@@ -402,7 +529,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             let flushed = flush(&cli.pin_dir, &filter.into())?;
             println!("flushed {flushed} flows");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Conntrack {
             action: None,
@@ -414,8 +541,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 Output::Table => print!("{}", flows_table(&rows)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Reset => dataplane::reset(&cli.pin_dir),
+        Command::Reset => dataplane::reset(&cli.pin_dir).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -210,6 +210,90 @@ impl Default for NodeConfig {
     }
 }
 
+/// The file in the agent's state directory holding its [`NodeSettings`].
+pub const NODE_SETTINGS_FILE: &str = "node.json";
+
+/// Where the agent's objects come from, as recorded in [`NodeSettings`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceSetting {
+    /// `--manifests DIR` (made absolute).
+    Manifests(std::path::PathBuf),
+    /// The Kubernetes API: `--kubeconfig`, or the in-cluster configuration when `None`.
+    Kubernetes {
+        kubeconfig: Option<std::path::PathBuf>,
+    },
+}
+
+/// What the agent computes the desired state with, besides the objects: its source and the
+/// [`NodeConfig`] in effect (the NodePort addresses it found on the node, the range, its name,
+/// its Node's zone). The agent writes it to its state directory ([`NODE_SETTINGS_FILE`]) at
+/// start and whenever it changes, so that `lb plan` computes the desired state as the agent
+/// does, from anywhere (another network namespace has other addresses) and while the agent is
+/// down.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeSettings {
+    pub source: SourceSetting,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// `--service-node-port-range`, `LOW-HIGH`.
+    pub node_port_range: String,
+    pub node_ips: Vec<Ipv4Addr>,
+}
+
+impl NodeSettings {
+    /// The settings of an agent reading `source` on the node `node` describes.
+    pub fn new(source: SourceSetting, node: &NodeConfig) -> Self {
+        Self {
+            source,
+            node_name: node.node_name.clone(),
+            zone: node.zone.clone(),
+            nodeport_addresses: node.nodeport_addresses.clone(),
+            node_port_range: format!(
+                "{}-{}",
+                node.node_port_range.start(),
+                node.node_port_range.end()
+            ),
+            node_ips: node.node_ips.clone(),
+        }
+    }
+
+    /// The node as the desired state sees it.
+    pub fn node(&self) -> anyhow::Result<NodeConfig> {
+        Ok(NodeConfig {
+            nodeport_addresses: self.nodeport_addresses.clone(),
+            node_port_range: parse_port_range(&self.node_port_range)?,
+            node_name: self.node_name.clone(),
+            zone: self.zone.clone(),
+            node_ips: self.node_ips.clone(),
+        })
+    }
+
+    /// Reads the settings an agent left in `state_dir`; `None` when it left none.
+    pub fn load(state_dir: &std::path::Path) -> anyhow::Result<Option<Self>> {
+        let path = state_dir.join(NODE_SETTINGS_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(json) => Ok(Some(serde_json::from_str(&json).with_context(|| {
+                format!("reading the node settings {}", path.display())
+            })?)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Writes the settings to `state_dir` atomically (a reader never sees half a file).
+    pub fn save(&self, state_dir: &std::path::Path) -> anyhow::Result<()> {
+        let path = state_dir.join(NODE_SETTINGS_FILE);
+        let temporary = path.with_extension("json.tmp");
+        std::fs::write(&temporary, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", temporary.display()))?;
+        std::fs::rename(&temporary, &path)
+            .with_context(|| format!("renaming {} into place", temporary.display()))?;
+        Ok(())
+    }
+}
+
 /// The host name (`uname -n`): the node's name unless told otherwise, as with kube-proxy.
 pub fn host_name() -> anyhow::Result<String> {
     let mut name = std::mem::MaybeUninit::<libc::utsname>::zeroed();
@@ -362,6 +446,26 @@ mod tests {
             nodeport_addresses(&local, &allowed),
             vec![Ipv4Addr::new(10, 0, 0, 1)]
         );
+    }
+
+    #[test]
+    fn node_settings_survive_the_file_and_give_the_node_back() {
+        let node = NodeConfig {
+            nodeport_addresses: vec![Ipv4Addr::new(10, 0, 0, 1)],
+            node_port_range: 30_000..=30_100,
+            node_name: Some("node-a".to_owned()),
+            zone: Some("zone-1".to_owned()),
+            node_ips: vec![Ipv4Addr::new(10, 0, 0, 1)],
+        };
+        let settings = NodeSettings::new(SourceSetting::Manifests("/etc/lb".into()), &node);
+        let dir = std::env::temp_dir().join(format!("lb-node-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        assert_eq!(NodeSettings::load(&dir).expect("no file is fine"), None);
+        settings.save(&dir).expect("save");
+        let loaded = NodeSettings::load(&dir).expect("load").expect("saved");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        assert_eq!(loaded, settings);
+        assert_eq!(loaded.node().expect("valid range"), node);
     }
 
     #[test]

@@ -19,15 +19,20 @@
 //! half-way through a switch). Writes go through [`ServiceStore`], so the planning logic is
 //! host-tested against [`MemoryStore`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use anyhow::{Context as _, bail};
 use lb_common::{
     limits::{MAX_BACKENDS, MAX_SERVICES},
     net::{addr_from_wire, addr_to_wire, port_from_wire, port_to_wire},
     service::{
-        BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REMOTE, Backend, NAME_LEN, PORT_NAME_LEN,
-        ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+        BACKEND_ACTIVE, BACKEND_CONDITIONS, BACKEND_DRAINING, BACKEND_REMOTE, Backend, NAME_LEN,
+        PORT_NAME_LEN, SERVICE_DROP_WHEN_EMPTY, SERVICE_SNAT_REMOTE, SERVICE_SOURCE_RANGES,
+        ServiceInfo, ServiceKey, ServiceValue, SlotKey, frontend_kind_name, policy_name,
+        service_type_name,
     },
 };
 
@@ -63,8 +68,8 @@ pub trait ServiceStore {
     fn read_cluster_ips(&self) -> anyhow::Result<Vec<u32>>;
 }
 
-/// Encodes the names of a frontend for `LB_SVC_INFO`. Validated names always fit; the
-/// truncation only guards the fixed-size fields.
+/// Encodes what a frontend is for `LB_SVC_INFO`: names, type, policies, generation, endpoint
+/// counts. Validated names always fit; the truncation only guards the fixed-size fields.
 pub fn service_info(frontend: &Frontend) -> ServiceInfo {
     fn copy<const N: usize>(text: &str) -> [u8; N] {
         let mut field = [0u8; N];
@@ -79,12 +84,43 @@ pub fn service_info(frontend: &Frontend) -> ServiceInfo {
         namespace: copy::<NAME_LEN>(&frontend.namespace),
         name: copy::<NAME_LEN>(&frontend.name),
         port_name: copy::<PORT_NAME_LEN>(&frontend.port_name),
+        generation: frontend.details.generation,
+        ready: frontend.details.counts.ready,
+        serving: frontend.details.counts.serving,
+        terminating: frontend.details.counts.terminating,
+        service_type: frontend.details.service_type,
+        frontend_kind: frontend.details.frontend_kind,
+        internal_policy: frontend.details.internal_policy,
+        external_policy: frontend.details.external_policy,
     }
 }
 
-/// The `LB_BACKENDS` value of `backend`, an endpoint of the frontend `service_id`.
-fn backend_entry(service_id: u32, backend: &BackendAddr, draining: bool) -> Backend {
-    let mut flags = BACKEND_ACTIVE;
+/// The `LB_BACKENDS` value of `backend`, an endpoint of `frontend` (whose id is `service_id`):
+/// its datapath bits and its informational condition bits.
+fn entry_for(
+    service_id: u32,
+    frontend: &Frontend,
+    backend: &BackendAddr,
+    draining: bool,
+) -> Backend {
+    let conditions = frontend
+        .details
+        .conditions
+        .get(backend)
+        .copied()
+        .unwrap_or(0);
+    backend_entry(service_id, backend, draining, conditions)
+}
+
+/// The `LB_BACKENDS` value of `backend`, an endpoint of the frontend `service_id`, with the
+/// informational `conditions` bits (`BACKEND_CONDITIONS`).
+fn backend_entry(
+    service_id: u32,
+    backend: &BackendAddr,
+    draining: bool,
+    conditions: u8,
+) -> Backend {
+    let mut flags = BACKEND_ACTIVE | (conditions & BACKEND_CONDITIONS);
     if draining {
         flags |= BACKEND_DRAINING;
     }
@@ -111,6 +147,102 @@ fn backend_addr(backend: &Backend) -> BackendAddr {
         port: port_from_wire(backend.port),
         remote: backend.flags & BACKEND_REMOTE != 0,
     }
+}
+
+/// `[10.1.1.2:8080, 10.1.2.2:8080]`: endpoints in a reason of [`Reconciler::drift`].
+fn endpoint_list<'a>(backends: impl Iterator<Item = &'a BackendAddr>) -> String {
+    let listed: Vec<String> = backends
+        .map(|backend| {
+            let remote = if backend.remote { " (remote)" } else { "" };
+            format!("{}:{}{remote}", backend.addr, backend.port)
+        })
+        .collect();
+    format!("[{}]", listed.join(", "))
+}
+
+/// The `SERVICE_*` bits of `flags` by name, `none` without any.
+fn flag_names(flags: u32) -> String {
+    let names: Vec<&str> = [
+        (SERVICE_DROP_WHEN_EMPTY, "drop-when-empty"),
+        (SERVICE_SOURCE_RANGES, "source-ranges"),
+        (SERVICE_SNAT_REMOTE, "snat-remote"),
+    ]
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| *name)
+    .collect();
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join("+")
+    }
+}
+
+/// The `BACKEND_*` bits of `flags` by name.
+fn backend_flag_names(flags: u8) -> String {
+    use lb_common::service::{BACKEND_READY, BACKEND_SERVING, BACKEND_TERMINATING};
+    let names: Vec<&str> = [
+        (BACKEND_ACTIVE, "active"),
+        (BACKEND_DRAINING, "draining"),
+        (BACKEND_REMOTE, "remote"),
+        (BACKEND_READY, "ready"),
+        (BACKEND_SERVING, "serving"),
+        (BACKEND_TERMINATING, "terminating"),
+    ]
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| *name)
+    .collect();
+    if names.is_empty() {
+        "nothing".to_owned()
+    } else {
+        names.join("+")
+    }
+}
+
+/// Why the `LB_SVC_INFO` entry `held` is not `wanted`, field by field.
+fn info_differences(held: &ServiceInfo, wanted: &ServiceInfo) -> Vec<String> {
+    let mut reasons = Vec::new();
+    let mut compare = |what: &str, held: String, wanted: String| {
+        if held != wanted {
+            reasons.push(format!(
+                "{what}: the maps hold {held}, the objects give {wanted}"
+            ));
+        }
+    };
+    let text = |bytes: &[u8]| {
+        let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+        format!("{:?}", String::from_utf8_lossy(&bytes[..end]))
+    };
+    compare(
+        "name",
+        format!("{}/{}", text(&held.namespace), text(&held.name)),
+        format!("{}/{}", text(&wanted.namespace), text(&wanted.name)),
+    );
+    compare("port name", text(&held.port_name), text(&wanted.port_name));
+    compare(
+        "generation",
+        held.generation.to_string(),
+        wanted.generation.to_string(),
+    );
+    let counts = |info: &ServiceInfo| {
+        format!(
+            "{} ready/{} serving/{} terminating",
+            info.ready, info.serving, info.terminating
+        )
+    };
+    compare("endpoint counts", counts(held), counts(wanted));
+    let codes = |info: &ServiceInfo| {
+        format!(
+            "type {} ({} frontend), internal/external traffic policy {}/{}",
+            service_type_name(info.service_type),
+            frontend_kind_name(info.frontend_kind),
+            policy_name(info.internal_policy),
+            policy_name(info.external_policy)
+        )
+    };
+    compare("type and policies", codes(held), codes(wanted));
+    reasons
 }
 
 /// A pool of ids in `1..limit`, handed out round-robin so a freed id is reused as late as
@@ -176,6 +308,8 @@ struct LiveFrontend {
     info: Option<ServiceInfo>,
     /// What `LB_SRC_RANGES` holds for this frontend.
     source_ranges: BTreeSet<Ipv4Cidr>,
+    /// The `Backend::flags` each of its backend entries (slotted and draining) holds, by id.
+    flags: BTreeMap<u32, u8>,
     /// The maps are not known to match `ids`/`backends` (a failed or interrupted write): rewrite.
     dirty: bool,
 }
@@ -191,6 +325,52 @@ enum Garbage {
     SourceRange(u32, Ipv4Cidr),
     /// Also returns the service id to its pool once deleted.
     Info(u32),
+}
+
+/// How one frontend of the maps differs from the objects (see [`Reconciler::drift`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drift {
+    pub key: ServiceKey,
+    /// The Service it belongs to: the objects' (missing, stale) or `LB_SVC_INFO`'s (extra;
+    /// empty when the maps do not name it).
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub kind: DriftKind,
+    /// Why, one line per difference.
+    pub reasons: Vec<String>,
+}
+
+/// The three ways a frontend drifts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DriftKind {
+    /// The objects ask for it; `LB_SERVICES` lacks it.
+    Missing,
+    /// The maps hold it; no object asks for it.
+    Extra,
+    /// Both have it, with differences.
+    Stale,
+}
+
+/// One frontend as the maps hold it (see [`Reconciler::held`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldFrontend {
+    pub key: ServiceKey,
+    pub value: ServiceValue,
+    pub info: Option<ServiceInfo>,
+    pub backends: Vec<HeldBackend>,
+}
+
+/// One backend entry of a held frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldBackend {
+    /// Its `LB_BACKENDS` index, which conntrack entries name.
+    pub id: u32,
+    pub backend: BackendAddr,
+    /// Its slot in the frontend's backend set; `None`: draining (no new flows).
+    pub slot: Option<u32>,
+    /// Its `Backend::flags`.
+    pub flags: u8,
 }
 
 /// Counts of one reconciliation.
@@ -244,6 +424,31 @@ impl Reconciler {
     /// Reads what the maps hold and removes the entries no frontend references. Returns the
     /// reconciler and the number of stray entries removed.
     pub fn from_store(store: &mut impl ServiceStore) -> anyhow::Result<(Self, usize)> {
+        let (mut reconciler, reflag) = Self::read(store)?;
+        let mut counting = Counting { store, writes: 0 };
+        for (id, value) in reflag {
+            counting
+                .run(|store| store.set_backend(id, &value))
+                .context("correcting a backend's draining flag")?;
+            let owner = reconciler
+                .live
+                .values_mut()
+                .find(|live| live.value.service_id == value.service_id);
+            if let Some(live) = owner {
+                live.flags.insert(id, value.flags);
+            }
+        }
+        if let Some(error) = reconciler.collect_garbage(&mut counting).into_iter().next() {
+            return Err(error.context("sweeping stray entries"));
+        }
+        Ok((reconciler, counting.writes))
+    }
+
+    /// Reads what the maps hold without writing anything (what `lb plan` and `lb backends` see):
+    /// the frontends, their slotted and draining backends, and the stray entries as garbage.
+    /// Also returns the backend entries whose draining flag contradicts the slots, with the
+    /// value they should hold ([`Reconciler::from_store`] writes them).
+    pub fn read(store: &impl ServiceStore) -> anyhow::Result<(Self, Vec<(u32, Backend)>)> {
         let mut reconciler = Self {
             live: BTreeMap::new(),
             service_ids: IdPool::new(MAX_SERVICES, "service"),
@@ -264,6 +469,7 @@ impl Reconciler {
                 draining: BTreeMap::new(),
                 info: infos.get(&value.service_id).copied(),
                 source_ranges: BTreeSet::new(),
+                flags: BTreeMap::new(),
                 dirty: false,
             };
             for slot in 0..value.backend_count {
@@ -279,6 +485,7 @@ impl Reconciler {
                         used_slots.insert(slot_key);
                         live.ids.push(id);
                         live.backends.push(backend_addr(backend));
+                        live.flags.insert(id, backend.flags);
                     }
                     None => live.dirty = true,
                 }
@@ -312,6 +519,7 @@ impl Reconciler {
             let addr = backend_addr(backend);
             if !live.backends.contains(&addr) && !live.draining.contains_key(&addr) {
                 live.draining.insert(addr, *id);
+                live.flags.insert(*id, backend.flags);
                 reconciler.backend_ids.mark_used(*id);
             }
         }
@@ -328,11 +536,11 @@ impl Reconciler {
                 .map(|(id, b)| (id, b, false));
             let draining = live.draining.iter().map(|(b, id)| (id, b, true));
             for (id, backend, should_drain) in slotted.chain(draining) {
-                let drains = backends
-                    .get(id)
-                    .is_some_and(|entry| entry.flags & BACKEND_DRAINING != 0);
-                if drains != should_drain {
-                    reflag.push((*id, backend_entry(service_id, backend, should_drain)));
+                let flags = backends.get(id).map_or(0, |entry| entry.flags);
+                if (flags & BACKEND_DRAINING != 0) != should_drain {
+                    let conditions = flags & BACKEND_CONDITIONS;
+                    let value = backend_entry(service_id, backend, should_drain, conditions);
+                    reflag.push((*id, value));
                 }
             }
         }
@@ -367,16 +575,7 @@ impl Reconciler {
                 }
             }
         }
-        let mut counting = Counting { store, writes: 0 };
-        for (id, value) in reflag {
-            counting
-                .run(|store| store.set_backend(id, &value))
-                .context("correcting a backend's draining flag")?;
-        }
-        if let Some(error) = reconciler.collect_garbage(&mut counting).into_iter().next() {
-            return Err(error.context("sweeping stray entries"));
-        }
-        Ok((reconciler, counting.writes))
+        Ok((reconciler, reflag))
     }
 
     /// Deletes the garbage; what fails stays for the next attempt. Returns at most one error,
@@ -460,6 +659,120 @@ impl Reconciler {
     /// Number of frontends the maps hold.
     pub fn frontend_count(&self) -> usize {
         self.live.len()
+    }
+
+    /// How the maps differ from `desired`, frontend by frontend, by the comparison
+    /// [`Reconciler::reconcile`] decides its writes with: empty exactly when a reconciliation
+    /// would leave every frontend unchanged. Sorted by key.
+    pub fn drift(&self, desired: &DesiredState) -> Vec<Drift> {
+        let mut drift = Vec::new();
+        for (key, frontend) in &desired.frontends {
+            let (kind, reasons) = match self.live.get(key) {
+                None => (
+                    DriftKind::Missing,
+                    vec!["LB_SERVICES has no entry for it".to_owned()],
+                ),
+                Some(live) => {
+                    let reasons = Self::differences(live, frontend);
+                    if reasons.is_empty() {
+                        continue;
+                    }
+                    (DriftKind::Stale, reasons)
+                }
+            };
+            drift.push(Drift {
+                key: *key,
+                namespace: frontend.namespace.clone(),
+                name: frontend.name.clone(),
+                port_name: frontend.port_name.clone(),
+                kind,
+                reasons,
+            });
+        }
+        for (key, live) in &self.live {
+            if desired.frontends.contains_key(key) {
+                continue;
+            }
+            let text = |field: fn(&ServiceInfo) -> &[u8]| {
+                live.info.as_ref().map_or_else(String::new, |info| {
+                    let bytes = field(info);
+                    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+                    String::from_utf8_lossy(&bytes[..end]).into_owned()
+                })
+            };
+            drift.push(Drift {
+                key: *key,
+                namespace: text(|info| &info.namespace[..]),
+                name: text(|info| &info.name[..]),
+                port_name: text(|info| &info.port_name[..]),
+                kind: DriftKind::Extra,
+                reasons: vec![
+                    "no Service asks for it (the Service, its port or this address is gone)"
+                        .to_owned(),
+                ],
+            });
+        }
+        drift.sort_by_key(|drift| drift.key);
+        drift
+    }
+
+    /// ClusterIPs `desired` has that `LB_CLUSTER_IPS` lacks, and those it holds that `desired`
+    /// does not have.
+    pub fn cluster_ip_drift(&self, desired: &DesiredState) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+        let wanted: BTreeSet<u32> = desired
+            .cluster_ips
+            .iter()
+            .map(|addr| addr_to_wire(*addr))
+            .collect();
+        let addrs = |set: std::collections::btree_set::Difference<'_, u32>| {
+            let mut addrs: Vec<Ipv4Addr> = set.map(|addr| addr_from_wire(*addr)).collect();
+            addrs.sort();
+            addrs
+        };
+        (
+            addrs(wanted.difference(&self.cluster_ips)),
+            addrs(self.cluster_ips.difference(&wanted)),
+        )
+    }
+
+    /// Entries no frontend references (slots, backends, source ranges, infos) that the next
+    /// reconciliation would delete: left by an interrupted agent, or writes that failed.
+    pub fn stray_entries(&self) -> usize {
+        self.garbage.len()
+    }
+
+    /// What the maps hold for every frontend, with its backend entries: slotted ones in slot
+    /// order, then draining ones. Sorted by key.
+    pub fn held(&self) -> Vec<HeldFrontend> {
+        self.live
+            .iter()
+            .map(|(key, live)| {
+                let slotted = live
+                    .ids
+                    .iter()
+                    .zip(&live.backends)
+                    .enumerate()
+                    .map(|(slot, (id, backend))| (*id, *backend, Some(slot as u32)));
+                let draining = live
+                    .draining
+                    .iter()
+                    .map(|(backend, id)| (*id, *backend, None));
+                HeldFrontend {
+                    key: *key,
+                    value: live.value,
+                    info: live.info,
+                    backends: slotted
+                        .chain(draining)
+                        .map(|(id, backend, slot)| HeldBackend {
+                            id,
+                            backend,
+                            slot,
+                            flags: live.flags.get(&id).copied().unwrap_or(0),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
     /// Makes the maps hold exactly `desired`.
@@ -553,7 +866,7 @@ impl Reconciler {
             None => self
                 .add(key, frontend, counting)
                 .map(|()| summary.added += 1),
-            Some(live) if !live.dirty && Self::matches(live, frontend) => {
+            Some(live) if Self::matches(live, frontend) => {
                 summary.unchanged += 1;
                 Ok(())
             }
@@ -608,18 +921,96 @@ impl Reconciler {
         })
     }
 
+    /// Whether the maps hold `frontend` exactly as [`Reconciler::reconcile`] would write it.
     fn matches(live: &LiveFrontend, frontend: &Frontend) -> bool {
-        live.backends == frontend.backends
-            && same_policy(&live.value, frontend)
-            && live
-                .source_ranges
-                .iter()
-                .eq(frontend.source_ranges.iter().flatten())
-            && live
-                .draining
-                .keys()
-                .eq(Self::kept_draining(live, frontend).keys())
-            && live.info == Some(service_info(frontend))
+        Self::differences(live, frontend).is_empty()
+    }
+
+    /// Why the maps' `live` frontend is not `frontend`, one reason per difference; empty when it
+    /// is. The one comparison behind both the reconciler's decision to rewrite a frontend and
+    /// `lb plan`'s report, so the two cannot disagree.
+    fn differences(live: &LiveFrontend, frontend: &Frontend) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if live.dirty {
+            reasons
+                .push("a slot of its backend set is missing or names a cleared backend".to_owned());
+        }
+        if live.backends != frontend.backends {
+            reasons.push(format!(
+                "endpoints for new flows: the maps hold {}, the objects give {}",
+                endpoint_list(live.backends.iter()),
+                endpoint_list(frontend.backends.iter())
+            ));
+        }
+        let kept = Self::kept_draining(live, frontend);
+        if !live.draining.keys().eq(kept.keys()) {
+            reasons.push(format!(
+                "draining endpoints: the maps hold {}, the objects give {}",
+                endpoint_list(live.draining.keys()),
+                endpoint_list(kept.keys())
+            ));
+        }
+        if live.value.flags != frontend.flags() {
+            reasons.push(format!(
+                "policy: the maps hold {}, the objects give {}",
+                flag_names(live.value.flags),
+                flag_names(frontend.flags())
+            ));
+        }
+        if live.value.affinity_timeout_s != frontend.affinity_timeout_s {
+            reasons.push(format!(
+                "session affinity timeout: the maps hold {}s, the objects give {}s",
+                live.value.affinity_timeout_s, frontend.affinity_timeout_s
+            ));
+        }
+        if !live
+            .source_ranges
+            .iter()
+            .eq(frontend.source_ranges.iter().flatten())
+        {
+            let list = |ranges: Vec<String>| format!("[{}]", ranges.join(", "));
+            reasons.push(format!(
+                "source ranges: the maps hold {}, the objects give {}",
+                list(live.source_ranges.iter().map(ToString::to_string).collect()),
+                list(
+                    frontend
+                        .source_ranges
+                        .iter()
+                        .flatten()
+                        .map(ToString::to_string)
+                        .collect()
+                )
+            ));
+        }
+        // The entries of endpoints held in the role the objects give them: their flags (draining,
+        // remote, conditions) must be what the reconciler writes.
+        let slotted = live
+            .ids
+            .iter()
+            .zip(&live.backends)
+            .filter(|(_, backend)| frontend.backends.contains(backend))
+            .map(|(id, backend)| (*id, backend, false));
+        let draining = kept.iter().map(|(backend, id)| (*id, backend, true));
+        for (id, backend, drains) in slotted.chain(draining) {
+            let wanted = entry_for(live.value.service_id, frontend, backend, drains).flags;
+            let held = live.flags.get(&id).copied().unwrap_or(0);
+            if held != wanted {
+                reasons.push(format!(
+                    "endpoint {}:{} (backend {id}): the maps hold {}, the objects give {}",
+                    backend.addr,
+                    backend.port,
+                    backend_flag_names(held),
+                    backend_flag_names(wanted)
+                ));
+            }
+        }
+        let wanted = service_info(frontend);
+        match &live.info {
+            None => reasons.push("LB_SVC_INFO has no entry for it".to_owned()),
+            Some(held) if *held != wanted => reasons.extend(info_differences(held, &wanted)),
+            Some(_) => {}
+        }
+        reasons
     }
 
     /// Every backend entry the frontend holds, in a slot or draining, by address.
@@ -647,11 +1038,12 @@ impl Reconciler {
         store: &mut Counting<'_, impl ServiceStore>,
         written: &mut Vec<Garbage>,
         service_id: u32,
+        frontend: &Frontend,
         backend: &BackendAddr,
     ) -> anyhow::Result<u32> {
         let id = self.backend_ids.allocate()?;
         written.push(Garbage::Backend(id));
-        let value = backend_entry(service_id, backend, false);
+        let value = entry_for(service_id, frontend, backend, false);
         store.run(|store| store.set_backend(id, &value))?;
         Ok(id)
     }
@@ -693,7 +1085,7 @@ impl Reconciler {
         for backend in &frontend.backends {
             ids.push(match entries.get(backend) {
                 Some(id) => *id,
-                None => self.write_backend(store, written, service_id, backend)?,
+                None => self.write_backend(store, written, service_id, frontend, backend)?,
             });
         }
         let backend_set = self.write_set(store, written, &ids)?;
@@ -737,6 +1129,11 @@ impl Reconciler {
             Ok((value, ids))
         })();
         let (value, ids) = result.map_err(|error| self.abandon(written, error))?;
+        let flags = ids
+            .iter()
+            .zip(&frontend.backends)
+            .map(|(id, backend)| (*id, entry_for(service_id, frontend, backend, false).flags))
+            .collect();
         self.live.insert(
             key,
             LiveFrontend {
@@ -746,6 +1143,7 @@ impl Reconciler {
                 draining: BTreeMap::new(),
                 info: Some(info),
                 source_ranges: ranges,
+                flags,
                 dirty: false,
             },
         );
@@ -779,12 +1177,15 @@ impl Reconciler {
                 entry.source_ranges.insert(*range);
             }
         }
+        // The flags each entry holds as this update writes them.
+        let mut flags = live.flags.clone();
         // A draining endpoint back in the set takes new flows again, affinity included: cleared
         // before the switch gives it a slot.
         for backend in &frontend.backends {
             if let Some(id) = live.draining.get(backend) {
-                let value = backend_entry(service_id, backend, false);
+                let value = entry_for(service_id, frontend, backend, false);
                 store.run(|store| store.set_backend(*id, &value))?;
+                flags.insert(*id, value.flags);
             }
         }
         if live.dirty || live.backends != frontend.backends {
@@ -797,6 +1198,11 @@ impl Reconciler {
                 Ok((value, ids))
             })();
             let (value, new_ids) = result.map_err(|error| self.abandon(written, error))?;
+            for (id, backend) in new_ids.iter().zip(&frontend.backends) {
+                if !entries.values().any(|held| held == id) {
+                    flags.insert(*id, entry_for(service_id, frontend, backend, false).flags);
+                }
+            }
             // Break: the old set is garbage from now on.
             self.garbage.extend(Self::slots_of(&live.value));
             let entry = self.live.get_mut(&key).context("frontend vanished")?;
@@ -835,9 +1241,28 @@ impl Reconciler {
         // every draining flag written again.
         for (backend, id) in &draining {
             if live.dirty || !live.draining.contains_key(backend) {
-                let value = backend_entry(service_id, backend, true);
+                let value = entry_for(service_id, frontend, backend, true);
                 store.run(|store| store.set_backend(*id, &value))?;
+                flags.insert(*id, value.flags);
             }
+        }
+        // Entries whose role stayed but whose conditions changed (informational bits only), and
+        // any the maps held with other flags: rewritten in place, the id stays.
+        let slotted = ids
+            .iter()
+            .zip(&frontend.backends)
+            .map(|(id, b)| (*id, b, false));
+        let kept = draining.iter().map(|(backend, id)| (*id, backend, true));
+        let mut held = BTreeMap::new();
+        for (id, backend, drains) in slotted.chain(kept) {
+            let value = entry_for(service_id, frontend, backend, drains);
+            if flags.get(&id) != Some(&value.flags) {
+                store.run(|store| store.set_backend(id, &value))?;
+            }
+            held.insert(id, value.flags);
+        }
+        if let Some(entry) = self.live.get_mut(&key) {
+            entry.flags = held;
         }
         let info = service_info(frontend);
         if live.info != Some(info) {

@@ -8,7 +8,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb::{
-    desired::{BackendAddr, DesiredState, Frontend, Note, desired_state},
+    desired::{BackendAddr, DesiredState, Details, Frontend, Note, desired_state},
     manifests::{Snapshot, load_dir},
     node::NodeConfig,
 };
@@ -127,6 +127,7 @@ fn frontend(
         affinity_timeout_s: 0,
         source_ranges: None,
         snat_remote: false,
+        details: Details::default(),
     }
 }
 
@@ -142,7 +143,16 @@ fn frontends(desired: &DesiredState) -> Vec<Frontend> {
             "{frontend:?} is filed under another key"
         );
     }
-    let mut frontends: Vec<Frontend> = desired.frontends.values().cloned().collect();
+    // These tests are about where traffic goes; what the inspection commands are told about a
+    // frontend (`details`) has tests of its own.
+    let mut frontends: Vec<Frontend> = desired
+        .frontends
+        .values()
+        .map(|frontend| Frontend {
+            details: Details::default(),
+            ..frontend.clone()
+        })
+        .collect();
     // Host order, so that the expected lists read naturally whatever the byte order.
     frontends.sort_by_key(|frontend| (frontend.addr, frontend.port, frontend.proto));
     frontends

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::bail;
 use lb::{
-    desired::{BackendAddr, DesiredState, Frontend},
+    desired::{BackendAddr, DesiredState, Details, Frontend},
     node::Ipv4Cidr,
     reconcile::{MemoryStore, Reconciler, ServiceStore, Summary},
 };
@@ -58,6 +58,7 @@ fn frontend(
         affinity_timeout_s: 0,
         source_ranges: None,
         snat_remote: false,
+        details: Details::default(),
     }
 }
 

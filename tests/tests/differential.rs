@@ -23,7 +23,7 @@ use lb::{
         Dataplane,
         maps::{Capacities, ServiceMaps, open_conntrack, open_tx_ports, read_counters},
     },
-    desired::{BackendAddr, DesiredState, Frontend as DesiredFrontend},
+    desired::{BackendAddr, DesiredState, Details, Frontend as DesiredFrontend},
     node::{Ipv4Cidr, dataplane_config},
     reconcile::Reconciler,
 };
@@ -343,6 +343,7 @@ fn desired(world: &World) -> DesiredState {
                     .collect()
             }),
             snat_remote: frontend.snat_remote,
+            details: Details::default(),
         };
         state.frontends.insert(desired.key(), desired);
     }

@@ -31,7 +31,7 @@ use lb::{
             open_tx_ports, read_counters,
         },
     },
-    desired::{BackendAddr, DesiredState, Frontend},
+    desired::{BackendAddr, DesiredState, Details, Frontend},
     node::Ipv4Cidr,
     reconcile::Reconciler,
 };
@@ -709,6 +709,7 @@ fn frontend(
         affinity_timeout_s: 0,
         source_ranges: None,
         snat_remote: false,
+        details: Details::default(),
     }
 }
 

@@ -34,7 +34,12 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{
     net::{IPPROTO_TCP, IPPROTO_UDP, addr_to_wire, port_to_wire},
-    service::{SERVICE_DROP_WHEN_EMPTY, SERVICE_SNAT_REMOTE, SERVICE_SOURCE_RANGES, ServiceKey},
+    service::{
+        BACKEND_READY, BACKEND_SERVING, BACKEND_TERMINATING, FRONTEND_CLUSTER_IP,
+        FRONTEND_EXTERNAL_IP, FRONTEND_LOAD_BALANCER_IP, FRONTEND_NODE_PORT, POLICY_CLUSTER,
+        SERVICE_DROP_WHEN_EMPTY, SERVICE_SNAT_REMOTE, SERVICE_SOURCE_RANGES,
+        SERVICE_TYPE_CLUSTER_IP, SERVICE_TYPE_LOAD_BALANCER, SERVICE_TYPE_NODE_PORT, ServiceKey,
+    },
 };
 
 use crate::{
@@ -91,6 +96,40 @@ pub struct Frontend {
     /// External traffic under `externalTrafficPolicy: Cluster`: flows to `remote` backends get
     /// source NAT to the node's address (`SERVICE_SNAT_REMOTE`).
     pub snat_remote: bool,
+    /// What the inspection commands show about the frontend; the datapath never reads it.
+    pub details: Details,
+}
+
+/// What a frontend is, for the inspection commands (`LB_SVC_INFO`, and the informational
+/// `Backend::flags` bits): written with the frontend so that `lb services`, `lb backends` and
+/// `lb plan` answer from the maps alone, while the agent is down too.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Details {
+    /// `ServiceInfo::service_type`: a `SERVICE_TYPE_*` code.
+    pub service_type: u8,
+    /// `ServiceInfo::frontend_kind`: a `FRONTEND_*` code.
+    pub frontend_kind: u8,
+    /// `ServiceInfo::internal_policy`: a `POLICY_*` code.
+    pub internal_policy: u8,
+    /// `ServiceInfo::external_policy`: a `POLICY_*` code.
+    pub external_policy: u8,
+    /// The Service's `metadata.generation` (0 when unset).
+    pub generation: u64,
+    /// Endpoints of the Service port, on every node, by condition.
+    pub counts: EndpointCounts,
+    /// The conditions of every endpoint in `backends` and `draining`, as `BACKEND_READY`,
+    /// `BACKEND_SERVING` and `BACKEND_TERMINATING` bits. Kept apart from [`BackendAddr`]: a
+    /// condition change must not give an endpoint a new backend id (its flows would move).
+    pub conditions: BTreeMap<BackendAddr, u8>,
+}
+
+/// How many endpoints of a Service port are ready, serving and terminating (an endpoint listed
+/// in several slices counts once).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounts {
+    pub ready: u32,
+    pub serving: u32,
+    pub terminating: u32,
 }
 
 impl Frontend {
@@ -390,6 +429,23 @@ fn fill_part(
     let externally_reachable = addrs.len() > cluster_ip_count
         || NODE_PORT_TYPES.contains(&spec.type_.as_deref().unwrap_or_default());
     let uses_cluster_endpoints = !internal_local || (externally_reachable && !external_local);
+    let policy_code = |local: bool| {
+        if local {
+            lb_common::service::POLICY_LOCAL
+        } else {
+            POLICY_CLUSTER
+        }
+    };
+    let service_type = match spec.type_.as_deref() {
+        Some("NodePort") => SERVICE_TYPE_NODE_PORT,
+        Some("LoadBalancer") => SERVICE_TYPE_LOAD_BALANCER,
+        _ => SERVICE_TYPE_CLUSTER_IP,
+    };
+    let generation = service
+        .metadata
+        .generation
+        .and_then(|generation| u64::try_from(generation).ok())
+        .unwrap_or(0);
     for port in spec.ports.iter().flatten() {
         let port_name = port.name.clone().unwrap_or_default();
         let Some(proto) = protocol_number(port.protocol.as_deref()) else {
@@ -407,6 +463,21 @@ fn fill_part(
         let candidates = endpoints(slices, &port_name, proto, node);
         let internal = choose(&candidates, internal_local, uses_cluster_endpoints);
         let external = choose(&candidates, external_local, uses_cluster_endpoints);
+        let (counts, conditions) = conditions(&candidates);
+        let details = |frontend_kind: u8, sets: &EndpointSets| Details {
+            service_type,
+            frontend_kind,
+            internal_policy: policy_code(internal_local),
+            external_policy: policy_code(external_local),
+            generation,
+            counts,
+            conditions: sets
+                .backends
+                .iter()
+                .chain(&sets.draining)
+                .map(|backend| (*backend, conditions.get(backend).copied().unwrap_or(0)))
+                .collect(),
+        };
         let no_ranges = &None;
         // External traffic reaching another node's endpoint is masqueraded (only `Cluster`
         // sends it there); ClusterIP traffic comes from pods, whose addresses route.
@@ -416,11 +487,21 @@ fn fill_part(
             .enumerate()
             .map(|(index, addr)| {
                 if index < cluster_ip_count {
-                    (*addr, service_port, &internal, no_ranges, false)
+                    let kind = FRONTEND_CLUSTER_IP;
+                    (*addr, service_port, &internal, no_ranges, false, kind)
                 } else if lb_ips.contains(addr) {
-                    (*addr, service_port, &external, &source_ranges, snat_remote)
+                    let kind = FRONTEND_LOAD_BALANCER_IP;
+                    (
+                        *addr,
+                        service_port,
+                        &external,
+                        &source_ranges,
+                        snat_remote,
+                        kind,
+                    )
                 } else {
-                    (*addr, service_port, &external, no_ranges, snat_remote)
+                    let kind = FRONTEND_EXTERNAL_IP;
+                    (*addr, service_port, &external, no_ranges, snat_remote, kind)
                 }
             })
             .collect();
@@ -430,11 +511,12 @@ fn fill_part(
                 .filter(|port| *port != 0)
                 .and_then(|port| u16::try_from(port).ok());
             match node_port {
-                Some(node_port) if node.node_port_range.contains(&node_port) => listeners.extend(
-                    node.nodeport_addresses
-                        .iter()
-                        .map(|addr| (*addr, node_port, &external, no_ranges, snat_remote)),
-                ),
+                Some(node_port) if node.node_port_range.contains(&node_port) => {
+                    listeners.extend(node.nodeport_addresses.iter().map(|addr| {
+                        let kind = FRONTEND_NODE_PORT;
+                        (*addr, node_port, &external, no_ranges, snat_remote, kind)
+                    }))
+                }
                 Some(node_port) => note(format!(
                     "port {} ({port_name}): nodePort {node_port} is outside the node port \
                      range {}-{}; not served on the node's addresses",
@@ -451,7 +533,7 @@ fn fill_part(
                 None => {}
             }
         }
-        for (addr, listen_port, sets, ranges, snat_remote) in listeners {
+        for (addr, listen_port, sets, ranges, snat_remote, kind) in listeners {
             let frontend = Frontend {
                 namespace: namespace.clone(),
                 name: name.clone(),
@@ -465,6 +547,7 @@ fn fill_part(
                 affinity_timeout_s,
                 source_ranges: ranges.clone(),
                 snat_remote,
+                details: details(kind, sets),
             };
             let key = frontend.key();
             if frontends.iter().any(|claimed| claimed.key() == key) {
@@ -565,13 +648,14 @@ const AFFINITY_CLIENT_IP: &str = "ClientIP";
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// A frontend being built: address, port, endpoints, source ranges, source NAT to remote
-/// endpoints.
+/// endpoints, and which kind of address it is (`FRONTEND_*`).
 type Listener<'a> = (
     Ipv4Addr,
     u16,
     &'a EndpointSets,
     &'a Option<Vec<Ipv4Cidr>>,
     bool,
+    u8,
 );
 
 /// `internalTrafficPolicy` / `externalTrafficPolicy` value keeping traffic on this node.
@@ -584,6 +668,10 @@ struct Candidate {
     ready: bool,
     /// Terminating but still serving: used for new flows when none is ready (KEP-1669).
     serving_terminating: bool,
+    /// The `serving` condition (unset: as `ready`).
+    serving: bool,
+    /// The `terminating` condition.
+    terminating: bool,
     /// On this node (its `nodeName` is this node's, or the node's name is unknown).
     local: bool,
     /// The endpoint's `hints.forNodes`: none, or whether they name this node.
@@ -698,6 +786,33 @@ fn choose(
     }
 }
 
+/// The endpoint counts of a Service port and each endpoint's condition bits, from its
+/// `candidates`. An address listed in several slices merges its conditions (any slice saying
+/// ready makes it ready, as [`choose`] reads it) and counts once.
+fn conditions(candidates: &[Candidate]) -> (EndpointCounts, BTreeMap<BackendAddr, u8>) {
+    let mut bits: BTreeMap<BackendAddr, u8> = BTreeMap::new();
+    for candidate in candidates {
+        let mut flags = 0;
+        if candidate.ready {
+            flags |= BACKEND_READY;
+        }
+        if candidate.serving {
+            flags |= BACKEND_SERVING;
+        }
+        if candidate.terminating {
+            flags |= BACKEND_TERMINATING;
+        }
+        *bits.entry(candidate.backend).or_default() |= flags;
+    }
+    let count = |bit: u8| bits.values().filter(|flags| *flags & bit != 0).count() as u32;
+    let counts = EndpointCounts {
+        ready: count(BACKEND_READY),
+        serving: count(BACKEND_SERVING),
+        terminating: count(BACKEND_TERMINATING),
+    };
+    (counts, bits)
+}
+
 /// A frontend's endpoints, as [`Frontend::backends`], [`Frontend::draining`] and
 /// [`Frontend::drop_when_empty`] hold them.
 struct EndpointSets {
@@ -771,6 +886,8 @@ fn endpoints(
                 },
                 ready: is_ready,
                 serving_terminating: is_serving && is_terminating,
+                serving: is_serving,
+                terminating: is_terminating,
                 local,
                 node_hint,
                 zone_hint,

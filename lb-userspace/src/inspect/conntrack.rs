@@ -219,6 +219,23 @@ fn live_flows(pin_dir: &Path) -> anyhow::Result<Vec<Flow>> {
     Ok(flows)
 }
 
+/// Live flows by backend id and backend address and port (see [`live_flow_counts`]).
+pub type FlowCounts = std::collections::BTreeMap<(u32, (Ipv4Addr, u16)), usize>;
+
+/// The number of live flows on each backend, by backend id and the address and port the flows
+/// were translated to: a flow counts for a backend entry only while that entry still holds its
+/// address, as the datapath honours it only then (an id freed and reused names another
+/// endpoint).
+pub fn live_flow_counts(pin_dir: &Path) -> anyhow::Result<FlowCounts> {
+    let mut counts = std::collections::BTreeMap::new();
+    for flow in live_flows(pin_dir)? {
+        *counts
+            .entry((flow.state.backend_id, flow.backend))
+            .or_default() += 1;
+    }
+    Ok(counts)
+}
+
 /// The live flows `filter` admits, sorted by Service, frontend and client.
 pub fn flow_rows(pin_dir: &Path, filter: &FlowFilter) -> anyhow::Result<Vec<FlowRow>> {
     Ok(live_flows(pin_dir)?

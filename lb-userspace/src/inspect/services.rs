@@ -1,0 +1,196 @@
+//! `lb services`: the Service frontends the pinned maps hold, one row each, with what
+//! `LB_SVC_INFO` says they are (Service type, kind of address, traffic policies, the generation
+//! programmed, endpoint counts) and the endpoints in their slots.
+
+use std::path::Path;
+
+use aya::maps::MapError;
+use lb_common::{
+    net::{addr_from_wire, port_from_wire, proto_name},
+    service::{
+        SERVICE_DROP_WHEN_EMPTY, SlotKey, frontend_kind_name, policy_name, service_type_name,
+    },
+};
+use serde::Serialize;
+
+use super::{format_table, names_in};
+use crate::dataplane::maps::ServiceMaps;
+
+/// One row of `lb services`: a Service frontend and its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceRow {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name ("" when unnamed).
+    pub port_name: String,
+    /// `10.96.0.10:80`.
+    pub frontend: String,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// The Service's `spec.type`: `ClusterIP`, `NodePort` or `LoadBalancer`.
+    pub service_type: &'static str,
+    /// Which of the Service's addresses the frontend is: `ClusterIP`, `ExternalIP`,
+    /// `LoadBalancer` (an ingress IP) or `NodePort` (a node address).
+    pub frontend_kind: &'static str,
+    /// `spec.internalTrafficPolicy` (`Cluster` or `Local`): ClusterIP frontends follow it.
+    pub internal_traffic_policy: &'static str,
+    /// `spec.externalTrafficPolicy`: every other frontend follows it.
+    pub external_traffic_policy: &'static str,
+    /// The Service's `metadata.generation` programmed (0: the object has none, as a manifest).
+    pub generation: u64,
+    /// Endpoints of the Service port, on every node, that are ready.
+    pub ready: u32,
+    /// ... that are serving (ready, or terminating and still serving).
+    pub serving: u32,
+    /// ... that are terminating.
+    pub terminating: u32,
+    /// `10.1.1.2:8080`, in slot order: the endpoints new flows are spread over.
+    pub endpoints: Vec<String>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
+    pub affinity_timeout_s: u32,
+    /// With no endpoint: `reject` (ICMP port unreachable) or `drop` (a `Local` traffic policy
+    /// and endpoints only on other nodes).
+    pub when_empty: &'static str,
+}
+
+/// Which Services `lb services` lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceFilter {
+    /// `-n NAMESPACE`.
+    pub namespace: Option<String>,
+    /// The optional `NAME` argument.
+    pub name: Option<String>,
+}
+
+impl ServiceFilter {
+    fn admits(&self, row: &ServiceRow) -> bool {
+        self.namespace
+            .as_ref()
+            .is_none_or(|ns| *ns == row.namespace)
+            && self.name.as_ref().is_none_or(|name| *name == row.name)
+    }
+}
+
+/// The Service frontends the pinned maps hold that `filter` admits, sorted by namespace, name,
+/// port name and frontend.
+pub fn service_rows(pin_dir: &Path, filter: &ServiceFilter) -> anyhow::Result<Vec<ServiceRow>> {
+    let maps = ServiceMaps::open(pin_dir)?;
+    let mut rows = Vec::new();
+    for entry in maps.services.iter() {
+        let (key, value) = entry?;
+        let info = match maps.info.get(&value.service_id, 0) {
+            Ok(info) => Some(info),
+            Err(MapError::KeyNotFound) => None,
+            Err(error) => return Err(error.into()),
+        };
+        let names = names_in(info.as_ref());
+        let mut endpoints = Vec::new();
+        for slot in 0..value.backend_count {
+            let slot_key = SlotKey {
+                backend_set: value.backend_set,
+                slot,
+            };
+            let endpoint = match maps.slots.get(&slot_key, 0) {
+                Ok(id) => {
+                    let backend = maps.backends.get(&id, 0)?;
+                    format!(
+                        "{}:{}",
+                        addr_from_wire(backend.addr),
+                        port_from_wire(backend.port)
+                    )
+                }
+                Err(MapError::KeyNotFound) => "<missing slot>".to_owned(),
+                Err(error) => return Err(error.into()),
+            };
+            endpoints.push(endpoint);
+        }
+        let info = info.unwrap_or_default();
+        let row = ServiceRow {
+            namespace: names.namespace,
+            name: names.name,
+            port_name: names.port_name,
+            frontend: format!("{}:{}", addr_from_wire(key.addr), port_from_wire(key.port)),
+            protocol: proto_name(key.proto).to_owned(),
+            service_type: service_type_name(info.service_type),
+            frontend_kind: frontend_kind_name(info.frontend_kind),
+            internal_traffic_policy: policy_name(info.internal_policy),
+            external_traffic_policy: policy_name(info.external_policy),
+            generation: info.generation,
+            ready: info.ready,
+            serving: info.serving,
+            terminating: info.terminating,
+            endpoints,
+            affinity_timeout_s: value.affinity_timeout_s,
+            when_empty: if value.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+                "drop"
+            } else {
+                "reject"
+            },
+        };
+        if filter.admits(&row) {
+            rows.push(row);
+        }
+    }
+    rows.sort_by(|a, b| {
+        (&a.namespace, &a.name, &a.port_name, &a.frontend).cmp(&(
+            &b.namespace,
+            &b.name,
+            &b.port_name,
+            &b.frontend,
+        ))
+    });
+    Ok(rows)
+}
+
+/// `lb services` as a table.
+pub fn services_table(rows: &[ServiceRow]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            vec![
+                row.namespace.clone(),
+                row.name.clone(),
+                if row.port_name.is_empty() {
+                    "-".to_owned()
+                } else {
+                    row.port_name.clone()
+                },
+                row.service_type.to_owned(),
+                row.frontend_kind.to_owned(),
+                format!("{}/{}", row.frontend, row.protocol),
+                format!(
+                    "{}/{}",
+                    row.internal_traffic_policy, row.external_traffic_policy
+                ),
+                format!("{}/{}/{}", row.ready, row.serving, row.terminating),
+                row.generation.to_string(),
+                if row.endpoints.is_empty() {
+                    format!("<none: {}>", row.when_empty)
+                } else {
+                    row.endpoints.join(",")
+                },
+                if row.affinity_timeout_s == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("ClientIP {}s", row.affinity_timeout_s)
+                },
+            ]
+        })
+        .collect();
+    format_table(
+        &[
+            "NAMESPACE",
+            "NAME",
+            "PORT",
+            "TYPE",
+            "VIA",
+            "FRONTEND",
+            "POLICY(INT/EXT)",
+            "READY/SERVING/TERM",
+            "GEN",
+            "ENDPOINTS",
+            "AFFINITY",
+        ],
+        &cells,
+    )
+}
