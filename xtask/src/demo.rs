@@ -157,7 +157,11 @@ fn demo(lb_path: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
     println!("xtask: $ lb services");
     print!("{}", lb(lb_path, &pin_dir, &["services"])?);
     println!("\nxtask: $ lb stats   (zero counters left out)");
-    for line in lb(lb_path, &pin_dir, &["stats"])?.lines() {
+    let stats = lb(lb_path, &pin_dir, &["stats"])?;
+    // The frontends' table, whole; then the counters that moved.
+    let (services, counters) = stats.split_once("\n\n").unwrap_or((&stats, ""));
+    println!("{services}\n");
+    for line in counters.lines() {
         if !line.ends_with(" 0") {
             println!("{line}");
         }
