@@ -31,7 +31,7 @@ use crate::{
     manifests::{ManifestError, Snapshot, load_dir},
     metrics::Metrics,
     node::{self, NodeConfig, NodePortAddresses, NodeSettings, SourceSetting},
-    reconcile::{Reconciler, Summary},
+    reconcile::{Reconciler, Refusal, Summary},
 };
 
 /// Where the Services and EndpointSlices come from.
@@ -88,6 +88,25 @@ pub(crate) struct SettingsRecord {
     state_dir: PathBuf,
     source: SourceSetting,
     saved: Option<NodeSettings>,
+    /// The refusals last written to [`REFUSED_FILE`].
+    refused: Option<Vec<Refusal>>,
+}
+
+/// The file in the state directory listing the frontends refused for lack of room in a map
+/// (`lb services` shows them, agent up or down).
+pub const REFUSED_FILE: &str = "refused.json";
+
+/// The frontends `state_dir` says the agent could not program for lack of room; none when the
+/// file is absent (no agent ran with that state directory, or nothing was ever refused).
+pub fn read_refusals(state_dir: &Path) -> anyhow::Result<Vec<Refusal>> {
+    let path = state_dir.join(REFUSED_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 impl SettingsRecord {
@@ -104,6 +123,29 @@ impl SettingsRecord {
             state_dir: options.state_dir.clone(),
             source,
             saved: None,
+            refused: None,
+        }
+    }
+
+    /// Records the frontends `reconciler` could not program for lack of room, when they changed
+    /// (written whole to a temporary file, then renamed, so a reader never sees half of it).
+    pub(crate) fn record_refusals(&mut self, reconciler: &Reconciler) {
+        let refused: Vec<Refusal> = reconciler.refused().cloned().collect();
+        if self.refused.as_ref() == Some(&refused) {
+            return;
+        }
+        let path = self.state_dir.join(REFUSED_FILE);
+        let temporary = self.state_dir.join(format!("{REFUSED_FILE}.tmp"));
+        let result = serde_json::to_vec_pretty(&refused)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| Ok(std::fs::write(&temporary, bytes)?))
+            .and_then(|()| Ok(std::fs::rename(&temporary, &path)?));
+        match result {
+            Ok(()) => self.refused = Some(refused),
+            Err(error) => warn!(
+                "writing {}: {error:#}; `lb services` will not flag the refused frontends",
+                path.display()
+            ),
         }
     }
 
@@ -203,13 +245,17 @@ pub(crate) fn program(
     }
     let summary = reconciler.reconcile(desired, maps);
     report(&summary, reconciler);
-    metrics.observe_sync(started.elapsed(), &summary);
+    metrics.observe_sync(started.elapsed(), &summary, reconciler);
 }
 
 /// Logs what a reconciliation did: its errors, and its counts when it wrote anything.
 pub(crate) fn report(summary: &Summary, reconciler: &Reconciler) {
     for error in &summary.errors {
-        warn!("{error:#}");
+        // A full map is an operator's problem to solve (a capacity flag), not a passing one.
+        match error.downcast_ref::<crate::reconcile::MapFull>() {
+            Some(full) => tracing::error!(map = full.map, capacity = full.capacity, "{error:#}"),
+            None => warn!("{error:#}"),
+        }
     }
     if summary.changed() {
         info!(
@@ -266,6 +312,7 @@ impl ManifestSource {
             &mut self.last_notes,
             (metrics, started),
         );
+        self.settings.record_refusals(reconciler);
     }
 }
 

@@ -504,8 +504,9 @@ pub(crate) async fn run(
             reconciler.reconcile_changes(&changes, maps)
         };
         report(&summary, reconciler);
-        metrics.observe_sync(started.elapsed(), &summary);
-        if !summary.errors.is_empty() {
+        metrics.observe_sync(started.elapsed(), &summary, reconciler);
+        settings.record_refusals(reconciler);
+        if !summary.errors.is_empty() || summary.refused_again > 0 {
             retry = Some(Instant::now() + RETRY_AFTER_ERRORS);
         }
         if !ready {

@@ -109,6 +109,21 @@ enum Command {
         /// a node with pinned maps needs `lb reset` first.
         #[arg(long, default_value_t = lb_common::limits::MAX_CONNTRACK / lb_common::limits::CONNTRACK_ENTRIES_PER_FLOW)]
         conntrack_flows: u32,
+        /// Service frontends the maps hold (a frontend: one Service port on one address:
+        /// ClusterIP, each node address for a NodePort, each load balancer IP and externalIP).
+        /// A frontend beyond it is not programmed: an error names the map, `lb services` flags
+        /// it and `lb_map_refused_frontends` counts it. Needs `lb reset` to change on a node with
+        /// pinned maps.
+        #[arg(long, default_value_t = lb_common::limits::MAX_SERVICES)]
+        max_services: u32,
+        /// Backends the maps hold (one per frontend and endpoint; a frontend keeps its old
+        /// endpoints when the new ones do not fit). Needs `lb reset` to change.
+        #[arg(long, default_value_t = lb_common::limits::MAX_BACKENDS)]
+        max_backends: u32,
+        /// (client, frontend) pairs session affinity remembers; the least recently used are
+        /// forgotten first. Needs `lb reset` to change.
+        #[arg(long, default_value_t = lb_common::limits::MAX_AFFINITY)]
+        affinity_entries: u32,
         /// Serve NodePorts only on the node's addresses inside these prefixes (comma separated,
         /// e.g. 10.0.0.0/8), or `primary`: the InternalIPs of this node's Node object (Kubernetes
         /// source only), as kube-proxy's flag of the same name; default: every address of the
@@ -168,6 +183,10 @@ enum Command {
         namespace: Option<String>,
         /// Only the Service of this name.
         name: Option<String>,
+        /// The agent's state directory, where it lists the frontends it could not program for
+        /// lack of room in a map (flagged, or listed as not programmed).
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -352,6 +371,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             state_dir,
             xdp_redirect_veth,
             conntrack_flows,
+            max_services,
+            max_backends,
+            affinity_entries,
             nodeport_addresses,
             service_node_port_range,
             node_name,
@@ -379,7 +401,12 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(name) => name,
                 None => host_name()?,
             };
-            let capacities = Capacities::for_flows(conntrack_flows)?;
+            let capacities = Capacities::new(
+                conntrack_flows,
+                max_services,
+                max_backends,
+                affinity_entries,
+            )?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -413,9 +440,11 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Services {
             namespace,
             name,
+            state_dir,
             output,
         } => {
-            let rows = service_rows(&cli.pin_dir, &ServiceFilter { namespace, name })?;
+            let refusals = lb::agent::read_refusals(&state_dir)?;
+            let rows = service_rows(&cli.pin_dir, &ServiceFilter { namespace, name }, &refusals)?;
             match output {
                 Output::Table => print!("{}", services_table(&rows)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),

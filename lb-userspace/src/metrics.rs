@@ -9,6 +9,8 @@
 //! - `lb_sync_duration_seconds`: from a change seen (a watch event, a manifest change, a resync)
 //!   to its map writes done, for every programming pass that wrote something;
 //! - `lb_sync_errors_total`: map writes that failed (each is retried);
+//! - `lb_map_full_errors_total{map}`: frontends refused because a map had no room (each counted
+//!   once per refusal, not per retry); `lb_map_refused_frontends{map}`: how many are refused now;
 //! - `lb_service_packets_total`, `lb_service_bytes_total{direction}`,
 //!   `lb_service_flows_total`, `lb_service_refused_packets_total`: each frontend's traffic
 //!   (`LB_SVC_TRAFFIC`), labelled by namespace, service, port name and frontend;
@@ -22,11 +24,13 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use hyper::{Method, StatusCode};
 use prometheus_client::{
     collector::Collector,
+    encoding::EncodeLabelSet,
     encoding::{DescriptorEncoder, EncodeMetric as _, text::encode},
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
-        gauge::ConstGauge,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -37,7 +41,7 @@ use crate::{
     dataplane::maps::{occupancy, read_counters},
     health::{Answer, Reply},
     inspect::traffic::{FrontendTraffic, TrafficCounts, frontend_traffic},
-    reconcile::Summary,
+    reconcile::{MapFull, Reconciler, Summary},
 };
 
 /// The default `--metrics-address`.
@@ -57,6 +61,14 @@ pub struct Metrics {
     registry: Registry,
     sync_duration: Histogram,
     sync_errors: Counter,
+    map_full_errors: Family<MapLabel, Counter>,
+    refused_frontends: Family<MapLabel, Gauge>,
+}
+
+/// The `map` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
 }
 
 impl Metrics {
@@ -79,21 +91,59 @@ impl Metrics {
             "Map writes that failed (each is retried)",
             sync_errors.clone(),
         );
+        let map_full_errors = Family::<MapLabel, Counter>::default();
+        registry.register(
+            "lb_map_full_errors",
+            "Frontends refused because a map had no room (once per refusal, not per retry)",
+            map_full_errors.clone(),
+        );
+        let refused_frontends = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "lb_map_refused_frontends",
+            "Frontends not programmed (or left with their old entries) for lack of room in a map",
+            refused_frontends.clone(),
+        );
         registry.register_collector(Box::new(Datapath { pin_dir }));
         Arc::new(Self {
             registry,
             sync_duration,
             sync_errors,
+            map_full_errors,
+            refused_frontends,
         })
     }
 
-    /// Records one programming pass that took `took`.
-    pub fn observe_sync(&self, took: Duration, summary: &Summary) {
+    /// Records one programming pass that took `took`, and what `reconciler` could not program
+    /// for lack of room.
+    pub fn observe_sync(&self, took: Duration, summary: &Summary, reconciler: &Reconciler) {
         if summary.writes > 0 {
             self.sync_duration.observe(took.as_secs_f64());
         }
         self.sync_errors
             .inc_by(u64::try_from(summary.errors.len()).unwrap_or(u64::MAX));
+        for error in &summary.errors {
+            if let Some(full) = error.downcast_ref::<MapFull>() {
+                self.map_full_errors
+                    .get_or_create(&MapLabel {
+                        map: full.map.to_owned(),
+                    })
+                    .inc();
+            }
+        }
+        let mut refused = std::collections::BTreeMap::<String, i64>::new();
+        for refusal in reconciler.refused() {
+            *refused.entry(refusal.map.clone()).or_default() += 1;
+        }
+        // A map no longer refusing anything reads 0 rather than vanishing.
+        self.refused_frontends.clear();
+        for name in crate::dataplane::ALL_MAPS {
+            let count = refused.get(name).copied().unwrap_or(0);
+            self.refused_frontends
+                .get_or_create(&MapLabel {
+                    map: name.to_owned(),
+                })
+                .set(count);
+        }
     }
 
     /// The OpenMetrics text of every metric.

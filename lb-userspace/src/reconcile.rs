@@ -24,9 +24,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use lb_common::{
-    limits::{MAX_BACKENDS, MAX_SERVICES},
+    limits::{MAP_BACKENDS, MAP_SERVICES, MAP_SLOTS, MAX_BACKENDS, MAX_SERVICES},
     net::{addr_from_wire, addr_to_wire, port_from_wire, port_to_wire},
     service::{
         BACKEND_ACTIVE, BACKEND_CONDITIONS, BACKEND_DRAINING, BACKEND_REMOTE, Backend, NAME_LEN,
@@ -43,6 +43,14 @@ use crate::{
 
 /// Write and read access to the Service maps. Deletes of absent entries succeed.
 pub trait ServiceStore {
+    /// How many frontends the maps hold at most: service ids stay below it.
+    fn service_capacity(&self) -> u32 {
+        MAX_SERVICES
+    }
+    /// How many backends the maps hold at most: backend ids stay below it.
+    fn backend_capacity(&self) -> u32 {
+        MAX_BACKENDS
+    }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
     fn clear_backend(&mut self, id: u32) -> anyhow::Result<()>;
     fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()>;
@@ -245,6 +253,62 @@ fn info_differences(held: &ServiceInfo, wanted: &ServiceInfo) -> Vec<String> {
     reasons
 }
 
+/// A write refused for lack of room: the map is full, or (for maps indexed by id) every id below
+/// its capacity is taken. The frontend it was for is not programmed (or keeps its old entries)
+/// until room is made; `lb agent`'s capacity flags size the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapFull {
+    pub map: &'static str,
+    pub capacity: u32,
+}
+
+impl MapFull {
+    /// The `lb agent` flag that sizes `map`, if one does.
+    pub fn flag(&self) -> Option<&'static str> {
+        use lb_common::limits::{
+            MAP_AFFINITY, MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_SERVICE_INFO, MAP_SERVICES, MAP_SLOTS,
+        };
+        match self.map {
+            MAP_SERVICES | MAP_SERVICE_INFO | MAP_CLUSTER_IPS => Some("--max-services"),
+            MAP_BACKENDS | MAP_SLOTS => Some("--max-backends"),
+            MAP_AFFINITY => Some("--affinity-entries"),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for MapFull {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "map {} is full ({} entries)",
+            self.map, self.capacity
+        )?;
+        match self.flag() {
+            Some(flag) => write!(formatter, ": raise `lb agent {flag}` (needs `lb reset`)"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for MapFull {}
+
+/// A frontend the maps could not take (or could not update) for lack of room.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Refusal {
+    /// The map that was full.
+    pub map: String,
+    pub capacity: u32,
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    /// `10.96.0.10:80/TCP`.
+    pub frontend: String,
+    /// The frontend holds its previous entries (an update was refused); `false`: it is not in
+    /// the maps at all.
+    pub stale: bool,
+}
+
 /// A pool of ids in `1..limit`, handed out round-robin so a freed id is reused as late as
 /// possible (conntrack entries may still name it; they check the address too, but later is
 /// better).
@@ -253,16 +317,17 @@ struct IdPool {
     used: BTreeSet<u32>,
     next: u32,
     limit: u32,
-    what: &'static str,
+    /// The map the ids index (or the map an id names entries of).
+    map: &'static str,
 }
 
 impl IdPool {
-    fn new(limit: u32, what: &'static str) -> Self {
+    fn new(limit: u32, map: &'static str) -> Self {
         Self {
             used: BTreeSet::new(),
             next: 1,
             limit,
-            what,
+            map,
         }
     }
 
@@ -275,11 +340,11 @@ impl IdPool {
 
     fn allocate(&mut self) -> anyhow::Result<u32> {
         if self.used.len() as u64 >= u64::from(self.limit) - 1 {
-            bail!(
-                "all {} {} ids are in use: the map is full",
-                self.limit - 1,
-                self.what
-            );
+            return Err(MapFull {
+                map: self.map,
+                capacity: self.limit,
+            }
+            .into());
         }
         let mut id = self.next.max(1);
         while self.used.contains(&id) {
@@ -384,6 +449,9 @@ pub struct Summary {
     pub writes: usize,
     /// Frontends that could not be programmed; each is retried on the next reconciliation.
     pub errors: Vec<anyhow::Error>,
+    /// Frontends refused again for lack of room in the same map as before: retried like the
+    /// errors, but not reported again (see [`Reconciler::refused`]).
+    pub refused_again: usize,
 }
 
 impl Summary {
@@ -418,6 +486,8 @@ pub struct Reconciler {
     garbage: BTreeSet<Garbage>,
     /// What `LB_CLUSTER_IPS` holds (network byte order), written or read back.
     cluster_ips: BTreeSet<u32>,
+    /// Frontends refused for lack of room, until they are programmed or no longer wanted.
+    refused: BTreeMap<ServiceKey, Refusal>,
 }
 
 impl Reconciler {
@@ -451,11 +521,12 @@ impl Reconciler {
     pub fn read(store: &impl ServiceStore) -> anyhow::Result<(Self, Vec<(u32, Backend)>)> {
         let mut reconciler = Self {
             live: BTreeMap::new(),
-            service_ids: IdPool::new(MAX_SERVICES, "service"),
-            backend_ids: IdPool::new(MAX_BACKENDS, "backend"),
-            backend_sets: IdPool::new(u32::MAX, "backend set"),
+            service_ids: IdPool::new(store.service_capacity(), MAP_SERVICES),
+            backend_ids: IdPool::new(store.backend_capacity(), MAP_BACKENDS),
+            backend_sets: IdPool::new(u32::MAX, MAP_SLOTS),
             garbage: BTreeSet::new(),
             cluster_ips: store.read_cluster_ips()?.into_iter().collect(),
+            refused: BTreeMap::new(),
         };
         let slots: BTreeMap<SlotKey, u32> = store.read_slots()?.into_iter().collect();
         let backends: BTreeMap<u32, Backend> = store.read_active_backends()?.into_iter().collect();
@@ -656,6 +727,11 @@ impl Reconciler {
         })
     }
 
+    /// The frontends refused for lack of room, until programmed or no longer wanted.
+    pub fn refused(&self) -> impl Iterator<Item = &Refusal> {
+        self.refused.values()
+    }
+
     /// Number of frontends the maps hold.
     pub fn frontend_count(&self) -> usize {
         self.live.len()
@@ -791,6 +867,9 @@ impl Reconciler {
         for key in stale {
             self.reconcile_frontend(key, None, &mut summary, &mut counting);
         }
+        // A refused frontend no object asks for any more is no longer refused.
+        self.refused
+            .retain(|key, _| desired.frontends.contains_key(key));
         summary.errors.extend(self.collect_garbage(&mut counting));
         let wanted: BTreeSet<u32> = desired
             .cluster_ips
@@ -850,6 +929,7 @@ impl Reconciler {
         counting: &mut Counting<'_, impl ServiceStore>,
     ) {
         let Some(frontend) = desired else {
+            self.refused.remove(&key);
             if self.live.contains_key(&key) {
                 match self.remove(key, counting) {
                     Ok(()) => summary.removed += 1,
@@ -874,9 +954,45 @@ impl Reconciler {
                 .update(key, frontend, counting)
                 .map(|()| summary.updated += 1),
         };
+        let full = result
+            .as_ref()
+            .err()
+            .and_then(|error| error.downcast_ref::<MapFull>());
+        let mut again = false;
+        match full {
+            Some(full) => {
+                again = self
+                    .refused
+                    .get(&key)
+                    .is_some_and(|refusal| refusal.map == full.map);
+                let refusal = Refusal {
+                    map: full.map.to_owned(),
+                    capacity: full.capacity,
+                    namespace: frontend.namespace.clone(),
+                    name: frontend.name.clone(),
+                    port_name: frontend.port_name.clone(),
+                    frontend: format!(
+                        "{}:{}/{}",
+                        frontend.addr,
+                        frontend.port,
+                        lb_common::net::proto_name(frontend.proto)
+                    ),
+                    stale: self.live.contains_key(&key),
+                };
+                self.refused.insert(key, refusal);
+            }
+            None if result.is_ok() => {
+                self.refused.remove(&key);
+            }
+            None => {}
+        }
         if let Err(error) = result {
             if let Some(live) = self.live.get_mut(&key) {
                 live.dirty = true;
+            }
+            if again {
+                summary.refused_again += 1;
+                return;
             }
             summary.errors.push(error.context(format!(
                 "programming {}/{} {}:{}",

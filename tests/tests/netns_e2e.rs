@@ -1086,6 +1086,17 @@ fn terminating_endpoints_take_new_flows_while_none_is_ready() {
     );
     assert!(tcp[0] > 0 && tcp[1] > 0, "TCP spread {tcp:?}");
     assert!(udp[0] > 0 && udp[1] > 0, "UDP spread {udp:?}");
+    // lb explain names the branch.
+    let explained = cluster.explain(&[
+        "--from",
+        &CLIENT_ADDR.to_string(),
+        "--to",
+        &format!("{TCP_FRONTEND}/tcp"),
+    ]);
+    assert_eq!(
+        explained["frontend"]["terminating_fallback"], true,
+        "{explained:#}"
+    );
 }
 
 /// The NodePort echo manifest with `externalTrafficPolicy: Local`, its endpoints on the nodes
@@ -1168,6 +1179,22 @@ fn external_traffic_policy_local_uses_only_this_node_s_endpoints_or_drops() {
     let error = connected.expect_err("answered with no local endpoint");
     assert_eq!(error.kind(), ErrorKind::TimedOut, "{node_port}: {error}");
     assert!(delta(&before, &cluster.counters(), "drop_no_local_endpoint") > 0);
+    // lb explain gives the policy and the reason.
+    let explained = cluster.explain(&[
+        "--from",
+        &CLIENT_ADDR.to_string(),
+        "--to",
+        &format!("{node_port}/tcp"),
+    ]);
+    assert_eq!(
+        explained["frontend"]["traffic_policy"], "Local",
+        "{explained:#}"
+    );
+    assert_eq!(explained["frontend"]["via"], "NodePort", "{explained:#}");
+    assert_eq!(
+        explained["verdict"], "drop_no_local_endpoint",
+        "{explained:#}"
+    );
 }
 
 /// An address of the service CIDR that no Service holds.
@@ -1297,6 +1324,21 @@ fn client_ip_session_affinity_keeps_a_client_on_one_endpoint() {
         delta(&before, &cluster.counters(), "affinity_hit"),
         2 * (FLOWS as u64 - 1)
     );
+    // lb explain follows the same affinity, and leaves it as it was.
+    let endpoint = tcp.iter().position(|n| *n > 0).expect("the TCP endpoint");
+    let explained = cluster.explain(&[
+        "--from",
+        &CLIENT_ADDR.to_string(),
+        "--to",
+        &format!("{TCP_FRONTEND}/tcp"),
+    ]);
+    assert_eq!(
+        explained["backend"],
+        format!("{}:{BACKEND_TCP_PORT}", backend_addr(endpoint)).as_str(),
+        "{explained:#}"
+    );
+    assert!(lists(&explained["events"], "affinity_hit"), "{explained:#}");
+    assert_eq!(explained["frontend"]["affinity_timeout_s"], 10_800);
 }
 
 /// The `edge` LoadBalancer Service on [`LOAD_BALANCER_IP`], admitting `ranges`.
@@ -1356,6 +1398,17 @@ fn load_balancer_source_ranges_admit_their_clients_and_drop_the_others() {
     });
     assert!(dropped, "{frontend} still answered outside the ranges");
     assert!(delta(&before, &cluster.counters(), "drop_source_range") > 0);
+    let explained = cluster.explain(&[
+        "--from",
+        &CLIENT_ADDR.to_string(),
+        "--to",
+        &format!("{frontend}/tcp"),
+    ]);
+    assert_eq!(explained["verdict"], "drop_source_range", "{explained:#}");
+    assert_eq!(
+        explained["frontend"]["source_ranges"], true,
+        "{explained:#}"
+    );
     // The ClusterIP of the same Service is not guarded.
     let through_cluster_ip = SocketAddr::from((SECOND_CLUSTER_IP, TCP_PORT));
     let mut connection =
@@ -2082,6 +2135,20 @@ fn metrics_count_the_traffic_sent_and_the_maps_entries() {
 /// UDP sockets and datagrams each for the traffic test: every datagram is one packet each way.
 const TRAFFIC_SOCKETS: usize = 3;
 const TRAFFIC_DATAGRAMS: usize = 4;
+/// `lb stats --watch` for the traffic test: two one-second reports, one line of JSON each.
+const WATCH_ARGS: [&str; 8] = [
+    "stats",
+    "--watch",
+    "--interval",
+    "1",
+    "--count",
+    "2",
+    "-o",
+    "json",
+];
+/// How long the watch may take, and the pace of the datagrams sent meanwhile.
+const WATCH_TIMEOUT: Duration = Duration::from_secs(10);
+const WATCH_PACE: Duration = Duration::from_millis(50);
 /// IPv4 and UDP headers and the 4-byte "ping" of `udp_request`.
 const PING_IP_BYTES: u64 = 20 + 8 + 4;
 
@@ -2112,23 +2179,6 @@ fn stats_count_each_frontend_s_and_endpoint_s_traffic() {
     let row = traffic_of(&before, UDP_FRONTEND, "UDP");
     assert_eq!(count(row, "packets"), 0, "{row}");
 
-    // Watch while sending: the rates name the UDP frontend.
-    let watch = std::process::Command::new(&cluster.lb)
-        .arg("--pin-dir")
-        .arg(&cluster.pin_dir)
-        .args([
-            "stats",
-            "--watch",
-            "--interval",
-            "2",
-            "--count",
-            "1",
-            "-o",
-            "json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("lb stats --watch");
     let mut answered = [0u64; BACKENDS];
     for _ in 0..TRAFFIC_SOCKETS {
         let socket =
@@ -2192,18 +2242,129 @@ fn stats_count_each_frontend_s_and_endpoint_s_traffic() {
         TRAFFIC_SOCKETS as f64
     );
 
-    // One report of rates, naming the UDP frontend.
+    // Watching while datagrams flow: a report names the UDP frontend's rate. The watch reads
+    // its first figures some time after it starts, so the datagrams go on until it is done.
+    let mut watch = std::process::Command::new(&cluster.lb)
+        .arg("--pin-dir")
+        .arg(&cluster.pin_dir)
+        .args(WATCH_ARGS)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("lb stats --watch");
+    let socket = udp_socket(cluster.client(), UDP_FRONTEND, UdpChecksum::Computed).expect("udp");
+    let started = std::time::Instant::now();
+    while watch.try_wait().expect("watch status").is_none() && started.elapsed() < WATCH_TIMEOUT {
+        udp_reply(&socket);
+        std::thread::sleep(WATCH_PACE);
+    }
     let output = watch.wait_with_output().expect("lb stats --watch");
     assert!(output.status.success());
-    let rates: serde_json::Value = serde_json::from_slice(&output.stdout).expect("rates JSON");
-    let moved = rates["services"]
-        .as_array()
-        .expect("services")
-        .iter()
-        .find(|row| row["frontend"] == UDP_FRONTEND.to_string().as_str())
-        .unwrap_or_else(|| panic!("the UDP frontend did not move: {rates:#}"));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let moved = text.lines().any(|line| {
+        let rates: serde_json::Value = serde_json::from_str(line).expect("rates JSON");
+        rates["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .any(|row| {
+                row["frontend"] == UDP_FRONTEND.to_string().as_str()
+                    && row["packets_per_s"].as_f64().is_some_and(|rate| rate > 0.0)
+            })
+    });
+    assert!(moved, "no report named the UDP frontend's traffic: {text}");
+}
+
+/// Frontends a small LB_SERVICES takes: ids 1 to 3 (id 0 is never used).
+const SMALL_SERVICE_CAPACITY: &str = "4";
+/// How many frontends that leaves room for.
+const SMALL_SERVICE_ROOM: usize = 3;
+
+#[test]
+fn a_full_map_is_an_error_a_metric_and_a_flag() {
+    if !require_root("a_full_map_is_an_error_a_metric_and_a_flag") {
+        return;
+    }
+    let mut cluster = Cluster::start(Setup {
+        agent_args: &[REDIRECT_VETH, "--max-services", SMALL_SERVICE_CAPACITY],
+        ..Setup::default()
+    })
+    .expect("cluster");
+    // The echo Service's two frontends fit; a second Service's two leave one out.
+    let second = cluster.manifests().join("second.yaml");
+    std::fs::write(
+        &second,
+        service_manifest("second", SECOND_CLUSTER_IP, &[0, 1, 2]),
+    )
+    .expect("manifest");
+    let state_dir = cluster.workdir.join("state");
+    let services = |cluster: &Cluster| -> Vec<serde_json::Value> {
+        serde_json::from_str(&cluster.lb(&[
+            "services",
+            "--state-dir",
+            state_dir.to_str().expect("path"),
+            "-o",
+            "json",
+        ]))
+        .expect("services JSON")
+    };
+    let refused = |rows: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        rows.iter()
+            .filter(|row| !row["refused"].is_null())
+            .cloned()
+            .collect()
+    };
     assert!(
-        moved["packets_per_s"].as_f64().expect("rate") > 0.0,
-        "{rates:#}"
+        wait_until(APPLY_TIMEOUT, || !refused(&services(&cluster)).is_empty()),
+        "no frontend flagged: {}\n{}",
+        cluster.lb(&["services"]),
+        cluster.agent().log_text()
+    );
+    let rows = services(&cluster);
+    let flagged = refused(&rows);
+    assert_eq!(flagged.len(), 1, "{rows:#?}");
+    assert_eq!(flagged[0]["name"], "second", "{rows:#?}");
+    assert_eq!(
+        flagged[0]["refused"],
+        format!("LB_SERVICES full ({SMALL_SERVICE_CAPACITY} entries): not programmed").as_str()
+    );
+    assert_eq!(rows.len(), SMALL_SERVICE_ROOM + 1, "{rows:#?}");
+    assert!(
+        cluster.agent().log_text().contains(&format!(
+            "map LB_SERVICES is full ({SMALL_SERVICE_CAPACITY} entries): raise `lb agent --max-services`"
+        )),
+        "{}",
+        cluster.agent().log_text()
+    );
+    let scrape = |cluster: &Cluster| {
+        let (status, text) = lb_tests::agent::http_get(
+            &cluster.topology.node,
+            lb_tests::agent::METRICS_ADDRESS,
+            "/metrics",
+        )
+        .expect("metrics");
+        assert_eq!(status, 200, "{text}");
+        text
+    };
+    let text = scrape(&cluster);
+    assert_eq!(
+        sample(&text, "lb_map_refused_frontends{map=\"LB_SERVICES\"}"),
+        1.0,
+        "{text}"
+    );
+    assert!(sample(&text, "lb_map_full_errors_total{map=\"LB_SERVICES\"}") >= 1.0);
+
+    // Room made: the flag and the gauge clear.
+    std::fs::remove_file(&second).expect("remove");
+    assert!(
+        wait_until(APPLY_TIMEOUT, || refused(&services(&cluster)).is_empty()),
+        "{}",
+        cluster.lb(&["services"])
+    );
+    assert_eq!(
+        sample(
+            &scrape(&cluster),
+            "lb_map_refused_frontends{map=\"LB_SERVICES\"}"
+        ),
+        0.0
     );
 }

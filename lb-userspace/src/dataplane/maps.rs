@@ -28,7 +28,7 @@ use lb_common::{
     stats::{COUNTER_COUNT, Counter, ServiceTraffic, Traffic},
 };
 
-use crate::node::Ipv4Cidr;
+use crate::{node::Ipv4Cidr, reconcile::MapFull};
 
 /// What a pinned map must look like for this build to reuse it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -59,24 +59,40 @@ const fn layout(
 /// `struct bpf_devmap_val`: the target ifindex and a chained program (unused).
 const DEVMAP_VALUE_SIZE: usize = 8;
 
-/// Map sizes chosen at start-up. Only conntrack is configurable so far: it is the one map whose
-/// right size depends on the node's traffic rather than on the cluster's object counts.
+/// Map sizes chosen at start-up (`lb agent --conntrack-flows`, `--max-services`,
+/// `--max-backends`, `--affinity-entries`). A pinned map of another size is refused until
+/// `lb reset`: resizing a map means recreating it, which would forget its entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     /// `LB_CONNTRACK` entries (two per flow).
     pub conntrack_entries: u32,
+    /// Service frontends: `LB_SERVICES`, `LB_SVC_INFO`, `LB_CLUSTER_IPS` and `LB_SVC_TRAFFIC`
+    /// (service ids index it, so ids stay below this).
+    pub services: u32,
+    /// Backends: `LB_BACKENDS` and `LB_BE_TRAFFIC` (ids index them), and `LB_SLOTS` at twice
+    /// this (a set switch holds the old and the new set).
+    pub backends: u32,
+    /// `LB_AFFINITY` (client, frontend) pairs.
+    pub affinity: u32,
 }
 
 impl Default for Capacities {
     fn default() -> Self {
         Self {
             conntrack_entries: MAX_CONNTRACK,
+            services: MAX_SERVICES,
+            backends: MAX_BACKENDS,
+            affinity: MAX_AFFINITY,
         }
     }
 }
 
+/// The fewest entries a map sized at start-up may have: id 0 is never used, so an id-indexed map
+/// of fewer holds nothing.
+const MIN_CAPACITY: u32 = 2;
+
 impl Capacities {
-    /// Room for `flows` tracked flows.
+    /// Room for `flows` tracked flows and the defaults elsewhere.
     pub fn for_flows(flows: u32) -> anyhow::Result<Self> {
         let conntrack_entries = flows
             .checked_mul(CONNTRACK_ENTRIES_PER_FLOW)
@@ -87,15 +103,55 @@ impl Capacities {
                     u32::MAX / CONNTRACK_ENTRIES_PER_FLOW
                 )
             })?;
-        Ok(Self { conntrack_entries })
+        Ok(Self {
+            conntrack_entries,
+            ..Self::default()
+        })
+    }
+
+    /// [`Capacities::for_flows`] with `services` frontends, `backends` backends and `affinity`
+    /// affinity pairs.
+    pub fn new(flows: u32, services: u32, backends: u32, affinity: u32) -> anyhow::Result<Self> {
+        for (value, flag) in [
+            (services, "--max-services"),
+            (backends, "--max-backends"),
+            (affinity, "--affinity-entries"),
+        ] {
+            if value < MIN_CAPACITY {
+                anyhow::bail!("{flag} {value}: need at least {MIN_CAPACITY}");
+            }
+        }
+        if backends.checked_mul(2).is_none() {
+            anyhow::bail!("--max-backends {backends}: at most {}", u32::MAX / 2);
+        }
+        Ok(Self {
+            services,
+            backends,
+            affinity,
+            ..Self::for_flows(flows)?
+        })
+    }
+
+    /// The size of the map `name` with these capacities; `None` for maps of a fixed size.
+    pub fn of(&self, name: &str) -> Option<u32> {
+        match name {
+            MAP_CONNTRACK => Some(self.conntrack_entries),
+            MAP_SERVICES | MAP_SERVICE_INFO | MAP_CLUSTER_IPS | MAP_SERVICE_TRAFFIC => {
+                Some(self.services)
+            }
+            MAP_BACKENDS | MAP_BACKEND_TRAFFIC => Some(self.backends),
+            MAP_SLOTS => Some(self.backends * 2),
+            MAP_AFFINITY => Some(self.affinity),
+            _ => None,
+        }
     }
 
     /// Every map of the object as this build defines it, with these capacities.
     pub fn layouts(&self) -> [Layout; MAP_COUNT] {
         let mut layouts = LAYOUTS;
         for layout in &mut layouts {
-            if layout.name == MAP_CONNTRACK {
-                layout.max_entries = self.conntrack_entries;
+            if let Some(capacity) = self.of(layout.name) {
+                layout.max_entries = capacity;
             }
         }
         layouts
@@ -270,6 +326,8 @@ pub struct ServiceMaps {
     pub service_traffic: Array<MapData, ServiceTraffic>,
     /// `LB_BE_TRAFFIC`: zeroed with the id it counts for.
     pub backend_traffic: Array<MapData, Traffic>,
+    /// The capacities the maps were created with.
+    capacities: Capacities,
 }
 
 impl ServiceMaps {
@@ -284,7 +342,36 @@ impl ServiceMaps {
             source_ranges: open(pin_dir, MAP_SOURCE_RANGES)?.try_into()?,
             service_traffic: open(pin_dir, MAP_SERVICE_TRAFFIC)?.try_into()?,
             backend_traffic: open(pin_dir, MAP_BACKEND_TRAFFIC)?.try_into()?,
+            capacities: Capacities {
+                services: capacity(pin_dir, MAP_SERVICES)?,
+                backends: capacity(pin_dir, MAP_BACKENDS)?,
+                ..Capacities::default()
+            },
         })
+    }
+}
+
+/// The capacity (`max_entries`) of the map `name` pinned under `pin_dir`.
+pub fn capacity(pin_dir: &Path, name: &str) -> anyhow::Result<u32> {
+    let path = pin_dir.join(name);
+    let map = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    Ok(map.info()?.max_entries())
+}
+
+/// `result` of inserting into `map`, a refusal for lack of room made a [`MapFull`]: hash maps
+/// answer `E2BIG` when full, tries `ENOSPC`.
+fn room(result: Result<(), MapError>, map: &'static str, capacity: u32) -> anyhow::Result<()> {
+    match result {
+        Err(MapError::SyscallError(error))
+            if matches!(
+                error.io_error.raw_os_error(),
+                Some(libc::E2BIG | libc::ENOSPC)
+            ) =>
+        {
+            Err(MapFull { map, capacity }.into())
+        }
+        other => Ok(other?),
     }
 }
 
@@ -351,6 +438,12 @@ pub fn absent_is_fine(result: Result<(), MapError>) -> anyhow::Result<()> {
 }
 
 impl crate::reconcile::ServiceStore for ServiceMaps {
+    fn service_capacity(&self) -> u32 {
+        self.capacities.services
+    }
+    fn backend_capacity(&self) -> u32 {
+        self.capacities.backends
+    }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
         Ok(self.backends.set(id, backend, 0)?)
     }
@@ -360,19 +453,31 @@ impl crate::reconcile::ServiceStore for ServiceMaps {
         Ok(self.backend_traffic.set(id, Traffic::default(), 0)?)
     }
     fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()> {
-        Ok(self.slots.insert(key, backend_id, 0)?)
+        room(
+            self.slots.insert(key, backend_id, 0),
+            MAP_SLOTS,
+            self.capacities.backends * 2,
+        )
     }
     fn delete_slot(&mut self, key: SlotKey) -> anyhow::Result<()> {
         absent_is_fine(self.slots.remove(&key))
     }
     fn set_service(&mut self, key: ServiceKey, value: &ServiceValue) -> anyhow::Result<()> {
-        Ok(self.services.insert(key, value, 0)?)
+        room(
+            self.services.insert(key, value, 0),
+            MAP_SERVICES,
+            self.capacities.services,
+        )
     }
     fn delete_service(&mut self, key: ServiceKey) -> anyhow::Result<()> {
         absent_is_fine(self.services.remove(&key))
     }
     fn set_info(&mut self, service_id: u32, info: &ServiceInfo) -> anyhow::Result<()> {
-        Ok(self.info.insert(service_id, info, 0)?)
+        room(
+            self.info.insert(service_id, info, 0),
+            MAP_SERVICE_INFO,
+            self.capacities.services,
+        )
     }
     fn delete_info(&mut self, service_id: u32) -> anyhow::Result<()> {
         absent_is_fine(self.info.remove(&service_id))?;
@@ -402,7 +507,11 @@ impl crate::reconcile::ServiceStore for ServiceMaps {
         Ok(self.info.iter().collect::<Result<_, _>>()?)
     }
     fn set_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()> {
-        Ok(self.cluster_ips.insert(addr, CLUSTER_IP_ALLOCATED, 0)?)
+        room(
+            self.cluster_ips.insert(addr, CLUSTER_IP_ALLOCATED, 0),
+            MAP_CLUSTER_IPS,
+            self.capacities.services,
+        )
     }
     fn delete_cluster_ip(&mut self, addr: u32) -> anyhow::Result<()> {
         absent_is_fine(self.cluster_ips.remove(&addr))
@@ -411,11 +520,15 @@ impl crate::reconcile::ServiceStore for ServiceMaps {
         Ok(self.cluster_ips.keys().collect::<Result<_, _>>()?)
     }
     fn set_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> anyhow::Result<()> {
-        Ok(self.source_ranges.insert(
-            &source_range_key(service_id, range),
-            SOURCE_RANGE_ALLOWED,
-            0,
-        )?)
+        room(
+            self.source_ranges.insert(
+                &source_range_key(service_id, range),
+                SOURCE_RANGE_ALLOWED,
+                0,
+            ),
+            MAP_SOURCE_RANGES,
+            MAX_SOURCE_RANGES,
+        )
     }
     fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> anyhow::Result<()> {
         absent_is_fine(

@@ -30,7 +30,7 @@ use aya::{
 use lb_common::{
     config::DataplaneConfig,
     iface::{IFACE_LOCAL_SENDERS, IFACE_NO_XDP_TX, IfaceConfig},
-    limits::{LINKS_SUBDIR, MAP_CONNTRACK},
+    limits::LINKS_SUBDIR,
 };
 use tracing::{info, warn};
 
@@ -149,7 +149,11 @@ impl Dataplane {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        loader.map_max_entries(MAP_CONNTRACK, capacities.conntrack_entries);
+        for name in ALL_MAPS {
+            if let Some(capacity) = capacities.of(name) {
+                loader.map_max_entries(name, capacity);
+            }
+        }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(system::explain_bpf_error)

@@ -20,8 +20,9 @@ use lb_common::{
     limits::LINKS_SUBDIR,
     net::{IPPROTO_TCP, IPPROTO_UDP, addr_from_wire, addr_to_wire, port_from_wire, port_to_wire},
     service::{
-        BACKEND_DRAINING, BACKEND_REMOTE, SERVICE_DROP_WHEN_EMPTY, SERVICE_SNAT_REMOTE,
-        SERVICE_SOURCE_RANGES, ServiceKey, SlotKey,
+        BACKEND_DRAINING, BACKEND_REMOTE, BACKEND_TERMINATING, FRONTEND_CLUSTER_IP,
+        SERVICE_DROP_WHEN_EMPTY, SERVICE_SNAT_REMOTE, SERVICE_SOURCE_RANGES, ServiceInfo,
+        ServiceKey, SlotKey, frontend_kind_name, policy_name,
     },
     stats::Counter,
 };
@@ -129,6 +130,8 @@ pub struct Candidate {
     pub endpoint: String,
     /// On another node.
     pub remote: bool,
+    /// Terminating (and still serving): in the slots only because no endpoint is ready.
+    pub terminating: bool,
 }
 
 /// The frontend a packet matched, and its policies.
@@ -147,6 +150,15 @@ pub struct Matched {
     pub snat_remote: bool,
     /// With no endpoint here: `reject` or `drop` (a `Local` policy with endpoints elsewhere).
     pub when_empty: &'static str,
+    /// Which of the Service's addresses this is: `ClusterIP`, `NodePort`, `LoadBalancer`,
+    /// `ExternalIP`.
+    pub via: &'static str,
+    /// The traffic policy this frontend follows (`internalTrafficPolicy` for a ClusterIP,
+    /// `externalTrafficPolicy` for the others): `Cluster` or `Local` (only this node's
+    /// endpoints).
+    pub traffic_policy: &'static str,
+    /// No endpoint is ready: the serving terminating ones take new flows (KEP-1669).
+    pub terminating_fallback: bool,
     /// The slots of its current backend set.
     pub candidates: Vec<Candidate>,
 }
@@ -385,8 +397,19 @@ fn matched(maps: &ServiceMaps, key: &ServiceKey) -> anyhow::Result<Option<Matche
                 port_from_wire(backend.port)
             ),
             remote: backend.flags & BACKEND_REMOTE != 0,
+            terminating: backend.flags & BACKEND_TERMINATING != 0,
         });
     }
+    let info = match maps.info.get(&value.service_id, 0) {
+        Ok(info) => info,
+        Err(MapError::KeyNotFound) => ServiceInfo::default(),
+        Err(error) => return Err(error.into()),
+    };
+    let policy = if info.frontend_kind == FRONTEND_CLUSTER_IP {
+        info.internal_policy
+    } else {
+        info.external_policy
+    };
     Ok(Some(Matched {
         service: service_label(&names.namespace, &names.name, &names.port_name),
         service_id: value.service_id,
@@ -404,6 +427,10 @@ fn matched(maps: &ServiceMaps, key: &ServiceKey) -> anyhow::Result<Option<Matche
         } else {
             "reject"
         },
+        via: frontend_kind_name(info.frontend_kind),
+        traffic_policy: policy_name(policy),
+        terminating_fallback: !candidates.is_empty()
+            && candidates.iter().all(|candidate| candidate.terminating),
         candidates,
     }))
 }
@@ -552,11 +579,21 @@ pub fn explanation_text(explanation: &Explanation) -> String {
             rows.push(vec![
                 "service".to_owned(),
                 format!(
-                    "{} ({}, id {})",
-                    frontend.service, frontend.frontend, frontend.service_id
+                    "{} ({} via {}, id {})",
+                    frontend.service, frontend.frontend, frontend.via, frontend.service_id
                 ),
             ]);
-            let mut policies = vec![format!("when empty: {}", frontend.when_empty)];
+            let mut policies = vec![
+                format!("traffic policy {}", frontend.traffic_policy),
+                format!("when empty: {}", frontend.when_empty),
+            ];
+            if frontend.terminating_fallback {
+                policies.push(
+                    "terminating fallback: no endpoint is ready, serving terminating ones take \
+                     new flows"
+                        .to_owned(),
+                );
+            }
             if frontend.affinity_timeout_s > 0 {
                 policies.push(format!(
                     "affinity ClientIP {}s",
@@ -575,9 +612,14 @@ pub fn explanation_text(explanation: &Explanation) -> String {
                 .iter()
                 .map(|candidate| {
                     format!(
-                        "{}{}",
+                        "{}{}{}",
                         candidate.endpoint,
-                        if candidate.remote { " (remote)" } else { "" }
+                        if candidate.remote { " (remote)" } else { "" },
+                        if candidate.terminating {
+                            " (terminating)"
+                        } else {
+                            ""
+                        }
                     )
                 })
                 .collect();

@@ -14,7 +14,7 @@ use lb_common::{
 use serde::Serialize;
 
 use super::{format_table, names_in};
-use crate::dataplane::maps::ServiceMaps;
+use crate::{dataplane::maps::ServiceMaps, reconcile::Refusal};
 
 /// One row of `lb services`: a Service frontend and its endpoints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -51,6 +51,52 @@ pub struct ServiceRow {
     /// With no endpoint: `reject` (ICMP port unreachable) or `drop` (a `Local` traffic policy
     /// and endpoints only on other nodes).
     pub when_empty: &'static str,
+    /// Set when the agent could not program the frontend for lack of room in a map: which map,
+    /// and whether the frontend is missing or kept its previous entries (from the agent's state
+    /// directory).
+    pub refused: Option<String>,
+}
+
+/// What `lb services` says about a refused frontend.
+fn refusal_text(refusal: &Refusal) -> String {
+    format!(
+        "{} full ({} entries): {}",
+        refusal.map,
+        refusal.capacity,
+        if refusal.stale {
+            "update refused, previous entries kept"
+        } else {
+            "not programmed"
+        }
+    )
+}
+
+/// The row of a frontend the maps lack because a map was full.
+fn missing_row(refusal: &Refusal) -> ServiceRow {
+    const UNKNOWN: &str = "-";
+    let (frontend, protocol) = refusal
+        .frontend
+        .rsplit_once('/')
+        .unwrap_or((&refusal.frontend, UNKNOWN));
+    ServiceRow {
+        namespace: refusal.namespace.clone(),
+        name: refusal.name.clone(),
+        port_name: refusal.port_name.clone(),
+        frontend: frontend.to_owned(),
+        protocol: protocol.to_owned(),
+        service_type: UNKNOWN,
+        frontend_kind: UNKNOWN,
+        internal_traffic_policy: UNKNOWN,
+        external_traffic_policy: UNKNOWN,
+        generation: 0,
+        ready: 0,
+        serving: 0,
+        terminating: 0,
+        endpoints: Vec::new(),
+        affinity_timeout_s: 0,
+        when_empty: UNKNOWN,
+        refused: Some(refusal_text(refusal)),
+    }
 }
 
 /// Which Services `lb services` lists.
@@ -73,7 +119,14 @@ impl ServiceFilter {
 
 /// The Service frontends the pinned maps hold that `filter` admits, sorted by namespace, name,
 /// port name and frontend.
-pub fn service_rows(pin_dir: &Path, filter: &ServiceFilter) -> anyhow::Result<Vec<ServiceRow>> {
+///
+/// `refusals` are the frontends the agent reported it could not program for lack of room: the
+/// rows of those the maps hold are flagged, and those they lack get a row of their own.
+pub fn service_rows(
+    pin_dir: &Path,
+    filter: &ServiceFilter,
+    refusals: &[Refusal],
+) -> anyhow::Result<Vec<ServiceRow>> {
     let maps = ServiceMaps::open(pin_dir)?;
     let mut rows = Vec::new();
     for entry in maps.services.iter() {
@@ -126,9 +179,24 @@ pub fn service_rows(pin_dir: &Path, filter: &ServiceFilter) -> anyhow::Result<Ve
             } else {
                 "reject"
             },
+            refused: None,
         };
         if filter.admits(&row) {
             rows.push(row);
+        }
+    }
+    for refusal in refusals {
+        let held = rows
+            .iter_mut()
+            .find(|row| format!("{}/{}", row.frontend, row.protocol) == refusal.frontend);
+        match held {
+            Some(row) => row.refused = Some(refusal_text(refusal)),
+            None => {
+                let row = missing_row(refusal);
+                if filter.admits(&row) {
+                    rows.push(row);
+                }
+            }
         }
     }
     rows.sort_by(|a, b| {
@@ -174,6 +242,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
                 } else {
                     format!("ClientIP {}s", row.affinity_timeout_s)
                 },
+                row.refused.clone().unwrap_or_else(|| "-".to_owned()),
             ]
         })
         .collect();
@@ -190,6 +259,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
             "GEN",
             "ENDPOINTS",
             "AFFINITY",
+            "FLAG",
         ],
         &cells,
     )
