@@ -24,6 +24,9 @@ use lb_tests::{
 
 use crate::{cargo, run_command, setup, workspace_root};
 
+/// Rows of `lb conntrack` the demo shows (the header and a few flows).
+const DEMO_FLOW_ROWS: usize = 5;
+
 /// Requests sent before checking that every backend answered...
 const MIN_REQUESTS: usize = 9;
 /// ...and the most sent while waiting for the last one to appear (all three miss one another
@@ -165,6 +168,18 @@ fn demo(lb_path: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
         if !line.ends_with(" 0") {
             println!("{line}");
         }
+    }
+    println!(
+        "\nxtask: $ lb conntrack --backend {}   (first rows)",
+        backend_addr(0)
+    );
+    let flows = lb(
+        lb_path,
+        &pin_dir,
+        &["conntrack", "--backend", &backend_addr(0).to_string()],
+    )?;
+    for line in flows.lines().take(DEMO_FLOW_ROWS) {
+        println!("{line}");
     }
     println!("\nxtask: $ lb explain --from {CLIENT_ADDR} --to {TCP_FRONTEND}/tcp");
     print!(
