@@ -120,12 +120,8 @@ pub fn node_facts(node: Option<&Node>) -> (Option<String>, Vec<std::net::Ipv4Add
     (zone, node_ips)
 }
 
-/// Lists, once, what the agent watches: the Services and EndpointSlices kube-proxy's selector
-/// admits and the Node named `node_name` (`None` when it does not exist).
-pub async fn list_once(
-    client: &Client,
-    node_name: Option<&str>,
-) -> anyhow::Result<(Vec<Service>, Vec<EndpointSlice>, Option<Node>)> {
+/// Lists, once, the Services and EndpointSlices the agent watches (kube-proxy's selector).
+pub async fn list_once(client: &Client) -> anyhow::Result<(Vec<Service>, Vec<EndpointSlice>)> {
     let params = ListParams::default().labels(PROXY_SELECTOR);
     let services = Api::<Service>::all(client.clone())
         .list(&params)
@@ -137,14 +133,33 @@ pub async fn list_once(
         .await
         .context("listing EndpointSlices")?
         .items;
-    let node = match node_name {
-        Some(name) => Api::<Node>::all(client.clone())
-            .get_opt(name)
-            .await
-            .with_context(|| format!("reading Node {name}"))?,
-        None => None,
-    };
-    Ok((services, slices, node))
+    Ok((services, slices))
+}
+
+/// The field selector of this node's Node object alone.
+fn node_selector(node_name: &str) -> String {
+    format!("metadata.name={node_name}")
+}
+
+/// Reads, once, the Node named `node_name` (`None` when it does not exist) with the request the
+/// agent's Node watch lists it with (a field selector on its name), so that both need the same
+/// permission and see the same object.
+pub async fn get_node(client: &Client, node_name: &str) -> anyhow::Result<Option<Node>> {
+    let params = ListParams::default().fields(&node_selector(node_name));
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&params)
+        .await
+        .map_err(|error| match error {
+            // The API server's refusal in its own words, not the whole Status object.
+            kube::Error::Api(status) => anyhow::anyhow!(
+                "reading Node {node_name}: {} {}: {}",
+                status.code,
+                status.reason,
+                status.message
+            ),
+            error => anyhow::Error::new(error).context(format!("reading Node {node_name}")),
+        })?;
+    Ok(nodes.items.into_iter().next())
 }
 
 /// This node's Node object, for its zone and addresses: the index keeps only what they say, not
@@ -184,7 +199,7 @@ impl Indexed for Node {
     }
 
     fn selection(node_name: &str) -> watcher::Config {
-        watcher::Config::default().fields(&format!("metadata.name={node_name}"))
+        watcher::Config::default().fields(&node_selector(node_name))
     }
 }
 

@@ -7,14 +7,19 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
+use aya::maps::{HashMap, Map, MapData};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+};
+use lb_common::{
+    net::{IPPROTO_TCP, addr_to_wire, port_to_wire},
+    service::{ServiceKey, ServiceValue},
 };
 use lb_tests::{
     agent::{
@@ -23,7 +28,7 @@ use lb_tests::{
     },
     echo::{
         self, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLUSTER_IP, Connection, TCP_FRONTEND, TCP_PORT,
-        UDP_PORT, backend_index,
+        UDP_FRONTEND, UDP_PORT, backend_index,
     },
     leftovers::{self, remove_test_leftovers_once},
     netns::unique_prefix,
@@ -167,6 +172,48 @@ impl Cluster {
 
     fn lb(&self, args: &[&str]) -> String {
         lb(&self.lb, &self.pin_dir, args).expect("lb command")
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.stop();
+        }
+    }
+
+    /// `lb plan --kubeconfig <the fixture's> --state-dir <the agent's>` with `args`: its exit
+    /// status, stdout and stderr. It runs in the node's namespace, where the fixture listens
+    /// (on loopback); the agent's recorded settings come from its state directory.
+    fn plan(&self, args: &[&str]) -> (i32, String, String) {
+        let output = self
+            .topology
+            .node
+            .command(&self.lb)
+            .expect("a command in the node")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("plan")
+            .arg(KUBECONFIG)
+            .arg(self.workdir.join("kubeconfig"))
+            .arg("--state-dir")
+            .arg(self.workdir.join("state"))
+            .args(args)
+            .output()
+            .expect("lb plan");
+        (
+            output.status.code().expect("exit status"),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// [`Cluster::plan`] with `-o json`, parsed, with its exit status and stderr.
+    fn plan_json(&self, args: &[&str]) -> (i32, serde_json::Value, String) {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let (status, out, err) = self.plan(&all);
+        let plan = serde_json::from_str(&out)
+            .unwrap_or_else(|error| panic!("lb plan JSON: {error}\n{out}\n{err}"));
+        (status, plan, err)
     }
 
     /// `lb services -o json`, as text (to compare whole).
@@ -657,6 +704,11 @@ fn without_permission_to_read_nodes_the_agent_serves_without_zones() {
     let (status, body) = health(&cluster.topology.node, "/healthz").expect("/healthz");
     assert_eq!(status, 200);
     assert!(body.contains("\"source_reachable\":true"), "{body}");
+    // `lb plan` does as the agent does: no zone, a warning, and in sync.
+    let (status, plan, err) = cluster.plan_json(&[]);
+    assert_eq!(status, 0, "{plan:#}{err}");
+    assert_eq!(plan["zone"], serde_json::Value::Null);
+    assert!(err.contains("reading Node node-a"), "{err}");
 }
 
 /// The echo Service's TCP nodePort in the NodePort test.
@@ -725,6 +777,155 @@ fn primary_node_port_addresses_are_the_node_object_s_internal_ips() {
 }
 
 /// One of the node's addresses other than its client side.
-fn backend_side_of_node() -> std::net::Ipv4Addr {
+fn backend_side_of_node() -> Ipv4Addr {
     lb_tests::topology::node_backend_side(0)
+}
+
+/// `lb plan`'s exit status on drift.
+const EXIT_DRIFT: i32 = 1;
+/// A second Service's ClusterIP in the plan test.
+const OTHER_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+
+/// The drift `plan` (`lb plan -o json`) reports for `frontend`/`protocol` (`None`: none).
+fn drift_of(plan: &serde_json::Value, frontend: SocketAddr, protocol: &str) -> Option<String> {
+    plan["frontends"]
+        .as_array()
+        .expect("frontends")
+        .iter()
+        .find(|row| row["frontend"] == frontend.to_string() && row["protocol"] == protocol)
+        .map(|row| row["drift"].as_str().expect("drift").to_owned())
+}
+
+/// Removes the echo Service's TCP ClusterIP frontend from the pinned `LB_SERVICES`, as a stray
+/// `bpftool map delete` would.
+fn delete_tcp_frontend(pin_dir: &Path) {
+    let data = MapData::from_pin(pin_dir.join("LB_SERVICES")).expect("pinned LB_SERVICES");
+    let mut services: HashMap<MapData, ServiceKey, ServiceValue> = Map::from_map_data(data)
+        .expect("map")
+        .try_into()
+        .expect("LB_SERVICES types");
+    let key = ServiceKey {
+        addr: addr_to_wire(CLUSTER_IP),
+        port: port_to_wire(TCP_PORT),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    services.remove(&key).expect("the echo TCP frontend");
+}
+
+#[test]
+fn plan_against_the_api_server_is_clean_in_sync_and_names_drift() {
+    if !require_root("plan_against_the_api_server_is_clean_in_sync_and_names_drift") {
+        return;
+    }
+    let mut cluster = Cluster::build().expect("cluster");
+    let mut other = echo_service(json!({}));
+    other.metadata.name = Some("other".to_owned());
+    other.spec.as_mut().expect("spec").cluster_ip = Some(OTHER_CLUSTER_IP.to_string());
+    cluster.api.apply(&other);
+    cluster.start_agent(true).expect("agent");
+
+    let (status, out, err) = cluster.plan(&[]);
+    println!("$ lb plan --kubeconfig ...\n{out}{err}");
+    assert_eq!(status, 0, "{out}{err}\n{}", cluster.agent_log());
+    assert!(
+        out.contains("in sync: the maps hold the 4 frontends"),
+        "{out}"
+    );
+    assert!(out.contains("(kubernetes http://127.0.0.1:"), "{out}");
+    assert!(err.is_empty(), "lb plan said on stderr: {err}");
+
+    // Behind the stopped agent's back: a frontend deleted from the maps, the other Service
+    // deleted and an endpoint gone from echo's slice, in the API server.
+    cluster.stop_agent();
+    delete_tcp_frontend(&cluster.pin_dir);
+    cluster.api.delete::<Service>("e2e", "other");
+    cluster.api.apply(&echo_slice(&[0, 1]));
+
+    let (status, out, err) = cluster.plan(&[]);
+    println!("$ lb plan --kubeconfig ...\n{out}{err}");
+    assert_eq!(status, EXIT_DRIFT, "{out}{err}");
+    let (status, plan, err) = cluster.plan_json(&[]);
+    assert_eq!(status, EXIT_DRIFT, "{plan:#}{err}");
+    assert!(err.is_empty(), "lb plan said on stderr: {err}");
+    assert_eq!(plan["in_sync"], false);
+    assert_eq!(
+        drift_of(&plan, TCP_FRONTEND, "TCP").as_deref(),
+        Some("missing"),
+        "{plan:#}"
+    );
+    assert_eq!(
+        drift_of(&plan, UDP_FRONTEND, "UDP").as_deref(),
+        Some("stale"),
+        "{plan:#}"
+    );
+    let rows = plan["frontends"].as_array().expect("frontends");
+    let stale = rows
+        .iter()
+        .find(|row| row["drift"] == "stale")
+        .expect("a stale row");
+    let gone = format!("{}:{BACKEND_UDP_PORT}", backend_addr(2));
+    let reasons = stale["reasons"].to_string();
+    assert!(
+        reasons.contains("endpoints for new flows") && reasons.contains(&gone),
+        "{reasons}"
+    );
+    for (port, protocol) in [(TCP_PORT, "TCP"), (UDP_PORT, "UDP")] {
+        let frontend = SocketAddr::from((OTHER_CLUSTER_IP, port));
+        assert_eq!(
+            drift_of(&plan, frontend, protocol).as_deref(),
+            Some("extra"),
+            "{plan:#}"
+        );
+    }
+    assert_eq!(rows.len(), 4, "{plan:#}");
+    assert_eq!(
+        plan["extra_cluster_ips"],
+        json!([OTHER_CLUSTER_IP.to_string()])
+    );
+    assert!(
+        plan["source"]
+            .as_str()
+            .expect("source")
+            .starts_with("kubernetes ")
+    );
+
+    // The agent catches up at start: in sync again.
+    cluster.start_agent(true).expect("the agent again");
+    let (status, out, err) = cluster.plan(&[]);
+    assert_eq!(status, 0, "{out}{err}");
+}
+
+#[test]
+fn plan_without_permission_to_read_the_node_warns_and_uses_the_recorded_zone() {
+    if !require_root("plan_without_permission_to_read_the_node_warns_and_uses_the_recorded_zone") {
+        return;
+    }
+    let mut cluster = Cluster::build().expect("cluster");
+    cluster.api.apply(&this_node(Some("zone-1")));
+    cluster.api.apply(&zoned_echo_slice());
+    cluster.start_agent(true).expect("agent");
+    // The zone comes from the Node, as the agent's does.
+    let (status, plan, err) = cluster.plan_json(&[]);
+    assert_eq!(status, 0, "{plan:#}{err}");
+    assert_eq!(plan["zone"], "zone-1");
+
+    // The role loses the permission while the agent is stopped: the plan warns and compares
+    // with the zone the agent recorded, rather than failing.
+    cluster.stop_agent();
+    cluster.api.forbid::<Node>();
+    let (status, plan, err) = cluster.plan_json(&[]);
+    println!("$ lb plan --kubeconfig ... -o json (stderr)\n{err}");
+    assert_eq!(status, 0, "{plan:#}{err}");
+    assert_eq!(plan["zone"], "zone-1");
+    assert!(
+        err.contains("reading Node node-a") && err.contains("403"),
+        "no warning about the Node on stderr: {err}"
+    );
+    assert!(err.contains("as the agent recorded them"), "{err}");
+    // `--zone` still replaces the recorded zone: zone-2 wants endpoint 2 alone.
+    let (status, plan, err) = cluster.plan_json(&["--zone", "zone-2"]);
+    assert_eq!(status, EXIT_DRIFT, "{plan:#}{err}");
+    assert_eq!(plan["zone"], "zone-2");
+    assert!(err.contains("the zone from --zone"), "{err}");
 }

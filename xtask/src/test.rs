@@ -112,7 +112,11 @@ fn end_to_end() -> anyhow::Result<()> {
     // The Kubernetes API source against the API server fixture (one test waits out a minute's
     // outage).
     privileged("kubernetes")?;
-    privileged("agent_cli")
+    privileged("agent_cli")?;
+    // lb services, lb backends and lb plan against a real agent.
+    privileged("inspect")?;
+    // What bpftool shows of the agent's maps and program (names, BTF, readable dumps).
+    privileged("bpftool")
 }
 
 fn demo() -> anyhow::Result<()> {

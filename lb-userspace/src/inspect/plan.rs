@@ -20,6 +20,7 @@ use std::{net::Ipv4Addr, ops::RangeInclusive, path::PathBuf};
 use anyhow::{Context as _, bail};
 use lb_common::net::{addr_from_wire, port_from_wire, proto_name};
 use serde::Serialize;
+use tracing::warn;
 
 use super::format_table;
 use crate::{
@@ -150,8 +151,9 @@ pub fn compare(reconciler: &Reconciler, desired: &DesiredState, node: &NodeConfi
     }
 }
 
-/// The source and node `options` describe: the recorded settings, overridden by the flags.
-fn settings(options: &PlanOptions) -> anyhow::Result<(SourceSetting, NodeConfig)> {
+/// The source and node `options` describe: the recorded settings, overridden by the flags; and
+/// whether the agent had recorded any.
+fn settings(options: &PlanOptions) -> anyhow::Result<(SourceSetting, NodeConfig, bool)> {
     let recorded = NodeSettings::load(&options.state_dir)?;
     let source = match (&options.manifests, &options.kubeconfig, &recorded) {
         (Some(dir), _, _) => SourceSetting::Manifests(dir.clone()),
@@ -182,12 +184,12 @@ fn settings(options: &PlanOptions) -> anyhow::Result<(SourceSetting, NodeConfig)
     if let Some(range) = &options.node_port_range {
         node.node_port_range = range.clone();
     }
-    Ok((source, node))
+    Ok((source, node, recorded.is_some()))
 }
 
 /// `lb plan`: reads the objects and the maps under `pin_dir` and compares them.
 pub fn plan(pin_dir: &std::path::Path, options: &PlanOptions) -> anyhow::Result<Plan> {
-    let (source, mut node) = settings(options)?;
+    let (source, mut node, recorded) = settings(options)?;
     let mut warnings = Vec::new();
     let (desired, described) = match &source {
         SourceSetting::Manifests(dir) => {
@@ -215,16 +217,39 @@ pub fn plan(pin_dir: &std::path::Path, options: &PlanOptions) -> anyhow::Result<
                 .build()?;
             let (services, slices, node_object, server) = runtime.block_on(async {
                 let (client, server) = crate::kubernetes::client(kubeconfig.as_deref()).await?;
-                let (services, slices, node_object) =
-                    crate::kubernetes::list_once(&client, node.node_name.as_deref()).await?;
+                let (services, slices) = crate::kubernetes::list_once(&client).await?;
+                let node_object = match node.node_name.as_deref() {
+                    Some(name) => Some(crate::kubernetes::get_node(&client, name).await),
+                    None => None,
+                };
                 anyhow::Ok((services, slices, node_object, server))
             })?;
-            // The zone as the agent takes it: from the Node now, unless given as a flag.
-            let (zone, node_ips) = crate::kubernetes::node_facts(node_object.as_ref());
-            if options.zone.is_none() {
-                node.zone = zone;
+            match node_object {
+                // The zone as the agent takes it: from the Node now (none when it does not
+                // exist), unless given as a flag.
+                Some(Ok(node_object)) => {
+                    let (zone, node_ips) = crate::kubernetes::node_facts(node_object.as_ref());
+                    if options.zone.is_none() {
+                        node.zone = zone;
+                    }
+                    node.node_ips = node_ips;
+                }
+                // The agent does without the Node when it may not read it (a role without the
+                // permission): it serves without a zone rather than not at all, and so does
+                // the plan, with what the agent recorded (or the flags).
+                Some(Err(error)) => warn!(
+                    "{error:#}; comparing without it, as the agent does: zone {}, InternalIPs {:?} \
+                     ({})",
+                    node.zone.as_deref().unwrap_or("none"),
+                    node.node_ips,
+                    match (options.zone.is_some(), recorded) {
+                        (true, _) => "the zone from --zone",
+                        (false, true) => "as the agent recorded them",
+                        (false, false) => "the agent recorded none",
+                    }
+                ),
+                None => {}
             }
-            node.node_ips = node_ips;
             let (desired, _notes) = desired_state(&services, &slices, &node);
             (desired, format!("kubernetes {server}"))
         }
