@@ -1473,6 +1473,24 @@ fn explain_agrees_with_real_packets_and_changes_nothing() {
         "{tracked:#}"
     );
 
+    // The backend's reply on that connection goes back to the client as the Service.
+    let reply = cluster.explain(&[
+        "--from",
+        &real_endpoint,
+        "--to",
+        &format!("{client}/tcp"),
+        "--established",
+    ]);
+    assert_eq!(
+        reply["decision"], "reply of a tracked flow: back to its client",
+        "{reply:#}"
+    );
+    assert_eq!(
+        reply["rewritten"],
+        format!("TCP {TCP_FRONTEND} -> {client}").as_str(),
+        "{reply:#}"
+    );
+
     // A new flow: a random one of the three endpoints, which would be recorded.
     let fresh = cluster.explain(&["--from", &CLIENT_ADDR.to_string(), "--to", &tcp]);
     let candidates: Vec<String> = fresh["frontend"]["candidates"]
