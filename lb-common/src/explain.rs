@@ -4,7 +4,8 @@
 //! The request and the answer travel in the packet's XDP metadata, the bytes in front of the
 //! frame that only XDP programs and `BPF_PROG_TEST_RUN` callers can write (`ctx.data` of the test
 //! run's `xdp_md` gives their length). A packet from the wire has none when our program sees it,
-//! so no sender can make a real packet an explain run. `lb explain` puts a [`Trace`] there with
+//! so no sender on the wire can make a packet an explain run (a local XDP program that writes
+//! metadata before ours, or redirects into a veth, could). `lb explain` puts a [`Trace`] there with
 //! `magic` set to [`EXPLAIN_MAGIC`]; the program then:
 //! - reads every map as usual (frontends, conntrack, affinity, source ranges, FIB), so it follows
 //!   a tracked flow or an affinity entry exactly as the next real packet would;
@@ -18,6 +19,10 @@ use bytemuck::{Pod, Zeroable};
 
 /// `Trace::magic` of an explain run: "LBXP".
 pub const EXPLAIN_MAGIC: u32 = 0x4c42_5850;
+/// `Trace::magic` once the program has filled the trace in: "LBXD". A program that does not know
+/// explain runs (an older build still attached) leaves `EXPLAIN_MAGIC`, and `lb explain` then
+/// refuses to report, since that program may have changed live state.
+pub const EXPLAIN_DONE: u32 = 0x4c42_5844;
 
 /// `Trace::service_id`/`backend_id` when there is none.
 pub const NO_ID: u32 = u32::MAX;
@@ -40,7 +45,8 @@ pub const STEP_STALE_ENTRY: u32 = 32;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Trace {
-    /// [`EXPLAIN_MAGIC`], written by `lb explain`; anything else is a normal packet.
+    /// [`EXPLAIN_MAGIC`], written by `lb explain` (anything else is a normal packet); the
+    /// program answers with [`EXPLAIN_DONE`].
     pub magic: u32,
     /// `STEP_*` bits: the branches taken.
     pub steps: u32,

@@ -9,7 +9,7 @@ use core::{cell::Cell, mem::size_of};
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    explain::{EXPLAIN_MAGIC, NO_ID, TRACE_LEN, Trace},
+    explain::{EXPLAIN_DONE, EXPLAIN_MAGIC, NO_ID, TRACE_LEN, Trace},
     stats::Counter,
 };
 
@@ -95,6 +95,7 @@ pub fn finish(ctx: &XdpContext, notes: &Notes, result: Result<Verdict, Drop>) ->
         let trace = meta as *mut Trace;
         // SAFETY: bounds-checked just above.
         unsafe {
+            (*trace).magic = EXPLAIN_DONE;
             (*trace).steps = notes.steps.get();
             (*trace).events = notes.events.get() | 1 << counter as u32;
             (*trace).service_id = notes.service_id.get();

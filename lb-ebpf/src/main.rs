@@ -105,12 +105,22 @@ fn to_service_or_reply(ctx: &XdpContext, packet: &Packet) -> Result<Verdict, Dro
         packet.notes.step(STEP_REPLY);
         packet.notes.service(reply.service_id);
         packet.notes.backend(reply.backend_id);
-        stats::traffic(packet, reply.service_id, reply.backend_id, Way::Reply);
         let rewrite = Rewrite {
             src: Some(reply.service),
             dst: reply.client,
         };
-        return send(ctx, packet, Direction::Reply, &rewrite);
+        let result = send(ctx, packet, Direction::Reply, &rewrite);
+        // Counted under the flow's ids only while they are still its: a long-lived flow may
+        // outlast its endpoint, whose ids then count for their next owner.
+        let still_its = maps::lookup_backend(reply.backend_id).is_some_and(|backend| {
+            backend.addr == packet.src_addr
+                && backend.port == packet.src_port
+                && backend.service_id == reply.service_id
+        });
+        if still_its && !is_refusal(&result) {
+            stats::traffic(packet, reply.service_id, reply.backend_id, Way::Reply);
+        }
+        return result;
     }
 
     if maps::is_cluster_ip(packet.dst_addr) {
@@ -144,12 +154,16 @@ fn to_service(
         return reject::reject(ctx, packet, Counter::RejectNoEndpoints);
     };
     packet.notes.backend(flow.backend_id);
-    stats::traffic(packet, service.service_id, flow.backend_id, Way::ToBackend);
     let rewrite = Rewrite {
         src: flow.snat,
         dst: Some(flow.backend),
     };
-    send(ctx, packet, Direction::Service, &rewrite)
+    let result = send(ctx, packet, Direction::Service, &rewrite);
+    // A packet answered with fragmentation needed went nowhere: it counts as refused instead.
+    if !is_refusal(&result) {
+        stats::traffic(packet, service.service_id, flow.backend_id, Way::ToBackend);
+    }
+    result
 }
 
 /// Translates `packet` by `rewrite` and forwards it; one too big for its next hop (DF set) gets

@@ -55,6 +55,8 @@ const FORBIDDEN: u16 = 403;
 /// How soon a failed write is retried with a full reconciliation (rather than waiting for the
 /// next resync).
 const RETRY_AFTER_ERRORS: Duration = Duration::from_secs(1);
+/// How soon a full reconciliation retries frontends refused again for lack of room.
+const RETRY_REFUSED: Duration = Duration::from_secs(5);
 
 /// How often a kind whose watch lost the API server is probed for its return (for the log and
 /// `/healthz`; the watcher reconnects on its own backoff).
@@ -521,8 +523,12 @@ pub(crate) async fn run(
         report(&summary, reconciler);
         metrics.observe_sync(started.elapsed(), &summary, reconciler);
         settings.record_refusals(reconciler);
-        if !summary.errors.is_empty() || summary.refused_again > 0 {
+        if !summary.errors.is_empty() {
             retry = Some(Instant::now() + RETRY_AFTER_ERRORS);
+        } else if summary.refused_again > 0 {
+            // Room comes back only when something is removed or a capacity raised: a full
+            // comparison every few seconds finds it without one every second.
+            retry = Some(Instant::now() + RETRY_REFUSED);
         }
         if !ready {
             ready = true;

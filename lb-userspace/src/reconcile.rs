@@ -355,6 +355,24 @@ impl IdPool {
         Ok(id)
     }
 
+    /// Ids left to hand out.
+    fn available(&self) -> u64 {
+        (u64::from(self.limit) - 1).saturating_sub(self.used.len() as u64)
+    }
+
+    /// Fails with [`MapFull`] unless `count` ids are left: checked before a frontend's first
+    /// write, so that a frontend too big for what is left takes no id from one that fits.
+    fn ensure(&self, count: usize) -> anyhow::Result<()> {
+        if (count as u64) > self.available() {
+            return Err(MapFull {
+                map: self.map,
+                capacity: self.limit,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     fn release(&mut self, id: u32) {
         self.used.remove(&id);
     }
@@ -488,6 +506,8 @@ pub struct Reconciler {
     cluster_ips: BTreeSet<u32>,
     /// Frontends refused for lack of room, until they are programmed or no longer wanted.
     refused: BTreeMap<ServiceKey, Refusal>,
+    /// The last pass found `LB_CLUSTER_IPS` full.
+    cluster_ips_full: bool,
 }
 
 impl Reconciler {
@@ -527,6 +547,7 @@ impl Reconciler {
             garbage: BTreeSet::new(),
             cluster_ips: store.read_cluster_ips()?.into_iter().collect(),
             refused: BTreeMap::new(),
+            cluster_ips_full: false,
         };
         let slots: BTreeMap<SlotKey, u32> = store.read_slots()?.into_iter().collect();
         let backends: BTreeMap<u32, Backend> = store.read_active_backends()?.into_iter().collect();
@@ -855,9 +876,8 @@ impl Reconciler {
     pub fn reconcile(&mut self, desired: &DesiredState, store: &mut impl ServiceStore) -> Summary {
         let mut summary = Summary::default();
         let mut counting = Counting { store, writes: 0 };
-        for (key, frontend) in &desired.frontends {
-            self.reconcile_frontend(*key, Some(frontend), &mut summary, &mut counting);
-        }
+        // Removals first, their ids freed at once: the room they make serves this very pass (a
+        // frontend refused for lack of room gets in as soon as another leaves).
         let stale: Vec<ServiceKey> = self
             .live
             .keys()
@@ -870,6 +890,12 @@ impl Reconciler {
         // A refused frontend no object asks for any more is no longer refused.
         self.refused
             .retain(|key, _| desired.frontends.contains_key(key));
+        // What this first collection fails to delete stays garbage, retried (and reported if it
+        // fails again) by the second.
+        let _retried = self.collect_garbage(&mut counting);
+        for (key, frontend) in &desired.frontends {
+            self.reconcile_frontend(*key, Some(frontend), &mut summary, &mut counting);
+        }
         summary.errors.extend(self.collect_garbage(&mut counting));
         let wanted: BTreeSet<u32> = desired
             .cluster_ips
@@ -885,9 +911,7 @@ impl Reconciler {
                     .map(|addr| (*addr, false)),
             )
             .collect();
-        summary
-            .errors
-            .extend(self.reconcile_cluster_ips(&changes, &mut counting));
+        self.reconcile_cluster_ips(&changes, &mut counting, &mut summary);
         summary.writes = counting.writes;
         summary
     }
@@ -902,8 +926,18 @@ impl Reconciler {
     ) -> Summary {
         let mut summary = Summary::default();
         let mut counting = Counting { store, writes: 0 };
+        // Removals first, as in a full pass.
         for (key, frontend) in &changes.frontends {
-            self.reconcile_frontend(*key, frontend.as_ref(), &mut summary, &mut counting);
+            if frontend.is_none() {
+                self.reconcile_frontend(*key, None, &mut summary, &mut counting);
+            }
+        }
+        // Retried, and reported if it fails again, by the second collection.
+        let _retried = self.collect_garbage(&mut counting);
+        for (key, frontend) in &changes.frontends {
+            if let Some(frontend) = frontend {
+                self.reconcile_frontend(*key, Some(frontend), &mut summary, &mut counting);
+            }
         }
         summary.errors.extend(self.collect_garbage(&mut counting));
         let cluster_ips: BTreeMap<u32, bool> = changes
@@ -912,9 +946,7 @@ impl Reconciler {
             .map(|(addr, present)| (addr_to_wire(*addr), *present))
             .filter(|(addr, present)| self.cluster_ips.contains(addr) != *present)
             .collect();
-        summary
-            .errors
-            .extend(self.reconcile_cluster_ips(&cluster_ips, &mut counting));
+        self.reconcile_cluster_ips(&cluster_ips, &mut counting, &mut summary);
         summary.writes = counting.writes;
         summary
     }
@@ -1004,11 +1036,14 @@ impl Reconciler {
     /// Adds (`true`) and deletes (`false`) `LB_CLUSTER_IPS` entries (network byte order). Added
     /// before frontends go away would matter only to packets on undefined ports, so the order is
     /// free; what fails is retried at the next full reconciliation. Returns at most one error.
+    /// A full `LB_CLUSTER_IPS` is reported once, then counted in `refused_again` while it
+    /// stays full, like a refused frontend.
     fn reconcile_cluster_ips(
         &mut self,
         changes: &BTreeMap<u32, bool>,
         store: &mut Counting<'_, impl ServiceStore>,
-    ) -> Option<anyhow::Error> {
+        summary: &mut Summary,
+    ) {
         let mut first_error = None;
         let mut failed = 0;
         for (&addr, &present) in changes {
@@ -1030,11 +1065,18 @@ impl Reconciler {
                 }
             }
         }
-        first_error.map(|error| {
-            error.context(format!(
+        let full = first_error
+            .as_ref()
+            .is_some_and(|error| error.downcast_ref::<MapFull>().is_some());
+        let again = full && self.cluster_ips_full;
+        self.cluster_ips_full = full;
+        match first_error {
+            Some(_) if again => summary.refused_again += 1,
+            Some(error) => summary.errors.push(error.context(format!(
                 "{failed} ClusterIP entries could not be written; retrying at the next sync"
-            ))
-        })
+            ))),
+            None => {}
+        }
     }
 
     /// Whether the maps hold `frontend` exactly as [`Reconciler::reconcile`] would write it.
@@ -1197,6 +1239,12 @@ impl Reconciler {
         frontend: &Frontend,
         entries: &BTreeMap<BackendAddr, u32>,
     ) -> anyhow::Result<(ServiceValue, Vec<u32>)> {
+        let new = frontend
+            .backends
+            .iter()
+            .filter(|backend| !entries.contains_key(backend))
+            .count();
+        self.backend_ids.ensure(new)?;
         let mut ids = Vec::with_capacity(frontend.backends.len());
         for backend in &frontend.backends {
             ids.push(match entries.get(backend) {
@@ -1227,6 +1275,9 @@ impl Reconciler {
         frontend: &Frontend,
         store: &mut Counting<'_, impl ServiceStore>,
     ) -> anyhow::Result<()> {
+        // Checked before the service id is taken, so that a frontend that cannot fit takes
+        // nothing, however often it is retried.
+        self.backend_ids.ensure(frontend.backends.len())?;
         let service_id = self.service_ids.allocate()?;
         // The info is the service id's garbage handle: deleting it returns the id.
         let mut written = vec![Garbage::Info(service_id)];
@@ -1429,6 +1480,9 @@ pub struct MemoryStore {
     pub cluster_ips: BTreeSet<u32>,
     /// `LB_SRC_RANGES`: (service id, range).
     pub source_ranges: BTreeSet<(u32, Ipv4Cidr)>,
+    /// (frontends, backends) the maps hold at most, as `lb agent --max-services` and
+    /// `--max-backends` set them; `None`: the defaults.
+    pub capacity: Option<(u32, u32)>,
 }
 
 impl MemoryStore {
@@ -1448,6 +1502,12 @@ impl MemoryStore {
 }
 
 impl ServiceStore for MemoryStore {
+    fn service_capacity(&self) -> u32 {
+        self.capacity.map_or(MAX_SERVICES, |(services, _)| services)
+    }
+    fn backend_capacity(&self) -> u32 {
+        self.capacity.map_or(MAX_BACKENDS, |(_, backends)| backends)
+    }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
         self.backends.insert(id, *backend);
         Ok(())

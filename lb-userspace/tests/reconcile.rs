@@ -10,7 +10,7 @@ use anyhow::bail;
 use lb::{
     desired::{BackendAddr, DesiredState, Details, Frontend},
     node::Ipv4Cidr,
-    reconcile::{MemoryStore, Reconciler, ServiceStore, Summary},
+    reconcile::{MapFull, MemoryStore, Reconciler, ServiceStore, Summary},
 };
 use lb_common::{
     net::addr_from_wire,
@@ -1345,3 +1345,69 @@ fn a_failed_draining_flag_is_written_again() {
     // Once written, nothing more.
     assert_eq!(reconciler.reconcile(&drained, &mut store).writes, 0);
 }
+
+/// Backend ids a store with room for six backends hands out (id 0 is never used).
+const SMALL_BACKEND_CAPACITY: u32 = 6;
+
+#[test]
+fn a_frontend_too_big_for_the_room_left_takes_nothing_and_waits_for_room() {
+    let mut store = MemoryStore {
+        capacity: Some((MAX_SERVICES_FOR_TEST, SMALL_BACKEND_CAPACITY)),
+        ..MemoryStore::default()
+    };
+    let (mut reconciler, _) = Reconciler::from_store(&mut store).unwrap();
+    // Five ids: the first frontend takes four; the second needs three and is refused; the
+    // third needs one and fits, although it comes after the refused one.
+    let first = frontend(
+        "first",
+        [10, 96, 0, 1],
+        80,
+        TCP,
+        backends(&["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"], 8080),
+    );
+    let too_big = frontend(
+        "too-big",
+        [10, 96, 0, 2],
+        80,
+        TCP,
+        backends(&["10.2.0.1", "10.2.0.2", "10.2.0.3"], 8080),
+    );
+    let small = frontend(
+        "small",
+        [10, 96, 0, 3],
+        80,
+        TCP,
+        backends(&["10.3.0.1"], 8080),
+    );
+    let desired = state(&[first.clone(), too_big.clone(), small.clone()]);
+
+    let summary = reconciler.reconcile(&desired, &mut store);
+    assert_eq!(summary.errors.len(), 1, "{:?}", summary.errors);
+    let full = summary.errors[0]
+        .downcast_ref::<MapFull>()
+        .expect("a full map");
+    assert_eq!(full.map, "LB_BACKENDS");
+    let refused: Vec<_> = reconciler.refused().cloned().collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].name, "too-big");
+    assert!(!refused[0].stale);
+    assert!(store.services.contains_key(&first.key()));
+    assert!(store.services.contains_key(&small.key()));
+    assert!(!store.services.contains_key(&too_big.key()));
+
+    // Retried while nothing changed: refused again, silently, and nothing written.
+    let summary = reconciler.reconcile(&desired, &mut store);
+    assert!(summary.errors.is_empty(), "{:?}", summary.errors);
+    assert_eq!(summary.refused_again, 1);
+    assert_eq!(summary.writes, 0);
+
+    // Room made: the refused frontend is programmed and no longer listed.
+    let desired = state(&[too_big, small]);
+    let summary = reconciler.reconcile(&desired, &mut store);
+    assert!(summary.errors.is_empty(), "{:?}", summary.errors);
+    assert_eq!(reconciler.refused().count(), 0);
+    assert_store_holds(&store, &desired);
+}
+
+/// Frontend capacity for the test above: plenty.
+const MAX_SERVICES_FOR_TEST: u32 = 64;

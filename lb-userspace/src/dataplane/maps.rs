@@ -448,9 +448,10 @@ impl crate::reconcile::ServiceStore for ServiceMaps {
         Ok(self.backends.set(id, backend, 0)?)
     }
     fn clear_backend(&mut self, id: u32) -> anyhow::Result<()> {
-        self.backends.set(id, Backend::default(), 0)?;
-        // The id's next backend starts from zero.
-        Ok(self.backend_traffic.set(id, Traffic::default(), 0)?)
+        // Zeroed first: once the entry is cleared, a restarted agent takes the id for free and
+        // would never zero it. The id's next backend starts from zero.
+        self.backend_traffic.set(id, Traffic::default(), 0)?;
+        Ok(self.backends.set(id, Backend::default(), 0)?)
     }
     fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()> {
         room(
@@ -480,12 +481,12 @@ impl crate::reconcile::ServiceStore for ServiceMaps {
         )
     }
     fn delete_info(&mut self, service_id: u32) -> anyhow::Result<()> {
-        absent_is_fine(self.info.remove(&service_id))?;
-        // Deleting the info frees the id (see `Garbage::Info`): its next frontend starts from
+        // Deleting the info frees the id (see `Garbage::Info`), so its counters are zeroed first
+        // (a restarted agent takes an id without info for free): its next frontend starts from
         // zero.
-        Ok(self
-            .service_traffic
-            .set(service_id, ServiceTraffic::default(), 0)?)
+        self.service_traffic
+            .set(service_id, ServiceTraffic::default(), 0)?;
+        absent_is_fine(self.info.remove(&service_id))
     }
     fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>> {
         Ok(self.services.iter().collect::<Result<_, _>>()?)

@@ -14,8 +14,8 @@ use aya::maps::MapError;
 use lb_common::{
     checksum::checksum,
     explain::{
-        NO_ID, STEP_FRONTEND, STEP_RANDOM, STEP_REPLY, STEP_SOURCE_ALLOWED, STEP_STALE_ENTRY,
-        STEP_TRACKED, TRACE_LEN, Trace,
+        EXPLAIN_DONE, NO_ID, STEP_FRONTEND, STEP_RANDOM, STEP_REPLY, STEP_SOURCE_ALLOWED,
+        STEP_STALE_ENTRY, STEP_TRACKED, TRACE_LEN, Trace,
     },
     limits::LINKS_SUBDIR,
     net::{IPPROTO_TCP, IPPROTO_UDP, addr_from_wire, addr_to_wire, port_from_wire, port_to_wire},
@@ -471,7 +471,7 @@ pub fn explain(pin_dir: &Path, request: &Request) -> anyhow::Result<Explanation>
     }
     let program_id = system::pinned_link_program_id(&link)?;
     let program = system::program_by_id(program_id)
-        .with_context(|| format!("opening program {program_id} (needs root or CAP_BPF)"))?;
+        .with_context(|| format!("opening program {program_id} (needs root: CAP_SYS_ADMIN)"))?;
     let ifindex = system::interface_index(&interface)?;
 
     let frame = synthesize(
@@ -497,6 +497,13 @@ pub fn explain(pin_dir: &Path, request: &Request) -> anyhow::Result<Explanation>
             .get(..TRACE_LEN)
             .context("the program returned no metadata")?,
     );
+    if trace.magic != EXPLAIN_DONE {
+        bail!(
+            "program {program_id} on {interface} did not answer the explain request (an lb build \
+             older than `lb explain` is attached?): it ran as on a real packet, which may have \
+             recorded a flow; restart the agent with this build"
+        );
+    }
 
     let maps = ServiceMaps::open(pin_dir)?;
     let key = ServiceKey {
