@@ -306,7 +306,10 @@ fn the_conntrack_size_is_chosen_at_start_and_a_new_size_needs_a_reset() {
     scratch.agents[0].stop();
 
     // Another size would mean recreating the map and forgetting every flow: refused, with the
-    // way out named, and the pinned map left as it was.
+    // way out named, and the pinned map left as it was. A map missing from the pins (unpinned
+    // here by hand, as after an upgrade that adds one) is not pinned by the refused start.
+    let affinity = scratch.pin_dir.join(lb_common::limits::MAP_AFFINITY);
+    std::fs::remove_file(&affinity).expect("unpinning LB_AFFINITY");
     let mut resized = scratch.agent_command(INTERFACE, &scratch.manifests());
     let other = OTHER_FLOWS.to_string();
     resized.args(["--conntrack-flows", &other]);
@@ -319,5 +322,9 @@ fn the_conntrack_size_is_chosen_at_start_and_a_new_size_needs_a_reset() {
     assert_eq!(
         pinned_conntrack_entries(&scratch),
         FLOWS * lb_common::limits::CONNTRACK_ENTRIES_PER_FLOW
+    );
+    assert!(
+        !affinity.exists(),
+        "the refused start pinned LB_AFFINITY at the sizes it refused"
     );
 }

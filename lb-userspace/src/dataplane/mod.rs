@@ -145,6 +145,9 @@ impl Dataplane {
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
             .collect();
+        // Before loading: the loader pins every missing map, and a start refused for a size
+        // mismatch must not leave the missing ones pinned at the refused size.
+        check_pinned_layouts(pin_dir, capacities)?;
         let mut loader = EbpfLoader::new();
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
@@ -592,6 +595,11 @@ pub fn reset(pin_dir: &Path) -> anyhow::Result<()> {
 fn check_pinned_layouts(pin_dir: &Path, capacities: &Capacities) -> anyhow::Result<()> {
     for expected in capacities.layouts() {
         let path = pin_dir.join(expected.name);
+        // Checked before the object is loaded too, when some maps are not pinned yet: those are
+        // about to be created at the asked size.
+        if !path.exists() {
+            continue;
+        }
         let map = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
         let info = map.info()?;
