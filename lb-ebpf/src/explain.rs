@@ -63,6 +63,12 @@ impl Notes {
         self.backend_id.set(backend_id);
     }
 
+    /// The backend chosen or followed, once [`Notes::backend`] said it.
+    #[inline(always)]
+    pub fn chosen_backend(&self) -> u32 {
+        self.backend_id.get()
+    }
+
     /// The slots a random choice was made among.
     #[inline(always)]
     pub fn candidates(&self, count: u32) {

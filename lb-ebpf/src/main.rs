@@ -95,8 +95,12 @@ fn to_service_or_reply(ctx: &XdpContext, packet: &Packet) -> Result<Verdict, Dro
         packet.notes.step(STEP_FRONTEND);
         packet.notes.service(service.service_id);
         let result = to_service(ctx, packet, &frontend, &service);
+        // Translated: a backend was chosen (and noted) and the packet sent on towards it.
         if is_refusal(&result) {
             stats::refused(packet, service.service_id);
+        } else {
+            let backend_id = packet.notes.chosen_backend();
+            stats::traffic(packet, service.service_id, backend_id, Way::ToBackend);
         }
         return result;
     }
@@ -158,12 +162,8 @@ fn to_service(
         src: flow.snat,
         dst: Some(flow.backend),
     };
-    let result = send(ctx, packet, Direction::Service, &rewrite);
-    // A packet answered with fragmentation needed went nowhere: it counts as refused instead.
-    if !is_refusal(&result) {
-        stats::traffic(packet, service.service_id, flow.backend_id, Way::ToBackend);
-    }
-    result
+    // A packet answered with fragmentation needed goes nowhere: the caller counts it refused.
+    send(ctx, packet, Direction::Service, &rewrite)
 }
 
 /// Translates `packet` by `rewrite` and forwards it; one too big for its next hop (DF set) gets

@@ -7,6 +7,9 @@
 //! directory and manifest directory (named after a per-test prefix) and tears them down on drop,
 //! failure included.
 
+#[path = "support/maps.rs"]
+mod maps;
+
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
@@ -15,11 +18,6 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{
-    net::{IPPROTO_TCP, addr_to_wire, port_to_wire},
-    service::{ServiceKey, ServiceValue},
-};
 use lb_tests::{
     agent::{Agent, AgentOptions, REDIRECT_VETH, lb, lb_binary, pin_dir, tear_down, wait_until},
     echo::{
@@ -434,23 +432,6 @@ fn backends_show_slots_states_locality_and_the_live_flows_of_open_connections() 
     assert!(lb(&cluster.lb, &cluster.pin_dir, &["backends", "e2e/nothing"]).is_err());
 }
 
-/// Removes the echo Service's TCP ClusterIP frontend from the pinned `LB_SERVICES`, as a stray
-/// `bpftool map delete` would.
-fn delete_tcp_frontend(cluster: &Cluster) {
-    let data = MapData::from_pin(cluster.pin_dir.join("LB_SERVICES")).expect("pinned LB_SERVICES");
-    let mut services: HashMap<MapData, ServiceKey, ServiceValue> = Map::from_map_data(data)
-        .expect("map")
-        .try_into()
-        .expect("LB_SERVICES types");
-    let key = ServiceKey {
-        addr: addr_to_wire(CLUSTER_IP),
-        port: port_to_wire(TCP_PORT),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    services.remove(&key).expect("the echo TCP frontend");
-}
-
 #[test]
 fn plan_is_clean_in_sync_and_names_missing_extra_and_stale_frontends() {
     if !require_root("plan_is_clean_in_sync_and_names_missing_extra_and_stale_frontends") {
@@ -470,7 +451,7 @@ fn plan_is_clean_in_sync_and_names_missing_extra_and_stale_frontends() {
     // Behind the stopped agent's back: a frontend deleted from the maps, a Service deleted, and
     // an endpoint gone from the other Service.
     cluster.stop_agent();
-    delete_tcp_frontend(&cluster);
+    maps::delete_echo_tcp_frontend(&cluster.pin_dir);
     std::fs::remove_file(cluster.manifests().join("other.yaml")).expect("delete other");
     let fewer = [Some(Endpoint::Ready), Some(Endpoint::Ready), None];
     std::fs::write(

@@ -12,14 +12,9 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
-};
-use lb_common::{
-    net::{IPPROTO_TCP, addr_to_wire, port_to_wire},
-    service::{ServiceKey, ServiceValue},
 };
 use lb_tests::{
     agent::{
@@ -796,23 +791,6 @@ fn drift_of(plan: &serde_json::Value, frontend: SocketAddr, protocol: &str) -> O
         .map(|row| row["drift"].as_str().expect("drift").to_owned())
 }
 
-/// Removes the echo Service's TCP ClusterIP frontend from the pinned `LB_SERVICES`, as a stray
-/// `bpftool map delete` would.
-fn delete_tcp_frontend(pin_dir: &Path) {
-    let data = MapData::from_pin(pin_dir.join("LB_SERVICES")).expect("pinned LB_SERVICES");
-    let mut services: HashMap<MapData, ServiceKey, ServiceValue> = Map::from_map_data(data)
-        .expect("map")
-        .try_into()
-        .expect("LB_SERVICES types");
-    let key = ServiceKey {
-        addr: addr_to_wire(CLUSTER_IP),
-        port: port_to_wire(TCP_PORT),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    services.remove(&key).expect("the echo TCP frontend");
-}
-
 #[test]
 fn plan_against_the_api_server_is_clean_in_sync_and_names_drift() {
     if !require_root("plan_against_the_api_server_is_clean_in_sync_and_names_drift") {
@@ -838,7 +816,7 @@ fn plan_against_the_api_server_is_clean_in_sync_and_names_drift() {
     // Behind the stopped agent's back: a frontend deleted from the maps, the other Service
     // deleted and an endpoint gone from echo's slice, in the API server.
     cluster.stop_agent();
-    delete_tcp_frontend(&cluster.pin_dir);
+    support::maps::delete_echo_tcp_frontend(&cluster.pin_dir);
     cluster.api.delete::<Service>("e2e", "other");
     cluster.api.apply(&echo_slice(&[0, 1]));
 

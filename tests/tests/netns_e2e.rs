@@ -219,6 +219,18 @@ impl Cluster {
         endpoints_in(&self.lb(&["services", "-o", "json"]), frontend, protocol)
     }
 
+    /// The agent's `/metrics`, which must answer 200.
+    fn metrics(&self) -> String {
+        let (status, text) = lb_tests::agent::http_get(
+            &self.topology.node,
+            lb_tests::agent::METRICS_ADDRESS,
+            "/metrics",
+        )
+        .expect("metrics endpoint");
+        assert_eq!(status, 200, "{text}");
+        text
+    }
+
     /// The traffic `lb stats` reports for every frontend.
     fn traffic(&self) -> Vec<serde_json::Value> {
         let stats: serde_json::Value =
@@ -2094,10 +2106,7 @@ fn metrics_count_the_traffic_sent_and_the_maps_entries() {
     let cluster = Cluster::start(Setup::default()).expect("cluster");
     let node = &cluster.topology.node;
     let scrape = || {
-        let (status, text) =
-            lb_tests::agent::http_get(node, lb_tests::agent::METRICS_ADDRESS, "/metrics")
-                .expect("metrics endpoint");
-        assert_eq!(status, 200, "{text}");
+        let text = cluster.metrics();
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
         text
     };
@@ -2231,13 +2240,7 @@ fn stats_count_each_frontend_s_and_endpoint_s_traffic() {
     assert_eq!(count(traffic_of(&after, TCP_FRONTEND, "TCP"), "packets"), 0);
 
     // The metrics say the same.
-    let (status, text) = lb_tests::agent::http_get(
-        &cluster.topology.node,
-        lb_tests::agent::METRICS_ADDRESS,
-        "/metrics",
-    )
-    .expect("metrics");
-    assert_eq!(status, 200);
+    let text = cluster.metrics();
     let labels = |extra: &str| {
         format!(
             "namespace=\"{}\",service=\"echo\",port=\"dns\",frontend=\"{UDP_FRONTEND}/UDP\"{extra}",
@@ -2353,17 +2356,7 @@ fn a_full_map_is_an_error_a_metric_and_a_flag() {
         "{}",
         cluster.agent().log_text()
     );
-    let scrape = |cluster: &Cluster| {
-        let (status, text) = lb_tests::agent::http_get(
-            &cluster.topology.node,
-            lb_tests::agent::METRICS_ADDRESS,
-            "/metrics",
-        )
-        .expect("metrics");
-        assert_eq!(status, 200, "{text}");
-        text
-    };
-    let text = scrape(&cluster);
+    let text = cluster.metrics();
     assert_eq!(
         sample(&text, "lb_map_refused_frontends{map=\"LB_SERVICES\"}"),
         1.0,
@@ -2380,7 +2373,7 @@ fn a_full_map_is_an_error_a_metric_and_a_flag() {
     );
     assert_eq!(
         sample(
-            &scrape(&cluster),
+            &cluster.metrics(),
             "lb_map_refused_frontends{map=\"LB_SERVICES\"}"
         ),
         0.0

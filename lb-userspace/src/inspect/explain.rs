@@ -18,11 +18,11 @@ use lb_common::{
         STEP_STALE_ENTRY, STEP_TRACKED, TRACE_LEN, Trace,
     },
     limits::LINKS_SUBDIR,
-    net::{IPPROTO_TCP, IPPROTO_UDP, addr_from_wire, addr_to_wire, port_from_wire, port_to_wire},
+    net::{IPPROTO_TCP, IPPROTO_UDP, addr_to_wire, port_to_wire},
     service::{
         BACKEND_DRAINING, BACKEND_REMOTE, BACKEND_TERMINATING, FRONTEND_CLUSTER_IP,
-        SERVICE_DROP_WHEN_EMPTY, SERVICE_SNAT_REMOTE, SERVICE_SOURCE_RANGES, ServiceInfo,
-        ServiceKey, SlotKey, frontend_kind_name, policy_name,
+        SERVICE_SNAT_REMOTE, SERVICE_SOURCE_RANGES, ServiceInfo, ServiceKey, frontend_kind_name,
+        policy_name,
     },
     stats::Counter,
 };
@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use crate::{
     dataplane::{attached_interfaces, maps::ServiceMaps, system},
-    inspect::{format_table, frontend_names, service_label},
+    inspect::{endpoint_text, format_table, frontend_names, service_label, slotted, when_empty},
 };
 
 /// The client port of a synthesized packet when `--from` gives none: the top of Linux's default
@@ -375,31 +375,19 @@ fn matched(maps: &ServiceMaps, key: &ServiceKey) -> anyhow::Result<Option<Matche
         Err(error) => return Err(error.into()),
     };
     let names = frontend_names(maps, value.service_id)?;
-    let mut candidates = Vec::new();
-    for slot in 0..value.backend_count {
-        let slot_key = SlotKey {
-            backend_set: value.backend_set,
-            slot,
-        };
-        let Ok(id) = maps.slots.get(&slot_key, 0) else {
-            continue;
-        };
-        let backend = maps.backends.get(&id, 0)?;
-        if backend.flags & BACKEND_DRAINING != 0 {
-            continue;
-        }
-        candidates.push(Candidate {
-            slot,
-            backend_id: id,
-            endpoint: format!(
-                "{}:{}",
-                addr_from_wire(backend.addr),
-                port_from_wire(backend.port)
-            ),
-            remote: backend.flags & BACKEND_REMOTE != 0,
-            terminating: backend.flags & BACKEND_TERMINATING != 0,
-        });
-    }
+    let candidates: Vec<Candidate> = slotted(maps, &value)?
+        .into_iter()
+        .filter_map(|(slot, held)| {
+            let (id, backend) = held?;
+            (backend.flags & BACKEND_DRAINING == 0).then(|| Candidate {
+                slot,
+                backend_id: id,
+                endpoint: endpoint_text(backend.addr, backend.port),
+                remote: backend.flags & BACKEND_REMOTE != 0,
+                terminating: backend.flags & BACKEND_TERMINATING != 0,
+            })
+        })
+        .collect();
     let info = match maps.info.get(&value.service_id, 0) {
         Ok(info) => info,
         Err(MapError::KeyNotFound) => ServiceInfo::default(),
@@ -414,19 +402,14 @@ fn matched(maps: &ServiceMaps, key: &ServiceKey) -> anyhow::Result<Option<Matche
         service: service_label(&names.namespace, &names.name, &names.port_name),
         service_id: value.service_id,
         frontend: format!(
-            "{}:{}/{}",
-            addr_from_wire(key.addr),
-            port_from_wire(key.port),
+            "{}/{}",
+            endpoint_text(key.addr, key.port),
             lb_common::net::proto_name(key.proto)
         ),
         affinity_timeout_s: value.affinity_timeout_s,
         source_ranges: value.flags & SERVICE_SOURCE_RANGES != 0,
         snat_remote: value.flags & SERVICE_SNAT_REMOTE != 0,
-        when_empty: if value.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
-            "drop"
-        } else {
-            "reject"
-        },
+        when_empty: when_empty(value.flags),
         via: frontend_kind_name(info.frontend_kind),
         traffic_policy: policy_name(policy),
         terminating_fallback: !candidates.is_empty()
@@ -438,11 +421,7 @@ fn matched(maps: &ServiceMaps, key: &ServiceKey) -> anyhow::Result<Option<Matche
 /// The endpoint backend `id` holds.
 fn backend_endpoint(maps: &ServiceMaps, id: u32) -> anyhow::Result<String> {
     let backend = maps.backends.get(&id, 0)?;
-    Ok(format!(
-        "{}:{}",
-        addr_from_wire(backend.addr),
-        port_from_wire(backend.port)
-    ))
+    Ok(endpoint_text(backend.addr, backend.port))
 }
 
 /// Runs the live program on the packet `request` describes; see the module documentation.

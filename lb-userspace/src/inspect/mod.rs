@@ -9,9 +9,78 @@ pub mod services;
 pub mod traffic;
 
 use aya::maps::MapError;
-use lb_common::service::ServiceInfo;
+use lb_common::{
+    net::{addr_from_wire, port_from_wire},
+    service::{Backend, SERVICE_DROP_WHEN_EMPTY, ServiceInfo, ServiceValue, SlotKey},
+};
 
 use crate::dataplane::maps::ServiceMaps;
+
+/// `10.1.1.2:8080`: an address and port as the maps hold them (network byte order).
+pub fn endpoint_text(addr: u32, port: u16) -> String {
+    format!("{}:{}", addr_from_wire(addr), port_from_wire(port))
+}
+
+/// What a frontend of `flags` (`ServiceValue::flags`) does without endpoints: `drop` (a `Local`
+/// traffic policy with endpoints only elsewhere) or `reject` (ICMP port unreachable).
+pub fn when_empty(flags: u32) -> &'static str {
+    if flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+        "drop"
+    } else {
+        "reject"
+    }
+}
+
+/// A slot of a backend set: its position, and its backend's id and entry (`None`: the slot is
+/// gone, a set switch raced with the read).
+pub type Slot = (u32, Option<(u32, Backend)>);
+
+/// The slots of the frontend `value`'s current backend set, in slot order.
+pub fn slotted(maps: &ServiceMaps, value: &ServiceValue) -> anyhow::Result<Vec<Slot>> {
+    let mut slots = Vec::with_capacity(value.backend_count as usize);
+    for slot in 0..value.backend_count {
+        let key = SlotKey {
+            backend_set: value.backend_set,
+            slot,
+        };
+        let held = match maps.slots.get(&key, 0) {
+            Ok(id) => Some((id, maps.backends.get(&id, 0)?)),
+            Err(MapError::KeyNotFound) => None,
+            Err(error) => return Err(error.into()),
+        };
+        slots.push((slot, held));
+    }
+    Ok(slots)
+}
+
+/// A row naming a Service frontend, sorted the way a reader looks for it.
+pub trait FrontendRow {
+    /// Namespace, name, port name, frontend (`10.96.0.10:80`) and protocol.
+    fn frontend_order(&self) -> [&str; 5];
+}
+
+/// Sorts `rows` by namespace, name, port name, frontend and protocol.
+pub fn sort_by_frontend<T: FrontendRow>(rows: &mut [T]) {
+    rows.sort_by(|a, b| a.frontend_order().cmp(&b.frontend_order()));
+}
+
+/// Implements [`FrontendRow`] for a row type with the usual fields.
+macro_rules! frontend_row {
+    ($row:ty) => {
+        impl $crate::inspect::FrontendRow for $row {
+            fn frontend_order(&self) -> [&str; 5] {
+                [
+                    &self.namespace,
+                    &self.name,
+                    &self.port_name,
+                    &self.frontend,
+                    &self.protocol,
+                ]
+            }
+        }
+    };
+}
+pub(crate) use frontend_row;
 
 /// The text of a NUL-padded name field of `LB_SVC_INFO`.
 pub(crate) fn text(bytes: &[u8]) -> String {

@@ -22,7 +22,7 @@ use lb_common::net::{addr_from_wire, port_from_wire, proto_name};
 use serde::Serialize;
 use tracing::warn;
 
-use super::format_table;
+use super::{format_table, sort_by_frontend};
 use crate::{
     agent::SNAPSHOT_FILE,
     dataplane::maps::ServiceMaps,
@@ -64,6 +64,8 @@ pub struct DriftRow {
     /// Why, one line per difference.
     pub reasons: Vec<String>,
 }
+
+super::frontend_row!(DriftRow);
 
 /// The whole comparison.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -112,14 +114,7 @@ pub fn drift_rows(drift: &[Drift]) -> Vec<DriftRow> {
             reasons: drift.reasons.clone(),
         })
         .collect();
-    rows.sort_by(|a, b| {
-        (&a.namespace, &a.name, &a.port_name, &a.frontend).cmp(&(
-            &b.namespace,
-            &b.name,
-            &b.port_name,
-            &b.frontend,
-        ))
-    });
+    sort_by_frontend(&mut rows);
     rows
 }
 

@@ -6,14 +6,12 @@ use std::path::Path;
 
 use aya::maps::MapError;
 use lb_common::{
-    net::{addr_from_wire, port_from_wire, proto_name},
-    service::{
-        SERVICE_DROP_WHEN_EMPTY, SlotKey, frontend_kind_name, policy_name, service_type_name,
-    },
+    net::proto_name,
+    service::{frontend_kind_name, policy_name, service_type_name},
 };
 use serde::Serialize;
 
-use super::{format_table, names_in};
+use super::{endpoint_text, format_table, names_in, slotted, sort_by_frontend, when_empty};
 use crate::{dataplane::maps::ServiceMaps, reconcile::Refusal};
 
 /// One row of `lb services`: a Service frontend and its endpoints.
@@ -56,6 +54,8 @@ pub struct ServiceRow {
     /// directory).
     pub refused: Option<String>,
 }
+
+super::frontend_row!(ServiceRow);
 
 /// What `lb services` says about a refused frontend.
 fn refusal_text(refusal: &Refusal) -> String {
@@ -137,32 +137,19 @@ pub fn service_rows(
             Err(error) => return Err(error.into()),
         };
         let names = names_in(info.as_ref());
-        let mut endpoints = Vec::new();
-        for slot in 0..value.backend_count {
-            let slot_key = SlotKey {
-                backend_set: value.backend_set,
-                slot,
-            };
-            let endpoint = match maps.slots.get(&slot_key, 0) {
-                Ok(id) => {
-                    let backend = maps.backends.get(&id, 0)?;
-                    format!(
-                        "{}:{}",
-                        addr_from_wire(backend.addr),
-                        port_from_wire(backend.port)
-                    )
-                }
-                Err(MapError::KeyNotFound) => "<missing slot>".to_owned(),
-                Err(error) => return Err(error.into()),
-            };
-            endpoints.push(endpoint);
-        }
+        let endpoints = slotted(&maps, &value)?
+            .into_iter()
+            .map(|(_, held)| match held {
+                Some((_, backend)) => endpoint_text(backend.addr, backend.port),
+                None => "<missing slot>".to_owned(),
+            })
+            .collect();
         let info = info.unwrap_or_default();
         let row = ServiceRow {
             namespace: names.namespace,
             name: names.name,
             port_name: names.port_name,
-            frontend: format!("{}:{}", addr_from_wire(key.addr), port_from_wire(key.port)),
+            frontend: endpoint_text(key.addr, key.port),
             protocol: proto_name(key.proto).to_owned(),
             service_type: service_type_name(info.service_type),
             frontend_kind: frontend_kind_name(info.frontend_kind),
@@ -174,11 +161,7 @@ pub fn service_rows(
             terminating: info.terminating,
             endpoints,
             affinity_timeout_s: value.affinity_timeout_s,
-            when_empty: if value.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
-                "drop"
-            } else {
-                "reject"
-            },
+            when_empty: when_empty(value.flags),
             refused: None,
         };
         if filter.admits(&row) {
@@ -199,14 +182,7 @@ pub fn service_rows(
             }
         }
     }
-    rows.sort_by(|a, b| {
-        (&a.namespace, &a.name, &a.port_name, &a.frontend).cmp(&(
-            &b.namespace,
-            &b.name,
-            &b.port_name,
-            &b.frontend,
-        ))
-    });
+    sort_by_frontend(&mut rows);
     Ok(rows)
 }
 

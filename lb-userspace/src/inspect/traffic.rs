@@ -3,17 +3,17 @@
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
-use aya::maps::MapError;
 use lb_common::{
-    net::{addr_from_wire, port_from_wire, proto_name},
-    service::SlotKey,
+    net::proto_name,
     stats::{Counter, CounterKind, ServiceTraffic, Traffic},
 };
 use serde::Serialize;
 
 use crate::{
     dataplane::maps::{ServiceMaps, read_counters},
-    inspect::{format_table, frontend_names, service_label},
+    inspect::{
+        endpoint_text, format_table, frontend_names, service_label, slotted, sort_by_frontend,
+    },
 };
 
 /// The traffic of one endpoint of a frontend.
@@ -69,6 +69,8 @@ pub struct FrontendTraffic {
     pub endpoints: Vec<EndpointTraffic>,
 }
 
+super::frontend_row!(FrontendTraffic);
+
 /// Everything `lb stats` shows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Stats {
@@ -99,24 +101,12 @@ pub fn frontend_traffic(pin_dir: &Path) -> anyhow::Result<Vec<FrontendTraffic>> 
         let names = frontend_names(&maps, value.service_id)?;
         let service: ServiceTraffic = maps.service_traffic.get(&value.service_id, 0)?;
         let mut endpoints = Vec::new();
-        for slot in 0..value.backend_count {
-            let slot_key = SlotKey {
-                backend_set: value.backend_set,
-                slot,
-            };
-            let id = match maps.slots.get(&slot_key, 0) {
-                Ok(id) => id,
-                // A set switch raced with the read.
-                Err(MapError::KeyNotFound) => continue,
-                Err(error) => return Err(error.into()),
-            };
-            let backend = maps.backends.get(&id, 0)?;
+        for (id, backend) in slotted(&maps, &value)?
+            .into_iter()
+            .filter_map(|(_, held)| held)
+        {
             endpoints.push(EndpointTraffic {
-                endpoint: format!(
-                    "{}:{}",
-                    addr_from_wire(backend.addr),
-                    port_from_wire(backend.port)
-                ),
+                endpoint: endpoint_text(backend.addr, backend.port),
                 backend_id: id,
                 traffic: maps.backend_traffic.get(&id, 0)?.into(),
             });
@@ -125,29 +115,14 @@ pub fn frontend_traffic(pin_dir: &Path) -> anyhow::Result<Vec<FrontendTraffic>> 
             namespace: names.namespace,
             name: names.name,
             port_name: names.port_name,
-            frontend: format!("{}:{}", addr_from_wire(key.addr), port_from_wire(key.port)),
+            frontend: endpoint_text(key.addr, key.port),
             protocol: proto_name(key.proto).to_owned(),
             traffic: service.traffic.into(),
             refused: service.refused,
             endpoints,
         });
     }
-    rows.sort_by(|a, b| {
-        (
-            &a.namespace,
-            &a.name,
-            &a.port_name,
-            &a.frontend,
-            &a.protocol,
-        )
-            .cmp(&(
-                &b.namespace,
-                &b.name,
-                &b.port_name,
-                &b.frontend,
-                &b.protocol,
-            ))
-    });
+    sort_by_frontend(&mut rows);
     Ok(rows)
 }
 

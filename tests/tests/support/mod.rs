@@ -2,3 +2,4 @@
 //! the library so that xtask, which builds it first, does not compile an HTTP server).
 
 pub mod apiserver;
+pub mod maps;
